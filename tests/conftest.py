@@ -1,0 +1,24 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+
+
+@pytest.fixture(scope="session")
+def data_dir():
+    if not os.path.isdir(DATA):
+        pytest.fail(f"evaluation data not found at {DATA}; the project expects ../shared/data")
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real SmolLM2-135M-Instruct model (fp32, CPU), loaded once per test session."""
+    from gradmap import load_model
+    return load_model("smollm2-135m")
