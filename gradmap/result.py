@@ -1,0 +1,39 @@
+"""Result records returned by the pruning drivers (serialisable to report.json)."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["PruneResult"]
+
+# phases every driver reports, in seconds (compensators add to the last three)
+TIMING_PHASES = ("scoring", "removal", "compensation_statistics", "solve", "total")
+
+
+@dataclass
+class PruneResult:
+    """What `fast_prune` did. All layer indices are ORIGINAL indices."""
+
+    metric: str
+    schedule: str
+    compensation: list[str]
+    removed_layers: list[int] = field(default_factory=list)
+    # one dict per scoring pass: original layer index -> score (lowest is removed first)
+    scores: list[dict[int, float]] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=lambda: {k: 0.0 for k in TIMING_PHASES})
+    peak_memory_bytes: int = 0
+    # Stage 2 mean-shift analysis: original layer index -> relative mean shift
+    shifts: dict[int, float] = field(default_factory=dict)
+    # per-compensator free-form report (placements, ridge, held-out loss before/after, reverts...)
+    compensation_report: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def add_time(self, phase: str, seconds: float) -> None:
+        self.timings[phase] = self.timings.get(phase, 0.0) + seconds
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["scores"] = [{str(k): v for k, v in s.items()} for s in self.scores]
+        d["shifts"] = {str(k): v for k, v in self.shifts.items()}
+        return d
