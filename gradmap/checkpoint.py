@@ -26,8 +26,11 @@ def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> P
     parent = out.resolve().parent
     if not parent.exists():
         raise GradmapError(f"parent directory {str(parent)!r} of the output does not exist; create it first")
-    if not os.access(parent, os.W_OK):
-        raise GradmapError(f"cannot write into {str(parent)!r} (permission denied); choose a writable --out")
+    try:  # a real write probe: os.access() says yes to root even on read-only mounts
+        tempfile.TemporaryDirectory(dir=parent).cleanup()
+    except OSError as exc:
+        raise GradmapError(f"cannot write into {str(parent)!r} ({exc.strerror}); choose a writable "
+                           "output directory") from None
     return out
 
 

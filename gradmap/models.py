@@ -66,6 +66,24 @@ def _ensure_pad_token(tokenizer) -> None:
                        "tokenizer.pad_token to an existing token before calling gradmap")
 
 
+def _drop_gguf_quantizer(model) -> None:
+    """Make a dequantised GGUF model a plain float model, so it can be pruned and saved as safetensors.
+
+    transformers keeps the GGUF quantizer attached even after dequantising every
+    weight, and then refuses `save_pretrained`.
+    """
+    packed = [n for n, p in model.named_parameters() if not p.dtype.is_floating_point]
+    if packed:
+        raise GradmapError(
+            f"the GGUF weights were loaded packed ({packed[0]} is {model.get_parameter(packed[0]).dtype}); "
+            "gradmap needs dense weights: uninstall the `kernels` package or load with "
+            "quantization_config=GgufConfig(dequantize=True)")
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+
+
 def load_model(name_or_path: str, dtype: torch.dtype | str | None = None, device: str = "cpu",
                **kwargs):
     """Load `(model, tokenizer)` from a hub id, local HF directory, `.gguf` file or alias.
@@ -82,6 +100,8 @@ def load_model(name_or_path: str, dtype: torch.dtype | str | None = None, device
     tokenizer = AutoTokenizer.from_pretrained(source, **extra)
     model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto",
                                                  **extra, **kwargs)
+    if gguf_file:
+        _drop_gguf_quantizer(model)
     if "device_map" not in kwargs:
         model.to(device)
     model.eval()
