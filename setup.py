@@ -1,12 +1,19 @@
-"""Build script: packages plus the optional C++/CUDA extension from csrc/.
+"""Build script: packages plus the optional C++/CUDA extension ``gradmap._C`` from csrc/.
 
 The extension is optional. Installing never fails because of it: it is
-skipped with GRADMAP_BUILD_EXT=0, when there are no sources, when torch is
-not importable at build time, or when compilation fails (the reason is
-printed). gradmap then uses its plain-torch fallbacks.
+skipped (with the reason printed) when GRADMAP_BUILD_EXT=0, when there are no
+sources, when torch is not importable at build time (use
+``pip install --no-build-isolation``), when no C++ compiler is found, or when
+compilation fails. gradmap then uses its plain-torch fallbacks
+(``gradmap.ops.backends()`` says which is active).
+
+CUDA sources are added when torch has CUDA and nvcc is found (CUDA_HOME);
+GRADMAP_BUILD_CUDA=0 builds the CPU part only. Set TORCH_CUDA_ARCH_LIST (e.g.
+"9.0") to limit the GPU architectures compiled when no GPU is visible.
 """
 import glob
 import os
+import shutil
 import sys
 
 from setuptools import setup
@@ -15,44 +22,77 @@ PACKAGES = ["gradmap", "gradmap.evaluate", "gradmap.metrics", "gradmap.compensat
 PACKAGE_DIR = {"gradmap.kernels": "kernels"}
 
 
+def _say(msg):
+    print(f"gradmap: {msg}", file=sys.stderr)
+
+
+def _cxx_available():
+    cxx = os.environ.get("CXX", "c++").split()[0]
+    return shutil.which(cxx) is not None or shutil.which("g++") is not None
+
+
+def _cuda_available(torch, cuda_home):
+    if os.environ.get("GRADMAP_BUILD_CUDA", "1") == "0":
+        _say("GRADMAP_BUILD_CUDA=0, building the CPU extension only")
+        return False
+    if torch.version.cuda is None:
+        return False
+    nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
+    if not nvcc or not os.path.exists(nvcc):
+        _say(f"torch has CUDA {torch.version.cuda} but nvcc was not found (CUDA_HOME={cuda_home}); "
+             "building the CPU extension only")
+        return False
+    return True
+
+
 def _extension_kwargs():
     if os.environ.get("GRADMAP_BUILD_EXT", "1") == "0":
-        print("gradmap: GRADMAP_BUILD_EXT=0, skipping the C++/CUDA extension", file=sys.stderr)
+        _say("GRADMAP_BUILD_EXT=0, skipping the C++/CUDA extension")
         return {}
     cpp = sorted(glob.glob(os.path.join("csrc", "*.cpp")))
     if not cpp:
-        print("gradmap: no C++ sources in csrc/, skipping the extension", file=sys.stderr)
+        _say("no C++ sources in csrc/, skipping the extension")
+        return {}
+    if not _cxx_available():
+        _say("no C++ compiler found (set CXX), skipping the extension")
         return {}
     try:
-        from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension, CUDA_HOME
         import torch
+        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     except Exception as exc:  # torch missing in an isolated build env
-        print(f"gradmap: torch not importable at build time ({exc}); skipping the extension", file=sys.stderr)
+        _say(f"torch not importable at build time ({exc}); skipping the extension — install with "
+             "pip install --no-build-isolation to build it against the installed torch")
         return {}
     cu = sorted(glob.glob(os.path.join("csrc", "*.cu")))
-    use_cuda = bool(cu) and torch.version.cuda is not None and CUDA_HOME is not None
-    if use_cuda:
-        ext = CUDAExtension("gradmap._C", cpp + cu, define_macros=[("GRADMAP_WITH_CUDA", None)],
-                            extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+    headers = sorted(glob.glob(os.path.join("csrc", "*.h")))
+    cpu_ext = CppExtension("gradmap._C", cpp, depends=headers, extra_compile_args=["-O3"])
+    attempts = [cpu_ext]
+    if cu and _cuda_available(torch, CUDA_HOME):
+        cuda_ext = CUDAExtension("gradmap._C", cpp + cu, depends=headers,
+                                 define_macros=[("GRADMAP_WITH_CUDA", None)],
+                                 extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
+        attempts = [cuda_ext, cpu_ext]  # a failed CUDA build falls back to the CPU-only one
+        _say(f"building gradmap._C with CUDA {torch.version.cuda} (CUDA_HOME={CUDA_HOME})")
     else:
-        ext = CppExtension("gradmap._C", cpp, extra_compile_args=["-O3"])
+        _say("building gradmap._C for CPU")
 
     class SoftBuild(BuildExtension):
+        """build_ext that tries CUDA, then CPU-only, then gives up quietly: never fails the install."""
+
         def run(self):
-            try:
-                super().run()
-            except Exception as exc:
-                print(f"gradmap: building the extension failed ({exc}); using plain-torch fallbacks",
-                      file=sys.stderr)
+            for i, ext in enumerate(attempts):
+                self.extensions = [ext]
+                try:
+                    super().run()
+                    return
+                except Exception as exc:
+                    nxt = "retrying CPU-only" if i + 1 < len(attempts) else "using plain-torch fallbacks"
+                    _say(f"building {ext.name} failed ({type(exc).__name__}: {exc}); {nxt}")
+            self.extensions = []
 
-        def build_extension(self, ext):
-            try:
-                super().build_extension(ext)
-            except Exception as exc:
-                print(f"gradmap: building {ext.name} failed ({exc}); using plain-torch fallbacks",
-                      file=sys.stderr)
-
-    return {"ext_modules": [ext], "cmdclass": {"build_ext": SoftBuild.with_options(use_ninja=False)}}
+    use_ninja = shutil.which("ninja") is not None
+    return {"ext_modules": [attempts[0]],
+            "cmdclass": {"build_ext": SoftBuild.with_options(use_ninja=use_ninja)}}
 
 
 setup(packages=PACKAGES, package_dir=PACKAGE_DIR, **_extension_kwargs())

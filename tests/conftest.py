@@ -2,7 +2,11 @@ import os
 import sys
 
 import pytest
-import torch
+
+# libgomp's idle threads spin by default; on a shared, oversubscribed box that makes small-model
+# tests 10-30x slower. It must be set before torch loads OpenMP.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

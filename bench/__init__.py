@@ -1,0 +1,1 @@
+"""Benchmarks (pytest-benchmark). A package so its test modules do not clash with tests/ by basename."""

@@ -1,0 +1,188 @@
+"""Kernel and solve benchmarks: Triton/C++ implementations against their torch baselines.
+
+    pytest bench/test_kernels.py --benchmark-only -s          # measure (prints rates and ratios)
+    pytest bench/test_kernels.py --benchmark-disable          # CI smoke test: small sizes, run once
+
+GPU (CUDA only, skipped otherwise), Llama-3-8B-like shapes: d = 4096, a calibration
+stream of 128 x 2048 tokens processed in chunks of 16,384 tokens (timed per chunk),
+gradients of a 32-layer 8B-shaped model in bf16 (~7.0e9 elements, 14 GB):
+- layer_grad_reductions vs torch._foreach_norm (p=1 and p=2) + index_add;
+- gate_reduction vs the fp32 torch expression (g.float() * u.float()).sum(-1);
+- moments XᵀX / XᵀY vs cuBLAS bf16 torch.matmul (fp32 accumulate) and the fp32 torch reference;
+- projection_solve (fused CUDA preparation + batched Cholesky) vs torch.linalg.cholesky +
+  cholesky_solve, d = 4096, batch 1 and 4, fp64.
+CPU: projection_solve through gradmap._C vs the torch reference, d = 576 (SmolLM2), batch 1 and 4.
+
+Rates: TB/s = minimum bytes read+written / median time; TFLOP/s for XᵀX counts 2·T·d² (a
+full XᵀX), so the upper-triangle kernel's figure is an "effective" rate.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from .harness import measure
+
+from gradmap import _ext, ops
+from gradmap.ops import Moments
+
+CUDA = torch.cuda.is_available()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device: GPU kernel benchmarks need one "
+                                                 "(CPU figures come from the projection_solve CPU benchmark)")
+_medians: dict[tuple[str, str], float] = {}
+
+
+def _report(benchmark, group: str, impl: str, baseline_impl: str) -> None:
+    """Print this row's rates and its speed-up over the group's baseline (when measured)."""
+    if not benchmark.enabled or benchmark.stats is None:
+        return
+    median = benchmark.stats.stats.median
+    _medians[group, impl] = median
+    rates = {k: benchmark.extra_info[k] for k in ("TB_per_s", "TFLOP_per_s") if k in benchmark.extra_info}
+    base = _medians.get((group, baseline_impl))
+    ratio = f", {base / median:.2f}x vs {baseline_impl}" if base and impl != baseline_impl else ""
+    print(f"\n[{group}] {impl}: {median * 1e3:.3f} ms {rates}{ratio}")
+
+
+def _big(benchmark) -> bool:
+    return benchmark.enabled
+
+
+# ----------------------------------------------------------------------------- GPU: gradient reductions
+
+LLAMA8B_LAYER = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096),  # q, k, v, o
+                 (14336, 4096), (14336, 4096), (4096, 14336), (4096,), (4096,)]  # gate, up, down, norms
+
+
+@pytest.fixture(scope="module")
+def model_grads(request):
+    big = not request.config.getoption("benchmark_disable", False)
+    n_layers = 32 if big else 2
+    shapes = LLAMA8B_LAYER if big else [(s[0] // 64,) + tuple(x // 64 for x in s[1:]) for s in LLAMA8B_LAYER]
+    grads, layer_ids = [], []
+    for layer in range(n_layers):
+        for shape in shapes:
+            grads.append(torch.randn(shape, device="cuda", dtype=torch.bfloat16))
+            layer_ids.append(layer)
+    yield grads, layer_ids, n_layers
+    del grads
+    torch.cuda.empty_cache()
+
+
+@needs_cuda
+@pytest.mark.parametrize("impl", ["foreach_norm", "triton"])
+def test_gpu_layer_grad_reductions(benchmark, model_grads, impl):
+    grads, layer_ids, n_layers = model_grads
+    lid = torch.tensor(layer_ids, device="cuda")
+
+    def foreach():
+        l1 = torch.stack(torch._foreach_norm(grads, 1)).float()
+        l2 = torch.stack(torch._foreach_norm(grads, 2)).float().square()
+        z = torch.zeros(n_layers, device="cuda")
+        return z.index_add(0, lid, l1), z.index_add(0, lid, l2)
+
+    from gradmap.kernels import layer_grad_reductions
+    fn = foreach if impl == "foreach_norm" else (lambda: layer_grad_reductions(grads, layer_ids, n_layers))
+    n_bytes = sum(g.numel() * g.element_size() for g in grads)
+    out = measure(benchmark, fn, group="gpu_layer_grad_reductions", device="cuda", bytes_moved=n_bytes,
+                  baseline=impl == "foreach_norm", impl=impl, elements=sum(g.numel() for g in grads),
+                  tensors=len(grads), rounds=5, warmup_rounds=1)
+    ref = foreach()
+    torch.testing.assert_close(out[0], ref[0], rtol=2e-2, atol=0)  # foreach norms return bf16
+    _report(benchmark, "gpu_layer_grad_reductions", impl, "foreach_norm")
+
+
+# ----------------------------------------------------------------------------- GPU: gate reduction
+
+@needs_cuda
+@pytest.mark.parametrize("impl", ["torch", "triton"])
+def test_gpu_gate_reduction(benchmark, impl):
+    tokens, d = (16384, 4096) if _big(benchmark) else (64, 256)
+    g = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    u = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    from gradmap.kernels import gate_reduction
+    fn = (lambda: ops.gate_reduction_reference(g, u)) if impl == "torch" else (lambda: gate_reduction(g, u))
+    out = measure(benchmark, fn, group="gpu_gate_reduction", device="cuda",
+                  bytes_moved=2 * g.numel() * 2 + 4 * tokens, baseline=impl == "torch", impl=impl,
+                  tokens=tokens, d=d)
+    torch.testing.assert_close(out, ops.gate_reduction_reference(g, u), rtol=1e-3, atol=1e-2)
+    _report(benchmark, "gpu_gate_reduction", impl, "torch")
+
+
+# ----------------------------------------------------------------------------- GPU: streaming moments
+
+@needs_cuda
+@pytest.mark.parametrize("what", ["xtx", "xty"])
+@pytest.mark.parametrize("impl", ["cublas_bf16", "torch_reference_fp32", "triton"])
+def test_gpu_moments(benchmark, what, impl):
+    tokens, d = (16384, 4096) if _big(benchmark) else (128, 256)
+    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    y = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16) if what == "xty" else None
+    m = Moments(d, d_y=d if y is not None else None, device="cuda", want_xtx=what == "xtx")
+    acc = m.xtx if what == "xtx" else m.xty
+    rhs = x if y is None else y
+    from gradmap.kernels import accumulate_moments
+    if impl == "cublas_bf16":
+        fn = lambda: acc.add_(torch.matmul(x.T, rhs))  # noqa: E731  bf16 GEMM, fp32 accumulate inside
+    elif impl == "torch_reference_fp32":
+        fn = lambda: ops.accumulate_moments_reference(m, x, y)  # noqa: E731
+    else:
+        fn = lambda: accumulate_moments(m, x, y)  # noqa: E731
+    measure(benchmark, fn, group=f"gpu_moments_{what}", device="cuda", flops=2.0 * tokens * d * d,
+            bytes_moved=(x.numel() + (0 if y is None else y.numel())) * 2 + 2 * acc.numel() * 4,
+            baseline=impl == "cublas_bf16", impl=impl, tokens=tokens, d=d)
+    _report(benchmark, f"gpu_moments_{what}", impl, "cublas_bf16")
+
+
+# ----------------------------------------------------------------------------- projection solve
+
+def _spd(n: int, d: int, device: str) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(n, 2 * d, d, device=device, generator=g, dtype=torch.float32)
+    a = x.transpose(1, 2) @ x  # fp32 statistics, as the moments produce them
+    b = a + 0.1 * torch.randn(n, d, d, device=device, generator=g)
+    return a, b
+
+
+@needs_cuda
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("impl", ["torch", "extension"])
+def test_gpu_projection_solve(benchmark, impl, batch):
+    ext = _ext.extension()
+    if impl == "extension" and (ext is None or not ext.cuda_built()):
+        pytest.skip(f"gradmap._C without CUDA: {_ext.extension_status()}")
+    d = 4096 if _big(benchmark) else 128
+    a, b = _spd(batch, d, "cuda")
+    if impl == "torch":
+        def fn():
+            a64, b64 = a.double(), b.double()
+            a64 = 0.5 * (a64 + a64.transpose(-1, -2))
+            lam = 0.01 * a64.diagonal(dim1=-2, dim2=-1).sum(-1) / d
+            eye = torch.eye(d, dtype=torch.float64, device="cuda")
+            chol = torch.linalg.cholesky(a64 + lam[:, None, None] * eye)
+            return torch.cholesky_solve(b64 + lam[:, None, None] * eye, chol)
+    else:
+        fn = lambda: ext.projection_solve(a, b, 0.01, True)[0]  # noqa: E731
+    flops = batch * (d ** 3 / 3 + 2 * d ** 3)  # Cholesky + two triangular solves with d right-hand sides
+    measure(benchmark, fn, group=f"gpu_projection_solve_b{batch}", device="cuda", flops=flops,
+            baseline=impl == "torch", impl=impl, d=d, batch=batch, rounds=5, warmup_rounds=1)
+    _report(benchmark, f"gpu_projection_solve_b{batch}", impl, "torch")
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("impl", ["torch_reference", "extension"])
+def test_cpu_projection_solve(benchmark, impl, batch):
+    ext = _ext.extension()
+    if impl == "extension" and ext is None:
+        pytest.skip(f"extension not built: {_ext.extension_status()}")
+    d = 576 if _big(benchmark) else 48
+    a, b = _spd(batch, d, "cpu")
+    if impl == "torch_reference":
+        fn = lambda: ops.projection_solve_reference(a, b, 0.01)  # noqa: E731
+    else:
+        fn = lambda: ext.projection_solve(a, b, 0.01, True)  # noqa: E731
+    p, status = measure(benchmark, fn, group=f"cpu_projection_solve_b{batch}", device="cpu",
+                        flops=batch * (d ** 3 / 3 + 2 * d ** 3), baseline=impl == "torch_reference",
+                        impl=impl, d=d, batch=batch, rounds=10, warmup_rounds=2)
+    p_ref, _ = ops.projection_solve_reference(a, b, 0.01)
+    assert ((p - p_ref).abs().max() / p_ref.abs().max()) < 1e-10 and status.tolist() == [0] * batch
+    _report(benchmark, f"cpu_projection_solve_b{batch}", impl, "torch_reference")

@@ -1,0 +1,227 @@
+"""Writing a `gradmap compare` run: results.md (one table), results.json and two PNG plots.
+
+Every file is written to a temporary sibling and renamed into place, so an interrupt never
+leaves a half-written result; `write_results` is called after every method.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+__all__ = ["write_results", "markdown_table", "settings_lines", "plot_ppl_vs_time",
+           "plot_layer_scores"]
+
+DASH = "—"
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def _num(value: Any, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return DASH
+    return format(value, fmt)
+
+
+def _cell(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def settings_lines(results: dict[str, Any]) -> list[str]:
+    """Human-readable settings, stated above the table (what every number was measured on)."""
+    s = results["settings"]
+    lines = [f"# gradmap compare: {s['model']}, {s['n_prune']} of "
+             f"{results.get('dense_layers', '?')} layers removed", ""]
+    shape = s.get("calib_shape") or [s["n_calib"], s["seq_len"]]
+    lines.append(f"- calibration: {s['calib']}, {shape[0]} x {shape[1]} tokens (seed {s['seed']}), "
+                 f"micro-batch {s['batch_size']}; protected layers: first {s['protect_first']}, "
+                 f"last {s['protect_last']}; dtype {s['dtype'] or 'checkpoint'}, "
+                 f"device {s['device']}")
+    ppl = (results.get("dense") or {}).get("ppl_report")
+    if ppl:
+        scope = (f"first {ppl['windows']} windows only (--ppl-windows {s['ppl_windows']})"
+                 if s["ppl_windows"] is not None else f"all {ppl['windows']} windows")
+        lines.append(f"- PPL: {ppl['data']}, L={ppl['seq_len']}, {scope}, {ppl['tokens']} of "
+                     f"{ppl['total_tokens']} tokens")
+    if s.get("tasks"):
+        limit = ("all examples" if s["limit"] is None
+                 else f"first {s['limit']} examples per task (--limit)")
+        metrics = ((results.get("dense") or {}).get("zero_shot") or {}).get("average_metrics", {})
+        lines.append(f"- zero-shot: {limit}; accuracy in %; metric per task: "
+                     + ", ".join(f"{t} {metrics.get(t, '?')}" for t in s["tasks"]))
+    floor = results.get("floor", {})
+    if floor.get("seconds") is not None:
+        lines.append(f"- x fwd+bwd: pruning time / {floor['seconds']:.2f} s, the time of "
+                     f"{floor['description']}")
+    lines.append("- pruning time in seconds: total (scoring / compensation statistics / solve); "
+                 "model loading and evaluation excluded")
+    m, v = results.get("machine", {}), results.get("versions", {})
+    lines.append(f"- machine: {m.get('platform')}, {m.get('cpu_count')} CPUs"
+                 + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
+                 + f"; torch {v.get('torch')}, transformers {v.get('transformers')}, "
+                 f"gradmap {v.get('gradmap')}")
+    return lines
+
+
+def _time_cell(row: dict) -> str:
+    t = row.get("timings")
+    if not t:
+        return DASH
+    return (f"{t.get('total', 0.0):.1f} ({t.get('scoring', 0.0):.1f} / "
+            f"{t.get('compensation_statistics', 0.0):.1f} / {t.get('solve', 0.0):.1f})")
+
+
+def markdown_table(results: dict[str, Any]) -> str:
+    """The results table: one row for the dense model and one per method, in run order."""
+    tasks = results["settings"].get("tasks") or []
+    metrics = ((results.get("dense") or {}).get("zero_shot") or {}).get("average_metrics", {})
+    header = ["method", "removed layers", "pruning s", "x fwd+bwd", "PPL"]
+    header += [f"{t} ({metrics.get(t, 'acc')})" for t in tasks]
+    if tasks:
+        header += [f"avg ({len(tasks)})", "retention %"]
+    rows = []
+    dense = results.get("dense")
+    all_rows = ([dict(dense, method="dense", status="ok")] if dense else []) + results["methods"]
+    for row in all_rows:
+        cells = [_cell(row.get("label", row["method"]))]
+        status = row.get("status")
+        if status == "failed":
+            cells.append(_cell(f"FAILED: {row.get('error', '?')}"))
+        elif status in ("pending", "running"):
+            cells.append(f"({status})")
+        else:
+            cells.append(", ".join(map(str, row.get("removed_layers", []))) or DASH)
+        cells.append(_time_cell(row))
+        cells.append(_num(row.get("ratio_to_floor"), ".1f"))
+        cells.append(_num(row.get("ppl"), ".2f"))
+        for t in tasks:
+            cells.append(_num(100 * row["tasks"][t] if t in row.get("tasks", {}) else None, ".1f"))
+        if tasks:
+            cells.append(_num(100 * row["average"] if row.get("average") is not None else None,
+                              ".2f"))
+            cells.append("100.0" if row["method"] == "dense" and row.get("average") is not None
+                         else _num(row.get("retention"), ".1f"))
+        rows.append(cells)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _notes(results: dict[str, Any]) -> list[str]:
+    notes = []
+    for row in results["methods"]:
+        if row.get("saved_to"):
+            notes.append(f"- checkpoint of `{row['method']}` saved to `{row['saved_to']}`")
+        if row.get("save_error"):
+            notes.append(f"- saving `{row['method']}` failed: {row['save_error']}")
+    if results.get("status") != "complete":
+        notes.append(f"- run status: {results.get('status')} (this file is rewritten as methods "
+                     "finish)")
+    return notes
+
+
+def _markdown(results: dict[str, Any]) -> str:
+    parts = ["\n".join(settings_lines(results)), markdown_table(results)]
+    notes = _notes(results)
+    if notes:
+        parts.append("\n".join(notes))
+    return "\n\n".join(parts) + "\n"
+
+
+def _new_figure(width: float, height: float):
+    # Figure + Agg canvas directly: no pyplot, so no global backend or figure state is touched
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(width, height), dpi=110)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def plot_ppl_vs_time(results: dict[str, Any], path: Path) -> bool:
+    """Scatter of perplexity against total pruning time per method; False when nothing to plot."""
+    pts = [(r["timings"]["total"], r["ppl"], r.get("label", r["method"])) for r in results["methods"]
+           if r.get("status") == "ok" and r.get("ppl") is not None and r.get("timings")]
+    if not pts:
+        return False
+    fig = _new_figure(6.4, 4.4)
+    ax = fig.add_subplot()
+    for x, y, name in pts:  # one call per point so each method gets its own colour
+        ax.scatter([x], [y], s=30)
+        ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    dense = (results.get("dense") or {}).get("ppl")
+    if dense is not None:
+        ax.axhline(dense, color="gray", linestyle="--", linewidth=1, label=f"dense ({dense:.2f})")
+        ax.legend(fontsize=8)
+    xs, ys = [p[0] for p in pts], [p[1] for p in pts]
+    if min(xs) > 0 and max(xs) / min(xs) > 20:
+        ax.set_xscale("log")
+    if min(ys) > 0 and max(ys) / min(ys) > 20:
+        ax.set_yscale("log")
+    s = results["settings"]
+    ax.set_xlabel("pruning time (s, total)")
+    ax.set_ylabel(f"PPL ({s['ppl_data']}, L={s['ppl_seq_len']})")
+    ax.set_title(f"{s['model']}: {s['n_prune']} layers removed", fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def plot_layer_scores(results: dict[str, Any], path: Path) -> bool:
+    """One panel per metric: its first-pass (dense-model) score of every layer, removed ones marked."""
+    per_metric: dict[str, dict] = {}
+    for row in results["methods"]:
+        if row.get("status") == "ok" and row.get("scores") and row["metric"] not in per_metric:
+            per_metric[row["metric"]] = row
+    if not per_metric:
+        return False
+    from matplotlib.ticker import MaxNLocator
+    n = len(per_metric)
+    cols = 2 if n > 1 else 1
+    nrows = math.ceil(n / cols)
+    fig = _new_figure(6.0 * cols, 2.6 * nrows)
+    for i, (metric, row) in enumerate(per_metric.items()):
+        ax = fig.add_subplot(nrows, cols, i + 1)
+        scores = {int(k): v for k, v in row["scores"][0].items()}
+        layers = sorted(scores)
+        ax.plot(layers, [scores[k] for k in layers], marker="o", markersize=3, linewidth=1)
+        removed = [k for k in row.get("removed_layers", []) if k in scores]
+        ax.scatter(removed, [scores[k] for k in removed], color="red", s=18, zorder=3,
+                   label=f"removed by {row['method']}")
+        ax.set_title(f"{metric} (first pass, dense model)", fontsize=9)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlabel("original layer index", fontsize=8)
+        ax.set_ylabel("score (low = removed first)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.legend(fontsize=7)
+        ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    return True
+
+
+def write_results(out: str | os.PathLike, results: dict[str, Any], plots: bool = True) -> None:
+    """(Re)write results.md and results.json in `out`, and with `plots` the two PNGs.
+
+    `ppl_vs_time.png`: PPL against pruning time per method; `layer_scores.png`: each
+    metric's per-layer scores. Plotting takes seconds, so callers skip it when no new
+    method finished since the last write.
+    """
+    out = Path(out)
+    results.setdefault("plots", {})
+    for name, fn in (("ppl_vs_time.png", plot_ppl_vs_time), ("layer_scores.png", plot_layer_scores)):
+        if not plots:
+            break
+        tmp = out / f".{name}.tmp.png"
+        if fn(results, tmp):
+            os.replace(tmp, out / name)
+            results["plots"][name] = str(out / name)
+    _atomic_write(out / "results.json",
+                  json.dumps(results, indent=2, default=str).encode("utf-8"))
+    _atomic_write(out / "results.md", _markdown(results).encode("utf-8"))

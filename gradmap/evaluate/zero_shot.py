@@ -1,0 +1,237 @@
+"""Zero-shot multiple-choice accuracy scored exactly as lm-evaluation-harness scores it.
+
+Each choice `i` of an example is scored by `ll_i = sum_t log p(cont_t | context, cont_<t)`, the
+context and continuation tokenised separately (no special tokens; a BOS is prepended only for
+Gemma models, as lm-eval does) and the whole request truncated from the left to the model's
+maximum length.  `acc` = [argmax_i ll_i == gold], `acc_norm` = [argmax_i ll_i / chars_i == gold]
+(Gao et al., "A framework for few-shot language model evaluation", lm-evaluation-harness).
+
+Speed without changing the numbers: requests that share a context are scored from one forward
+of that context.  A batch of distinct contexts is left-padded and run once with a KV cache; the
+cache is then repeated per continuation and the continuations (right-padded) run on top of it.
+Real positions never attend to padding, so scores equal one unbatched forward per request up
+to float rounding (tests/test_evaluate.py checks this against such a loop).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from ..errors import GradmapError
+from .tasks import TASKS, Example, build_examples, resolve_tasks
+
+__all__ = ["zero_shot", "loglikelihoods", "encode_request", "max_length"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Group:
+    """All requests sharing one context: token ids, continuations and their output slots."""
+
+    ctx: list[int]
+    conts: list[list[int]]
+    slots: list[int]
+
+
+def max_length(model, default: int = 2048) -> int:
+    """lm-eval's HFLM max length: the first of n_positions / max_position_embeddings / n_ctx."""
+    for attr in ("n_positions", "max_position_embeddings", "n_ctx"):
+        value = getattr(model.config, attr, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return default
+
+
+def _adds_bos(model) -> bool:
+    # lm-eval forces add_bos_token for Gemma: those models degrade badly without a BOS
+    return "gemma" in str(getattr(model.config, "model_type", ""))
+
+
+def encode_request(tokenizer, context: str, continuation: str, add_bos: bool = False,
+                   max_len: int | None = None) -> tuple[list[int], list[int]]:
+    """Token ids `(context, continuation)` as lm-eval's `_encode_pair`, tokenised separately.
+
+    Trailing spaces of the context move to the front of the continuation; an empty context
+    becomes the BOS/EOS token; with `max_len` the context is cut from the left so that the
+    model input `(ctx + cont)[:-1]` has at most `max_len` tokens.
+    """
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces > 0:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    # verbose=False: long contexts are truncated below, the tokenizer's length warning is noise
+    ctx = (tokenizer(context, add_special_tokens=False, verbose=False)["input_ids"]
+           if context else [])
+    cont = tokenizer(continuation, add_special_tokens=False, verbose=False)["input_ids"]
+    prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    if add_bos or not ctx:
+        if prefix is None:
+            raise GradmapError("tokenizer has neither a BOS nor an EOS token to start a request "
+                               "with; set tokenizer.bos_token before scoring")
+        ctx = [prefix] + ctx
+    if not cont:
+        raise GradmapError(f"continuation {continuation!r} encodes to no tokens; every choice "
+                           "needs at least one token")
+    if max_len is not None and len(ctx) + len(cont) - 1 > max_len:
+        keep = max_len + 1 - len(cont)
+        if keep < 1:
+            raise GradmapError(f"a continuation of {len(cont)} tokens does not fit the model's "
+                               f"max length {max_len}; use a model with longer positions")
+        ctx = ctx[-keep:]
+    return ctx, cont
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _pick_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[targets] in fp32 without keeping a full log-softmax copy."""
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
+
+
+def _score_batch(model, groups: list[_Group], pad_id: int, out: list[float]) -> int:
+    """Score every continuation of `groups` into `out`; returns positions forwarded."""
+    device = _device(model)
+    n_ctx = max(len(g.ctx) for g in groups)
+    ids = torch.full((len(groups), n_ctx), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(groups), n_ctx), dtype=torch.long)
+    for k, g in enumerate(groups):  # left padding: every context ends at column n_ctx - 1
+        ids[k, n_ctx - len(g.ctx):] = torch.tensor(g.ctx)
+        mask[k, n_ctx - len(g.ctx):] = 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    rows = [(k, c, s) for k, g in enumerate(groups) for c, s in zip(g.conts, g.slots)]
+    n_cont = max(len(c) for _, c, _ in rows) - 1  # the last continuation token is never input
+    res = model(input_ids=ids.to(device), attention_mask=mask.to(device),
+                position_ids=pos.to(device), use_cache=n_cont > 0, logits_to_keep=1)
+    first = torch.tensor([c[0] for _, c, _ in rows], device=device)
+    row_ctx = torch.tensor([k for k, _, _ in rows], device=device)
+    scores = _pick_logprobs(res.logits[row_ctx, -1, :], first).double()
+    forwarded = len(groups) * n_ctx
+    if n_cont > 0:
+        cache = res.past_key_values
+        cache.reorder_cache(row_ctx)  # one cache row per continuation (index_select repeats)
+        c_ids = torch.full((len(rows), n_cont), pad_id, dtype=torch.long)
+        c_tgt = torch.zeros((len(rows), n_cont), dtype=torch.long)
+        c_mask = torch.zeros((len(rows), n_cont), dtype=torch.long)
+        c_pos = torch.zeros((len(rows), n_cont), dtype=torch.long)
+        for r, (k, c, _) in enumerate(rows):
+            m = len(c) - 1
+            c_ids[r, :m] = torch.tensor(c[:-1], dtype=torch.long)
+            c_tgt[r, :m] = torch.tensor(c[1:], dtype=torch.long)
+            c_mask[r, :m] = 1
+            c_pos[r] = len(groups[k].ctx) + torch.arange(n_cont)
+        full_mask = torch.cat([mask[row_ctx.cpu()], c_mask], dim=1)
+        res2 = model(input_ids=c_ids.to(device), attention_mask=full_mask.to(device),
+                     position_ids=c_pos.to(device), past_key_values=cache, use_cache=True)
+        lp = _pick_logprobs(res2.logits, c_tgt.to(device)).double()
+        scores = scores + (lp * c_mask.to(device)).sum(dim=1)
+        forwarded += len(rows) * n_cont
+    for (_, _, slot), value in zip(rows, scores.tolist()):
+        out[slot] = value
+    return forwarded
+
+
+def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_size: int = 32,
+                   progress: bool = True, desc: str = "zero-shot") -> tuple[list[float], int]:
+    """Sum of continuation log-probs for token-id requests `(ctx, cont)`; returns (scores, fwd).
+
+    Requests with equal contexts share one context forward.  Groups are sorted by context
+    length (longest first, little padding) and packed so each batch holds at most
+    `batch_size` continuations (at least one group).  `fwd` counts positions forwarded.
+    """
+    by_ctx: dict[tuple[int, ...], _Group] = {}
+    for slot, (ctx, cont) in enumerate(requests):
+        g = by_ctx.setdefault(tuple(ctx), _Group(list(ctx), [], []))
+        g.conts.append(list(cont))
+        g.slots.append(slot)
+    groups = sorted(by_ctx.values(), key=lambda g: (-len(g.ctx), -max(map(len, g.conts))))
+    pad_id = getattr(model.config, "pad_token_id", None)
+    pad_id = 0 if pad_id is None else int(pad_id)
+    out = [float("nan")] * len(requests)
+    forwarded = 0
+    with torch.no_grad(), tqdm(total=len(requests), desc=desc, unit="req",
+                               disable=not progress) as bar:
+        i = 0
+        while i < len(groups):
+            batch, n_rows = [groups[i]], len(groups[i].conts)
+            i += 1
+            while i < len(groups) and n_rows + len(groups[i].conts) <= batch_size:
+                batch.append(groups[i])
+                n_rows += len(groups[i].conts)
+                i += 1
+            forwarded += _score_batch(model, batch, pad_id, out)
+            bar.update(n_rows)
+    return out, forwarded
+
+
+def _metrics(examples: list[Example], scores: list[float]) -> dict[str, float]:
+    acc = acc_norm = 0
+    i = 0
+    for ex in examples:
+        ll = scores[i:i + len(ex.requests)]
+        i += len(ex.requests)
+        # ties resolve to the first maximum, as numpy.argmax in lm-eval
+        acc += max(range(len(ll)), key=lambda j: (ll[j], -j)) == ex.gold
+        normed = [v / n for v, n in zip(ll, ex.choice_chars)]
+        acc_norm += max(range(len(ll)), key=lambda j: (normed[j], -j)) == ex.gold
+    n = len(examples)
+    return {"acc": acc / n, "acc_norm": acc_norm / n}
+
+
+def zero_shot(model, tokenizer, tasks: str | list[str] = "all", limit: int | None = None,
+              batch_size: int = 32, progress: bool = True) -> dict:
+    """lm-eval-style zero-shot accuracy on BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e/c, OBQA.
+
+    Returns `{"tasks": {name: {"acc", ["acc_norm"], "n", "metric", "value"}}, "average",
+    "average_metrics", "limit", "requests", "tokens", "forwarded_tokens", "seconds",
+    "tokens_per_s"}`.  `value` is the metric the papers quote for the task (`metric`), and
+    `average` is the mean of those values over the tasks evaluated.  `tokens` counts
+    `len(ctx) + len(cont)` per request (what an unbatched scorer would forward); `tokens_per_s`
+    divides it by the wall time of scoring.
+    """
+    names = resolve_tasks(tasks)
+    if limit is not None and (not isinstance(limit, int) or limit < 1):
+        raise GradmapError(f"limit must be a positive integer or None, got {limit!r}")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise GradmapError(f"batch_size must be a positive integer, got {batch_size!r}")
+    built = {name: build_examples(name, limit) for name in names}  # fails early on missing data
+    add_bos, max_len = _adds_bos(model), max_length(model)
+    was_training = model.training
+    model.eval()
+    result: dict = {"tasks": {}, "limit": limit}
+    total_tokens = total_requests = total_forwarded = 0
+    seconds = 0.0
+    try:
+        for name in names:
+            examples = built[name]
+            if not examples:
+                raise GradmapError(f"task {name!r} has no examples; check its data file")
+            requests = [encode_request(tokenizer, c, t, add_bos, max_len)
+                        for ex in examples for c, t in ex.requests]
+            start = time.perf_counter()
+            scores, forwarded = loglikelihoods(model, requests, batch_size, progress, desc=name)
+            seconds += time.perf_counter() - start
+            total_tokens += sum(len(c) + len(t) for c, t in requests)
+            total_requests += len(requests)
+            total_forwarded += forwarded
+            spec = TASKS[name]
+            m = _metrics(examples, scores)
+            entry = {k: m[k] for k in spec.metrics}
+            entry.update(n=len(examples), metric=spec.average_metric, value=m[spec.average_metric])
+            result["tasks"][name] = entry
+            log.info("%s: %s (n=%d)", name, {k: round(v, 4) for k, v in m.items()}, len(examples))
+    finally:
+        model.train(was_training)
+    values = [e["value"] for e in result["tasks"].values()]
+    result.update(average=sum(values) / len(values),
+                  average_metrics={n: e["metric"] for n, e in result["tasks"].items()},
+                  requests=total_requests, tokens=total_tokens, forwarded_tokens=total_forwarded,
+                  seconds=seconds, tokens_per_s=total_tokens / seconds if seconds > 0 else 0.0)
+    return result

@@ -1,0 +1,87 @@
+"""Angular distance between layer inputs (Gromov et al., 2024, "The Unreasonable Ineffectiveness
+of the Deeper Layers"; the layer-selection step of ReplaceMe, Shopkhoev et al., 2025).
+
+    d(ℓ, n) = mean over sequences of  arccos(cos(h_ℓ, h_{ℓ+n})) / π
+
+with h_ℓ the input of layer ℓ (h_L the last layer's output) at the last token of
+each sequence (`tokens="all"`: every token). The contiguous block of n = n_prune
+layers starting at argmin_ℓ d(ℓ, n) is removed, so the metric is one-shot by
+nature; blocks that touch a protected layer are never chosen. Scores are keyed
+by the ORIGINAL index of the block's first layer.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import GradmapError
+from .base import Metric, ScoringRun, check_choice
+from .capture import check_finite, forward_pass, model_device
+
+__all__ = ["Angular"]
+
+
+@dataclass
+class Angular(Metric):
+    """Best contiguous block by angular distance; `tokens` is "last" (default) or "all"."""
+
+    tokens: str = "last"
+
+    name: ClassVar[str] = "angular"
+    schedules: ClassVar[tuple[str, ...]] = ("one-shot",)
+    plain_forward: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        check_choice("tokens", self.tokens, ("last", "all"))
+
+    def score(self, run: ScoringRun) -> dict[int, float]:
+        n_layers, n = run.adapter.num_layers, run.n_prune
+        starts = n_layers - n + 1
+        sums = torch.zeros(starts, dtype=torch.float64, device=model_device(run.model))
+        count = [0]
+        window: dict[int, torch.Tensor] = {}  # inputs of the last n layers of this micro-batch
+
+        def distance_to(pos: int, x: torch.Tensor) -> None:
+            start = pos - n
+            if start >= 0:
+                cos = F.cosine_similarity(window.pop(start), x, dim=-1).clamp(-1.0, 1.0)
+                sums[start] += (torch.arccos(cos) / math.pi).sum(dtype=torch.float64)
+                if start == 0:
+                    count[0] += cos.numel()
+
+        def pick(h: torch.Tensor) -> torch.Tensor:
+            return (h if self.tokens == "all" else h[:, -1:]).detach().float()
+
+        def on_layer(pos: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+            x = pick(h_in)
+            distance_to(pos, x)
+            window[pos] = x
+            if pos == n_layers - 1:
+                distance_to(n_layers, pick(h_out))
+                window.clear()
+
+        def after_batch(start: int, stop: int) -> None:
+            check_finite(sums, "hidden state", start, stop, run.model)
+
+        forward_pass(run.model, run.adapter, run.calib, run.batch_size, on_layer, sink=run.dense_sink,
+                     progress=run.progress, desc="angular distance", after_batch=after_batch)
+        vals = (sums / max(count[0], 1)).cpu()
+        ids = run.adapter.original_ids
+        return {ids[s]: float(vals[s]) for s in range(starts)}
+
+    def plan(self, run: ScoringRun, scores: dict[int, float], n: int) -> Iterator[int]:
+        """Yield the layers of the lowest-distance block whose layers are all removable."""
+        ids = run.adapter.original_ids
+        allowed = set(run.removable)
+        valid = [s for s in range(len(ids) - n + 1)
+                 if ids[s] in scores and all(ids[s + k] in allowed for k in range(n))]
+        if not valid:
+            raise GradmapError(f"no contiguous block of {n} layers avoids the protected layers; "
+                               "lower n_prune or protect fewer layers")
+        best = min(valid, key=lambda s: (scores[ids[s]], s))
+        yield from list(ids[best:best + n])

@@ -1,0 +1,209 @@
+"""Streaming moments: in-place fp32 update of Σx, Σx² (per column), XᵀX and XᵀY.
+
+Reference: ``gradmap.ops.accumulate_moments_reference`` (fp32 inputs to 1e-5
+relative, bf16/fp16 to 1e-3 against the same inputs upcast to fp32).
+
+Design.
+- XᵀX: only the upper-triangle tiles (i ≤ j) are computed. An off-diagonal tile
+  is added to C[i, j] and its transpose written to C[j, i]; a diagonal tile is
+  symmetrised as (T + Tᵀ)/2 before it is added. The accumulator is therefore
+  exactly symmetric after every update (no separate mirror step, callers may
+  read it at any time) and each tile pair is computed once: ~half the FLOPs of
+  a full XᵀX.
+- Σx² is the diagonal of the diagonal tiles (free); Σx is summed by the
+  diagonal-tile programs from the X tiles they already load, so X is streamed
+  once for all statistics. Without XᵀX a bandwidth-bound column kernel does both.
+- XᵀY uses the same tile kernel over the full (d, d_y) tile grid.
+- Products of bf16/fp16 values are exact in fp32 and the dot accumulates in
+  fp32; fp32 inputs use IEEE (not TF32) dots to meet the fp32 tolerance.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from gradmap.errors import GradmapError
+
+from .utils import cdiv, check_inputs, device_table, interpreting, upcast_dots
+
+__all__ = ["accumulate_moments", "gram_update", "column_stats_update"]
+
+
+@triton.jit
+def _tile_gram_kernel(a_ptr, b_ptr, c_ptr, sum_ptr, sq_ptr, tile_i_ptr, tile_j_ptr,
+                      T, DA, DB, stride_at, stride_ad, stride_bt, stride_bd, stride_cm, stride_cn,
+                      SYMMETRIC: tl.constexpr, STATS: tl.constexpr, UPCAST: tl.constexpr,
+                      PRECISION: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    ti = tl.load(tile_i_ptr + pid)
+    tj = tl.load(tile_j_ptr + pid)
+    offs_m = ti * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tj * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_mask = offs_m < DA
+    n_mask = offs_n < DB
+    diag = ti == tj
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    col_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, T, BLOCK_K):
+        rows = (k0 + offs_k).to(tl.int64)
+        k_mask = rows < T
+        a = tl.load(a_ptr + rows[:, None] * stride_at + offs_m[None, :] * stride_ad,
+                    mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+        b = tl.load(b_ptr + rows[:, None] * stride_bt + offs_n[None, :] * stride_bd,
+                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        if STATS:
+            if diag:
+                col_sum += tl.sum(a.to(tl.float32), axis=0)
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
+    c_mask = m_mask[:, None] & n_mask[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    if SYMMETRIC:
+        if diag:
+            acc = (acc + tl.trans(acc)) * 0.5
+    c = tl.load(c_ptrs, mask=c_mask, other=0.0) + acc
+    tl.store(c_ptrs, c, mask=c_mask)
+    if SYMMETRIC:
+        if ti != tj:
+            # mirror: element (n, m) of C receives c[m, n]
+            tl.store(c_ptr + offs_n[None, :] * stride_cm + offs_m[:, None] * stride_cn, c, mask=c_mask)
+    if STATS:
+        if diag:
+            eye = offs_m[:, None] == offs_n[None, :]
+            sq = tl.sum(tl.where(eye, acc, 0.0), axis=1)
+            tl.store(sum_ptr + offs_m, tl.load(sum_ptr + offs_m, mask=m_mask, other=0.0) + col_sum, mask=m_mask)
+            tl.store(sq_ptr + offs_m, tl.load(sq_ptr + offs_m, mask=m_mask, other=0.0) + sq, mask=m_mask)
+
+
+@triton.jit
+def _column_stats_kernel(x_ptr, sum_ptr, sq_ptr, T, D, stride_t, stride_d,
+                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    c_mask = cols < D
+    offs_t = tl.arange(0, BLOCK_T)
+    acc_sum = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    acc_sq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        rows = (t0 + offs_t).to(tl.int64)
+        x = tl.load(x_ptr + rows[:, None] * stride_t + cols[None, :] * stride_d,
+                    mask=(rows < T)[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+        acc_sum += x
+        acc_sq += x * x
+    tl.store(sum_ptr + cols, tl.load(sum_ptr + cols, mask=c_mask, other=0.0) + tl.sum(acc_sum, axis=0),
+             mask=c_mask)
+    tl.store(sq_ptr + cols, tl.load(sq_ptr + cols, mask=c_mask, other=0.0) + tl.sum(acc_sq, axis=0),
+             mask=c_mask)
+
+
+def _gram_config(dtype: torch.dtype) -> dict:
+    if interpreting():
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1)
+    if dtype == torch.float32:
+        # IEEE fp32 dots run on CUDA cores: smaller tiles keep the accumulator in registers
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+
+
+def _tiles(n_i: int, n_j: int, upper: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tile coordinates, row-major; only j >= i when `upper` (cached per device)."""
+    pairs = [(i, j) for i in range(n_i) for j in range(i if upper else 0, n_j)]
+    return (device_table(tuple(p[0] for p in pairs), torch.int32, device),
+            device_table(tuple(p[1] for p in pairs), torch.int32, device))
+
+
+def _check_acc(name: str, t: torch.Tensor, shape: tuple, device: torch.device) -> None:
+    if t.dtype != torch.float32 or tuple(t.shape) != shape or t.device != device:
+        raise GradmapError(f"accumulate_moments: accumulator {name} must be fp32 {shape} on {device}, got "
+                           f"{t.dtype} {tuple(t.shape)} on {t.device}; build it with gradmap.ops.Moments")
+
+
+def gram_update(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None,
+                sum_a: torch.Tensor | None = None, sq_a: torch.Tensor | None = None) -> None:
+    """C += AᵀB in place (fp32); with b=None, C += AᵀA keeping C symmetric.
+
+    With b=None, `sum_a`/`sq_a` (both or neither) also receive Σa and Σa² per
+    column. a [T, DA], b [T, DB], c fp32 [DA, DB].
+    """
+    device = check_inputs("gram_update", a=a, b=b)
+    if a.dim() != 2 or (b is not None and (b.dim() != 2 or b.shape[0] != a.shape[0])):
+        raise GradmapError(f"gram_update: need a [T, d] and b [T, d_b] with the same T, got "
+                           f"{tuple(a.shape)} and {None if b is None else tuple(b.shape)}")
+    symmetric = b is None
+    b_ = a if symmetric else b
+    T, DA, DB = a.shape[0], a.shape[1], b_.shape[1]
+    _check_acc("C", c, (DA, DB), device)
+    stats = sum_a is not None
+    if stats != (sq_a is not None) or (stats and not symmetric):
+        raise GradmapError("gram_update: pass both sum_a and sq_a, and only for the symmetric AᵀA update")
+    if stats:
+        _check_acc("sum_x", sum_a, (DA,), device)
+        _check_acc("sq_x", sq_a, (DA,), device)
+    if T == 0 or DA == 0 or DB == 0:
+        return
+    if a.dtype != b_.dtype:
+        raise GradmapError(f"gram_update: a is {a.dtype} but b is {b_.dtype}; cast one so both match")
+    cfg = _gram_config(a.dtype)
+    n_i, n_j = cdiv(DA, cfg["BLOCK_M"]), cdiv(DB, cfg["BLOCK_N"])
+    ti, tj = _tiles(n_i, n_j, symmetric, device)
+    dummy = c  # never touched when STATS is False
+    _tile_gram_kernel[(ti.numel(),)](
+        a, b_, c, sum_a if stats else dummy, sq_a if stats else dummy, ti, tj,
+        T, DA, DB, a.stride(0), a.stride(1), b_.stride(0), b_.stride(1), c.stride(0), c.stride(1),
+        SYMMETRIC=symmetric, STATS=stats, UPCAST=upcast_dots(a.dtype),
+        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", **cfg)
+
+
+def column_stats_update(sum_x: torch.Tensor, sq_x: torch.Tensor, x: torch.Tensor) -> None:
+    """Σx and Σx² per column of x [T, d], added in place to fp32 sum_x and sq_x [d]."""
+    device = check_inputs("column_stats_update", x=x)
+    if x.dim() != 2:
+        raise GradmapError(f"column_stats_update: x must be [T, d], got {tuple(x.shape)}")
+    _check_acc("sum_x", sum_x, (x.shape[1],), device)
+    _check_acc("sq_x", sq_x, (x.shape[1],), device)
+    T, D = x.shape
+    if T == 0 or D == 0:
+        return
+    block_t, block_d, warps = (16, 16, 1) if interpreting() else (32, 128, 4)
+    _column_stats_kernel[(cdiv(D, block_d),)](x, sum_x, sq_x, T, D, x.stride(0), x.stride(1),
+                                              BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
+
+
+def accumulate_moments(m, x: torch.Tensor, y: torch.Tensor | None = None, done: list | None = None) -> None:
+    """Update `gradmap.ops.Moments` m in place with x [..., d] (and y [..., d_y]); fp32 accumulation.
+
+    `done`, when given, receives the parts applied so far ("stats", "xtx", "xty"), so a caller
+    can finish the others another way if a launch fails. m.count is updated last.
+    """
+    done = [] if done is None else done
+    check_inputs("accumulate_moments", x=x, y=y)
+    if x.shape[-1] != m.d:
+        raise GradmapError(f"accumulate_moments: x has {x.shape[-1]} features but the moments track "
+                           f"d={m.d}; pass the activations these moments were built for")
+    x2 = x.reshape(-1, m.d)
+    y2 = None
+    if m.xty is not None:
+        if y is None:
+            raise GradmapError("these moments track XᵀY; pass y with the same tokens as x")
+        if y.shape[-1] != m.d_y or y.numel() // max(m.d_y, 1) != x2.shape[0]:
+            raise GradmapError(f"accumulate_moments: y {tuple(y.shape)} must hold {x2.shape[0]} tokens of "
+                               f"d_y={m.d_y} features, like x")
+        y2 = y.reshape(-1, m.d_y)
+    if m.xtx is not None:
+        gram_update(m.xtx, x2, None, m.sum_x, m.sq_x)
+        done += ["stats", "xtx"]
+    else:
+        column_stats_update(m.sum_x, m.sq_x, x2)
+        done.append("stats")
+    if y2 is not None:
+        if y2.dtype != x2.dtype:
+            # mixed input dtypes: fp32 holds every bf16/fp16 value exactly
+            gram_update(m.xty, x2.float(), y2.float())
+        else:
+            gram_update(m.xty, x2, y2)
+        done.append("xty")
+    m.count += x2.shape[0]

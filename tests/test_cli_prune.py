@@ -1,0 +1,73 @@
+"""`gradmap prune` end to end on a tiny saved model (no downloads)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from tiny import tiny_model
+from tiny_tokenizer import TRAIN_TEXT, tiny_tokenizer
+from transformers import AutoModelForCausalLM
+
+from gradmap.cli import main
+from gradmap.cli_prune import parse_options
+from gradmap.errors import GradmapError
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli_prune")
+    model_dir = root / "model"
+    tiny_model("llama", n_layers=6, seed=0).save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    text = root / "calib.txt"
+    text.write_text("\n\n".join(TRAIN_TEXT * 8))
+    return model_dir, text
+
+
+@pytest.mark.parametrize("metric,schedule,options", [
+    ("gradmap", "iterative", ["verify=2"]),
+    ("block-influence", "one-shot", []),
+])
+def test_prune_cli_saves_checkpoint_report_and_plot(tiny_dir, tmp_path, metric, schedule, options):
+    model_dir, text = tiny_dir
+    out = tmp_path / "pruned"
+    argv = ["prune", "--model", str(model_dir), "--n-prune", "2", "--metric", metric,
+            "--schedule", schedule, "--calib", str(text), "--n-calib", "4", "--seq-len", "24",
+            "--compensation", "none", "--out", str(out), "--no-progress"]
+    for o in options:
+        argv += ["--metric-option", o]
+    assert main(argv) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["metric"] == metric and report["schedule"] == schedule
+    removed = report["removed_layers"]
+    assert len(removed) == 2 and not {0, 5} & set(removed)
+    assert len(report["scores"]) == (2 if schedule == "iterative" else 1)
+    assert (out / "scores.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    assert reloaded.config.num_hidden_layers == 4
+    assert reloaded.config.gradmap_layer_ids == [i for i in range(6) if i not in removed]
+
+
+def test_prune_cli_checks_out_before_loading(tmp_path, capsys):
+    out = tmp_path / "busy"
+    out.mkdir()
+    (out / "x").write_text("keep me")
+    code = main(["prune", "--model", str(tmp_path / "does-not-exist"), "--n-prune", "2",
+                 "--compensation", "none", "--out", str(out)])
+    assert code == 2
+    assert "not empty" in capsys.readouterr().err
+    assert (out / "x").read_text() == "keep me"
+
+
+def test_prune_cli_rejects_bad_metric_before_loading(tmp_path, capsys):
+    code = main(["prune", "--model", str(tmp_path / "nothing"), "--n-prune", "2", "--metric", "foo",
+                 "--out", str(tmp_path / "o"), "--compensation", "none"])
+    assert code == 2
+    assert "valid metrics" in capsys.readouterr().err
+
+
+def test_parse_options():
+    assert parse_options(["verify=4", "gradient=token", "verify_samples=None"]) == {
+        "verify": 4, "gradient": "token", "verify_samples": None}
+    with pytest.raises(GradmapError, match="KEY=VALUE"):
+        parse_options(["verify"])
