@@ -11,12 +11,15 @@ gradients of a 32-layer 8B-shaped model in bf16 (~7.0e9 elements, 14 GB):
 - moments XᵀX / XᵀY vs cuBLAS bf16 torch.matmul (fp32 accumulate) and the fp32 torch reference;
 - projection_solve (fused CUDA preparation + batched Cholesky) vs torch.linalg.cholesky +
   cholesky_solve, d = 4096, batch 1 and 4, fp64.
-CPU: projection_solve through gradmap._C vs the torch reference, d = 576 (SmolLM2), batch 1 and 4.
+CPU: projection_solve through gradmap._C vs the torch reference, d = 576 (SmolLM2), batch 1 and 4
+(GRADMAP_BENCH_THREADS=1 pins torch to one thread: steadier on a shared machine).
 
 Rates: TB/s = minimum bytes read+written / median time; TFLOP/s for XᵀX counts 2·T·d² (a
 full XᵀX), so the upper-triangle kernel's figure is an "effective" rate.
 """
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -168,9 +171,20 @@ def test_gpu_projection_solve(benchmark, impl, batch):
     _report(benchmark, f"gpu_projection_solve_b{batch}", impl, "torch")
 
 
+@pytest.fixture
+def cpu_threads():
+    """GRADMAP_BENCH_THREADS=N pins torch's CPU threads for a benchmark (restored afterwards)."""
+    before = torch.get_num_threads()
+    wanted = os.environ.get("GRADMAP_BENCH_THREADS")
+    if wanted:
+        torch.set_num_threads(int(wanted))
+    yield torch.get_num_threads()
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("batch", [1, 4])
 @pytest.mark.parametrize("impl", ["torch_reference", "extension"])
-def test_cpu_projection_solve(benchmark, impl, batch):
+def test_cpu_projection_solve(benchmark, impl, batch, cpu_threads):
     ext = _ext.extension()
     if impl == "extension" and ext is None:
         pytest.skip(f"extension not built: {_ext.extension_status()}")
@@ -182,7 +196,7 @@ def test_cpu_projection_solve(benchmark, impl, batch):
         fn = lambda: ext.projection_solve(a, b, 0.01, True)  # noqa: E731
     p, status = measure(benchmark, fn, group=f"cpu_projection_solve_b{batch}", device="cpu",
                         flops=batch * (d ** 3 / 3 + 2 * d ** 3), baseline=impl == "torch_reference",
-                        impl=impl, d=d, batch=batch, rounds=10, warmup_rounds=2)
+                        impl=impl, d=d, batch=batch, threads=cpu_threads, rounds=10, warmup_rounds=2)
     p_ref, _ = ops.projection_solve_reference(a, b, 0.01)
     assert ((p - p_ref).abs().max() / p_ref.abs().max()) < 1e-10 and status.tolist() == [0] * batch
     _report(benchmark, f"cpu_projection_solve_b{batch}", impl, "torch_reference")

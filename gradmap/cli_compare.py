@@ -14,6 +14,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Register `gradmap compare` and its options."""
     p = subparsers.add_parser(
         "compare", help="compare pruning methods from the same dense weights",
         description="Prune the same dense model with every method (same calibration data), "
@@ -73,6 +74,7 @@ def _default_out(model: str, n_prune: int) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Run the comparison, print the table (and generations); 1 when a method failed."""
     from .compare import CompareConfig, run_compare
     from .compare_report import markdown_table
 
@@ -100,8 +102,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  dense: {results['dense'].get('generation', '')!r}")
         for row in results["methods"]:
             if row.get("status") == "ok":
-                print(f"  {row['method']}: {row.get('generation', '')!r}")
-    failed = [r["method"] for r in results["methods"] if r.get("status") != "ok"]
+                print(f"  {row['label']}: {row.get('generation', '')!r}")
+    failed = [r["label"] for r in results["methods"] if r.get("status") != "ok"]
     for row in results["methods"]:
         if row.get("saved_to"):
             print(f"\npruned checkpoint ({row['method']}): {row['saved_to']}")
@@ -109,5 +111,4 @@ def run(args: argparse.Namespace) -> int:
             print(f"\nsaving {row['method']} failed: {row['save_error']}")
     if failed:
         print(f"\nfailed methods: {', '.join(failed)} (see results.json for tracebacks)")
-        return 1
-    return 0
+    return 1 if failed or any(r.get("save_error") for r in results["methods"]) else 0

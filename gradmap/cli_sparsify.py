@@ -40,26 +40,27 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def plot_sparsity(result: SparsifyResult, title: str | None = None) -> bytes:
-    """PNG bytes: achieved sparsity per decoder layer (bars), allocated target (dots), overall S (line)."""
+    """PNG bytes: achieved sparsity per decoder layer (bars), allocated target (dots, if any), S (line)."""
     import matplotlib
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(8, 3.2), dpi=120)
+    fig = Figure(figsize=(9, 3.2), dpi=120)
     ax = fig.add_subplot(1, 1, 1)
     x = list(range(len(result.block_sparsity)))
     ax.bar(x, result.block_sparsity, color="#4c72b0", label="achieved")
-    ax.plot(x, result.block_targets, "o", color="#dd8452", markersize=3, label="allocated")
+    values = list(result.block_sparsity)
+    if result.block_targets:
+        ax.plot(x, result.block_targets, "o", color="#dd8452", markersize=3, label="allocated")
+        values += list(result.block_targets)
     ax.axhline(result.target_sparsity, color="k", lw=0.8, ls="--", label=f"S = {result.target_sparsity:g}")
     ax.set_xticks(x, [str(i) for i in result.layer_ids], fontsize=6)
     ax.set_xlabel("decoder layer (original index)")
     ax.set_ylabel("sparsity")
-    lo = min(result.block_sparsity + result.block_targets)
-    hi = max(result.block_sparsity + result.block_targets)
-    ax.set_ylim(max(0.0, lo - 0.05), min(1.0, hi + 0.05))
+    ax.set_ylim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.05))
     ax.set_title(title or f"{result.allocation} / {result.score}: overall {result.overall_sparsity:.4f}",
                  fontsize=9)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")

@@ -74,6 +74,7 @@ class MethodSpec:
         return self.name if "@" in self.name else f"{self.name}@{self.schedule}"
 
     def prune_kwargs(self) -> dict:
+        """Keyword arguments for `fast_prune` (metric, compensation, schedule)."""
         comp = self.compensation[0] if len(self.compensation) == 1 else list(self.compensation)
         return {"metric": self.metric, "compensation": comp, "schedule": self.schedule}
 

@@ -141,7 +141,8 @@ def projection_solve_reference(a: torch.Tensor, b: torch.Tensor, ridge: float,
 def _check_solve_inputs(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> None:
     if a.dim() not in (2, 3) or a.shape[-1] != a.shape[-2] or b.shape != a.shape:
         raise GradmapError(f"projection_solve: A must be [d, d] or [n, d, d] and B the same shape, got "
-                           f"A {tuple(a.shape)} and B {tuple(b.shape)}; pass XᵀX-type and XᵀY-type statistics")
+                           f"A {tuple(a.shape)} and B {tuple(b.shape)}; pass XᵀX-type and XᵀY-type "
+                           "statistics")
     if not (a.is_floating_point() and b.is_floating_point()) or a.device != b.device:
         raise GradmapError("projection_solve: A and B must be floating point tensors on one device")
     if dtype not in (torch.float64, torch.float32):

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from gradmap.errors import GradmapError
 
-from .utils import cdiv, check_inputs, empty, interpreting
+from .utils import cdiv, check_inputs, empty, interpreting, on_device
 
 __all__ = ["gate_reduction"]
 
@@ -50,7 +50,7 @@ def _rows(x: torch.Tensor, d: int) -> torch.Tensor:
 
 def gate_reduction(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Per-token ⟨g_t, u_t⟩ in fp32 for g, u of identical shape [..., d]; returns shape [...]."""
-    check_inputs("gate_reduction", g=g, u=u)
+    device = check_inputs("gate_reduction", g=g, u=u)
     if g.shape != u.shape or g.dim() < 1:
         raise GradmapError(f"gate_reduction: g {tuple(g.shape)} and u {tuple(u.shape)} must have the same "
                            "shape [..., d]; pass the output gradient and the residual update of one layer")
@@ -69,6 +69,7 @@ def gate_reduction(g: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
         # bandwidth bound: 4 rows x 512 columns per step, 16 bytes per thread per load
         block_t, block_d, warps = 4, 512, 4
     block_d = min(block_d, triton.next_power_of_2(d))
-    _gate_kernel[(cdiv(tokens, block_t),)](g2, u2, out, tokens, d, g2.stride(0), u2.stride(0),
-                                           BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
+    with on_device(device):
+        _gate_kernel[(cdiv(tokens, block_t),)](g2, u2, out, tokens, d, g2.stride(0), u2.stride(0),
+                                               BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
     return out.reshape(lead)

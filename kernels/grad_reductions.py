@@ -24,7 +24,7 @@ import triton.language as tl
 
 from gradmap.errors import GradmapError
 
-from .utils import TL_DTYPES, cdiv, check_inputs, empty, interpreting
+from .utils import TL_DTYPES, cdiv, check_inputs, empty, interpreting, on_device
 
 __all__ = ["layer_grad_reductions"]
 
@@ -148,12 +148,13 @@ def layer_grad_reductions(grads: list[torch.Tensor], layer_ids: list[int], n_lay
     launches, n_slots, seg_start = _plan(signature, n_layers, block * iters, str(device))
     part_abs = empty((max(n_slots, 1),), device)
     part_sq = empty((max(n_slots, 1),), device)
-    for tl_dtype, aligned, n_chunks, tables in launches:
-        _chunk_partials_kernel[(n_chunks,)](*tables, part_abs, part_sq, DTYPE=tl_dtype, ALIGNED=aligned,
-                                            BLOCK=block, ITERS=iters, num_warps=4)
     out_abs = empty((n_layers,), device)
     out_sq = empty((n_layers,), device)
-    _segment_sum_kernel[(n_layers,)](part_abs, part_sq, seg_start, out_abs, out_sq,
-                                     BLOCK=256 if interpreting() else 1024)
+    with on_device(device):
+        for tl_dtype, aligned, n_chunks, tables in launches:
+            _chunk_partials_kernel[(n_chunks,)](*tables, part_abs, part_sq, DTYPE=tl_dtype, ALIGNED=aligned,
+                                                BLOCK=block, ITERS=iters, num_warps=4)
+        _segment_sum_kernel[(n_layers,)](part_abs, part_sq, seg_start, out_abs, out_sq,
+                                         BLOCK=256 if interpreting() else 1024)
     del flat
     return out_abs, out_sq

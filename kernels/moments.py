@@ -25,7 +25,7 @@ import triton.language as tl
 
 from gradmap.errors import GradmapError
 
-from .utils import cdiv, check_inputs, device_table, interpreting, upcast_dots
+from .utils import cdiv, check_inputs, device_table, interpreting, on_device, upcast_dots
 
 __all__ = ["accumulate_moments", "gram_update", "column_stats_update"]
 
@@ -76,8 +76,10 @@ def _tile_gram_kernel(a_ptr, b_ptr, c_ptr, sum_ptr, sq_ptr, tile_i_ptr, tile_j_p
         if diag:
             eye = offs_m[:, None] == offs_n[None, :]
             sq = tl.sum(tl.where(eye, acc, 0.0), axis=1)
-            tl.store(sum_ptr + offs_m, tl.load(sum_ptr + offs_m, mask=m_mask, other=0.0) + col_sum, mask=m_mask)
-            tl.store(sq_ptr + offs_m, tl.load(sq_ptr + offs_m, mask=m_mask, other=0.0) + sq, mask=m_mask)
+            old_sum = tl.load(sum_ptr + offs_m, mask=m_mask, other=0.0)
+            old_sq = tl.load(sq_ptr + offs_m, mask=m_mask, other=0.0)
+            tl.store(sum_ptr + offs_m, old_sum + col_sum, mask=m_mask)
+            tl.store(sq_ptr + offs_m, old_sq + sq, mask=m_mask)
 
 
 @triton.jit
@@ -151,11 +153,12 @@ def gram_update(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None,
     n_i, n_j = cdiv(DA, cfg["BLOCK_M"]), cdiv(DB, cfg["BLOCK_N"])
     ti, tj = _tiles(n_i, n_j, symmetric, device)
     dummy = c  # never touched when STATS is False
-    _tile_gram_kernel[(ti.numel(),)](
-        a, b_, c, sum_a if stats else dummy, sq_a if stats else dummy, ti, tj,
-        T, DA, DB, a.stride(0), a.stride(1), b_.stride(0), b_.stride(1), c.stride(0), c.stride(1),
-        SYMMETRIC=symmetric, STATS=stats, UPCAST=upcast_dots(a.dtype),
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32", **cfg)
+    with on_device(device):
+        _tile_gram_kernel[(ti.numel(),)](
+            a, b_, c, sum_a if stats else dummy, sq_a if stats else dummy, ti, tj,
+            T, DA, DB, a.stride(0), a.stride(1), b_.stride(0), b_.stride(1), c.stride(0), c.stride(1),
+            SYMMETRIC=symmetric, STATS=stats, UPCAST=upcast_dots(a.dtype),
+            PRECISION="ieee" if a.dtype == torch.float32 else "tf32", **cfg)
 
 
 def column_stats_update(sum_x: torch.Tensor, sq_x: torch.Tensor, x: torch.Tensor) -> None:
@@ -169,8 +172,9 @@ def column_stats_update(sum_x: torch.Tensor, sq_x: torch.Tensor, x: torch.Tensor
     if T == 0 or D == 0:
         return
     block_t, block_d, warps = (16, 16, 1) if interpreting() else (32, 128, 4)
-    _column_stats_kernel[(cdiv(D, block_d),)](x, sum_x, sq_x, T, D, x.stride(0), x.stride(1),
-                                              BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
+    with on_device(device):
+        _column_stats_kernel[(cdiv(D, block_d),)](x, sum_x, sq_x, T, D, x.stride(0), x.stride(1),
+                                                  BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
 
 
 def accumulate_moments(m, x: torch.Tensor, y: torch.Tensor | None = None, done: list | None = None) -> None:

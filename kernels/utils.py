@@ -5,6 +5,7 @@ also accept CPU tensors, so their numerics can be checked without a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 
@@ -16,7 +17,7 @@ from gradmap.errors import GradmapError
 
 __all__ = [
     "SUPPORTED_DTYPES", "TL_DTYPES", "check_inputs", "interpreting", "empty", "device_table",
-    "upcast_dots", "cdiv",
+    "upcast_dots", "cdiv", "on_device",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -59,6 +60,11 @@ def check_inputs(op: str, **tensors: torch.Tensor | None) -> torch.device:
         raise GradmapError(f"{op}: the Triton kernel needs CUDA tensors, got {device}; call "
                            "gradmap.ops (it uses plain torch on CPU) or move the tensors to a GPU")
     return device
+
+
+def on_device(device: torch.device):
+    """Context making `device` current, so Triton launches on the GPU that holds the tensors."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def empty(shape, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -70,7 +70,7 @@ def _grad_set(dtype_of, seed=0):
 def test_grad_reductions(dtype, geometry):
     grads, lids = _grad_set(lambda i: dtype)
     block, iters = geometry or (None, None)
-    n_layers = 7  # layers 1 ... are partly empty: 4 and 6 own nothing
+    n_layers = 7  # layers 4 and 6 own no tensor: their sums must come out as exact zeros
     out_abs, out_sq = layer_grad_reductions(grads, lids, n_layers, block=block, iters=iters)
     ref_abs, ref_sq = layer_grad_reductions_reference(grads, lids, n_layers)
     assert_close_to(out_abs, ref_abs, ref_abs, RTOL[dtype], "Σ|g|")
@@ -171,13 +171,15 @@ def test_moments(dtype, want_xtx, shape):
     m_ref, m0 = _clone(m), _clone(m)
     # two micro-batches, the second 3-D like [batch, seq, d] activations
     xs = [randn(T, d, dtype=dtype, seed=10), randn(2, T, d, dtype=dtype, seed=11)]
-    ys = [randn(T, d_y, dtype=dtype, seed=12), randn(2, T, d_y, dtype=dtype, seed=13)] if d_y else [None, None]
+    ys = ([randn(T, d_y, dtype=dtype, seed=12), randn(2, T, d_y, dtype=dtype, seed=13)] if d_y
+          else [None, None])
     for x, y in zip(xs, ys):
         accumulate_moments(m, x, y)
         accumulate_moments_reference(m_ref, x, y)
     mag = _magnitudes(m0, xs, ys)
     for name in mag:
-        assert_close_to(getattr(m, name), getattr(m_ref, name), mag[name], RTOL[dtype], f"{name} {dtype} {shape}")
+        assert_close_to(getattr(m, name), getattr(m_ref, name), mag[name], RTOL[dtype],
+                        f"{name} {dtype} {shape}")
     assert m.count == m_ref.count == 3 + 3 * T
     if want_xtx:
         assert torch.equal(m.xtx, m.xtx.T), "XᵀX accumulator lost exact symmetry"

@@ -331,7 +331,7 @@ def test_cli_reports_failures_with_exit_code(tmp_path, text_file, monkeypatch, c
                    "--ppl-data", text_file, "--ppl-seq-len", "64", "--ppl-windows", "1",
                    "--out", str(tmp_path / "o"), "--no-progress"])
     assert rc == 1
-    assert "failed methods: taylor" in capsys.readouterr().out
+    assert "failed methods: taylor@iterative" in capsys.readouterr().out
     rc = cli.main(["compare", "--model", "tiny", "--n-prune", "1", "--methods", "tylor",
                    "--out", str(tmp_path / "p")])
     assert rc == 2 and "unknown metric 'tylor'" in capsys.readouterr().err

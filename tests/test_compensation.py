@@ -289,7 +289,7 @@ def test_projection_safeguards_pick_ridge_and_keep_only_improvements(trained):
     assert rep["n_train_samples"] == 7 and rep["n_holdout_samples"] == 1
     assert {(e["layer"], e["target"]) for e in rep["sites"]} >= {(1, 1), (3, 3)}   # per-gap sites
     for e in rep["sites"]:
-        assert e["ridge"] in (1e-4, 1e-3, 1e-2, 1e-1)
+        assert e["ridge"] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
         assert e["folded"] == (e["holdout_mse_after"] < e["holdout_mse_before"]) or rep["reverted"]
     assert rep["holdout_lm_loss_after"] <= rep["holdout_lm_loss_before"]
 
@@ -432,3 +432,65 @@ def test_projection_on_smollm2(smollm2):
     assert len(ctx.result.shifts) == 27 and ctx.result.shifts[0] < 1e-5
     assert rep["holdout_lm_loss_after"] <= rep["holdout_lm_loss_before"]
     assert all(e["train_mse_after"] <= e["train_mse_before"] for e in rep["sites"])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_shared_prefix_shortcut_is_exact(family, monkeypatch):
+    """Starting the dense path from the pruned path's state gives the same statistics as a full dense pass."""
+    from gradmap.compensation import stats as stats_mod
+    model = tiny_model(family, 6, dtype=torch.float64)
+    calib = random_ids(3, 9, seed=6)
+    ctx = drive(model, calib, [3, 5], [])
+    assert stats_mod.shared_prefix(ctx, ctx.snap) == 3
+    sites = [Site(2, 2), Site(4, 5), Site(1, 1)]
+    fast = stream_statistics(ctx, ctx.snap, calib, [0, 4], [0, 4], sites)
+    monkeypatch.setattr(stats_mod, "shared_prefix", lambda ctx, snap: 0)
+    full = stream_statistics(ctx, ctx.snap, calib, [0, 4], [0, 4], sites)
+    for s in sites:
+        for a, b in ((fast.sites[s].mr.xtx, full.sites[s].mr.xtx), (fast.sites[s].mr.xty, full.sites[s].mr.xty)):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for o in (0, 4):
+        torch.testing.assert_close(fast.dense_means[o].sum_x, full.dense_means[o].sum_x, rtol=1e-6, atol=1e-6)
+
+
+def test_shared_prefix_is_empty_after_an_embedding_edit():
+    from gradmap.compensation import stats as stats_mod
+    model = tiny_model("llama", 6, dtype=torch.float64)
+    ctx = drive(model, random_ids(2, 9), [4], [MagnitudeCompensation()])
+    assert "model.embed_tokens.weight" in ctx.original_params
+    assert stats_mod.shared_prefix(ctx, ctx.snap) == 0
+    ctx.original_params.clear()
+    assert stats_mod.shared_prefix(ctx, ctx.snap) == 4
+    ctx.original_params["model.layers.2.mlp.down_proj.weight"] = torch.zeros(1)
+    assert stats_mod.shared_prefix(ctx, ctx.snap) == 2
+
+
+def test_per_gap_only_placement(trained):
+    model = copy.deepcopy(trained["llama"])
+    calib = markov_ids(6, 24, seed=15)
+    ctx = drive(model, calib, [2, 4], [ProjectionCompensation(top_m=0, per_gap=True, safeguards=False)])
+    rep = ctx.result.compensation_report["projection"]
+    assert [(e["layer"], e["target"]) for e in rep["sites"]] == [(1, 1), (3, 3)]
+    assert sorted(ctx.result.shifts) == [0, 1, 3, 5]          # shifts are reported whatever the placement
+    first = rep["sites"][0]      # nothing was removed before layer 1: its state is already the dense one
+    assert first["train_mse_before"] < 1e-6 and first["train_mse_after"] < 1e-6     # fp32 rounding only
+    assert rep["sites"][1]["train_mse_before"] > 1e-2
+
+
+@pytest.mark.parametrize("schedule", ["one-shot", "iterative"])
+def test_every_compensation_through_fast_prune(trained, schedule):
+    from gradmap.prune import fast_prune
+    calib = markov_ids(6, 24, seed=16)
+    for comp in ["none", "projection", "magnitude", "replaceme", ["magnitude", "projection"]]:
+        model = copy.deepcopy(trained["llama"])
+        res = fast_prune(model, calib, 2, metric="block-influence", compensation=comp, schedule=schedule)
+        names = [comp] if isinstance(comp, str) else comp
+        assert res.compensation == names and len(res.removed_layers) == 2
+        assert set(res.compensation_report) == set(names) - {"none"}
+        if "projection" in names:
+            assert sorted(res.shifts) == original_layer_ids(model)
+            assert res.compensation_report["projection"]["holdout_lm_loss_after"] <= \
+                res.compensation_report["projection"]["holdout_lm_loss_before"]
+        if "magnitude" in names:
+            assert set(res.compensation_report["magnitude"]["scales"]) == set(res.removed_layers)
+        assert torch.isfinite(_logits(model, calib)).all()

@@ -14,7 +14,7 @@ from gradmap.metrics.capture import calibration_loss, layer_io, next_token_loss_
 ALL = [("gradmap", {"gradient": "token"}), ("gradmap", {"gradient": "gate"}),
        ("gradmap", {"gradient": "fisher"}), ("gradmap", {"gradient": "param"}),
        ("gradmap", {"gradient": "token", "normalize": "h_in"}),
-       ("gradmap", {"gradient": "token", "verify": 2}),
+       ("gradmap", {"gradient": "token", "verify": 2, "verify_samples": 8}),
        ("block-influence", {}), ("angular", {}), ("angular", {"tokens": "all"}), ("taylor", {}),
        ("ppl", {}), ("sleb", {}), ("magnitude", {})]
 
@@ -73,6 +73,18 @@ def test_zero_update_layer_is_least_important(family, name, options):
     assert next(iter(metric.plan(run, scores, 1))) == 3
 
 
+def _fp64_norms(model) -> None:
+    """HF RMSNorms compute in fp32 even in an fp64 model; give each an fp64 forward (test only)."""
+    offset = get_adapter(model).norm_offset
+    for m in model.modules():
+        if type(m).__name__.endswith("RMSNorm"):
+            eps = getattr(m, "variance_epsilon", getattr(m, "eps", 1e-6))
+
+            def forward(x, m=m, eps=eps):
+                return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * (offset + m.weight)
+            m.forward = forward
+
+
 def _gated_loss(model, calib, position, alpha):
     """Mean calibration loss with layer `position`'s update scaled: h_out = h_in + alpha*(h_out - h_in)."""
     layer = get_adapter(model).layers[position]
@@ -87,16 +99,19 @@ def _gated_loss(model, calib, position, alpha):
         handle.remove()
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+# Gemma's eager attention takes its softmax in fp32 even in an fp64 model, which swamps a
+# finite difference; the pre-norm families are fp64 end to end once their norms are.
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_gate_derivative_matches_finite_difference(family):
     model = tiny_model(family, n_layers=4, dtype=torch.float64, seed=2)
+    _fp64_norms(model)
     calib = random_ids(4, 16, seed=2)
     scores = get_metric("gradmap", gradient="gate").score(_run(model, calib, batch_size=1))
-    eps = 1e-6
+    eps = 1e-7
     for pos in range(4):
         with torch.no_grad():
             fd = (_gated_loss(model, calib, pos, 1.0) - _gated_loss(model, calib, pos, 1.0 - eps)) / eps
-        # gate score = −Σ_t ⟨g_t, u_t⟩ = −dL/dα
+        # gate score = −Σ_t ⟨g_t, u_t⟩ = −dL/dα (per-token products are reduced in fp32)
         assert -scores[pos] == pytest.approx(float(fd), rel=1e-4)
 
 
@@ -121,16 +136,18 @@ def _per_token_reference(model, calib, position):
 
 def test_token_and_fisher_equal_per_sample_reference():
     model = tiny_model("llama", n_layers=4, dtype=torch.float64, seed=3)
+    _fp64_norms(model)
     for p in model.parameters():
         p.requires_grad_(False)
     calib = random_ids(3, 10, seed=3)
     stats = gate_statistics(_run(model, calib, batch_size=2), ("none", "h_in"))
     for pos in range(4):
         s, h_norm = _per_token_reference(model, calib, pos)
-        assert stats["token", "none"][pos] == pytest.approx(float(s.abs().sum()), rel=1e-10)
-        assert stats["gate", "none"][pos] == pytest.approx(float(-s.sum()), rel=1e-10)
-        assert stats["fisher", "none"][pos] == pytest.approx(float(s.sum(1).square().sum()), rel=1e-10)
-        assert stats["token", "h_in"][pos] == pytest.approx(float((s.abs() / h_norm).sum()), rel=1e-10)
+        # ⟨g_t, u_t⟩ is formed in fp32 by gradmap.ops.gate_reduction, hence rel=1e-6
+        assert stats["token", "none"][pos] == pytest.approx(float(s.abs().sum()), rel=1e-6)
+        assert stats["gate", "none"][pos] == pytest.approx(float(-s.sum()), rel=1e-5)
+        assert stats["fisher", "none"][pos] == pytest.approx(float(s.sum(1).square().sum()), rel=1e-5)
+        assert stats["token", "h_in"][pos] == pytest.approx(float((s.abs() / h_norm).sum()), rel=1e-6)
 
 
 def _layer_grad_reference(model, calib):
@@ -199,7 +216,7 @@ def test_block_influence_and_angular_reference():
 def test_verify_removes_the_candidate_with_the_lowest_loss():
     model = tiny_model("llama", n_layers=6, seed=7)
     calib = random_ids(4, 16, seed=7)
-    metric = get_metric("gradmap", gradient="token", verify=3)
+    metric = get_metric("gradmap", gradient="token", verify=3, verify_samples=4)
     run = _run(model, calib)
     scores = metric.score(run)
     chosen = next(iter(metric.plan(run, scores, 1)))

@@ -200,7 +200,7 @@ def test_importing_gradmap_does_not_initialise_cuda_or_import_kernels():
 # ----------------------------------------------------------------------------- end to end
 
 def test_fast_prune_same_with_backends_and_forced_reference(monkeypatch):
-    """Kernels/extension on (on CPU: the C++ solve) vs GRADMAP_FORCE_REFERENCE=1: same layers, same weights."""
+    """Backends on (on CPU: the C++ solve) vs GRADMAP_FORCE_REFERENCE=1: same layers, same weights."""
     from gradmap.compensation import get_compensator
     from gradmap.prune import fast_prune
     from tiny import random_ids, tiny_model

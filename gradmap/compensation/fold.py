@@ -39,10 +39,11 @@ def diagonal_only(adapter: ModelAdapter) -> bool:
 
 
 @torch.no_grad()
-def _scale_linear_out_(linear: nn.Linear, factor: float) -> None:
-    for p in (linear.weight, linear.bias):
+def _scale_(params: Sequence[torch.Tensor | None], factor: float) -> None:
+    # in place: one rounding of the exact product, as an fp64 round trip would give, without the copies
+    for p in params:
         if p is not None:
-            p.copy_((p.double() * factor).to(p.dtype))
+            p.mul_(factor)
 
 
 @torch.no_grad()
@@ -107,10 +108,10 @@ def fold_residual_scale_(adapter: ModelAdapter, n_layers: int, s: float,
     if adapter.tied:
         edits.append(adapter.final_norm.weight)
     before_edit(edits)
-    embed.weight.copy_((embed.weight.double() * s).to(embed.weight.dtype))
+    _scale_([embed.weight], s)
     for norm in norms:
         adapter.scale_norm_(norm, s)
     for lin in linears:
-        _scale_linear_out_(lin, s)
+        _scale_([lin.weight, lin.bias], s)
     if adapter.tied:  # the LM head shares the embedding: cancel its factor s in the final norm
         adapter.scale_norm_(adapter.final_norm, 1.0 / s)

@@ -43,7 +43,7 @@ __all__ = ["ProjectionCompensation", "solve_sites", "regression_loss", "removed_
 log = logging.getLogger(__name__)
 
 DEFAULT_RIDGE = 1e-3
-DEFAULT_RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1)
+DEFAULT_RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
 
 
 def removed_blocks(dense_ids: Sequence[int], kept_ids: Sequence[int]) -> list[list[int]]:
@@ -186,11 +186,12 @@ class ProjectionCompensation(Compensator):
             mean_layers = kept
             dm = ctx.dense_means
             dense_layers = [] if dm is not None and all(o in dm for o in kept) else kept
-            d = ctx.model.config.hidden_size
-            per_site = 2 * d * d * 4 * (2 if hold is not None else 1)
-            one_pass = len(kept) * per_site <= self.max_stat_bytes
-            report["statistics_passes"] = 1 if one_pass else 2
-            sites = _dedupe(sites + [Site(o, o) for o in kept]) if one_pass else []
+            if self.top_m > 0:  # the picks are unknown until the means are in: collect every candidate
+                d = ctx.model.config.hidden_size
+                per_site = 2 * d * d * 4 * (2 if hold is not None else 1)
+                one_pass = len(kept) * per_site <= self.max_stat_bytes
+                report["statistics_passes"] = 1 if one_pass else 2
+                sites = _dedupe(sites + [Site(o, o) for o in kept]) if one_pass else []
         tr = stream_statistics(ctx, self.snapshot, train, mean_layers, dense_layers, sites)
         ho = None if hold is None else stream_statistics(ctx, self.snapshot, hold, mean_layers, dense_layers,
                                                          sites, with_lm_loss=bool(sites))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Hashable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,7 @@ from .base import PruneContext
 __all__ = [
     "StopForward", "DenseSnapshot", "dense_view", "micro_batches", "capture", "run_decoder",
     "mlp_output_module", "Site", "SiteMoments", "StreamStats", "stream_statistics",
-    "merge_means", "lm_loss",
+    "merge_means", "lm_loss", "shared_prefix", "start_from",
 ]
 
 log = logging.getLogger(__name__)
@@ -122,15 +122,19 @@ def lm_loss(model: nn.Module, ids: torch.Tensor) -> tuple[float, int]:
     return float(nll), ids[:, 1:].numel()
 
 
+def _layers_prefix(model: nn.Module, adapter: ModelAdapter) -> str:
+    """Parameter-name prefix of the decoder layers, e.g. "model.layers."."""
+    return next(n for n, m in model.named_modules() if m is adapter.layers) + "."
+
+
 @dataclass
 class DenseSnapshot:
     """What the dense model's config looked like, taken in `Compensator.begin`."""
 
-    layer_ids: list[int]
-    per_layer: dict[str, Any]
+    layer_ids: list[int]              # ORIGINAL ids of the dense layers, in order
+    per_layer: dict[str, Any]         # config entries with one value per layer (e.g. layer_types)
     num_hidden_layers: int
-    had_ids: bool
-    has_sliding: bool | None
+    has_sliding: bool | None          # decoder.has_sliding_layers, where the family has it
 
     @classmethod
     def take(cls, ctx: PruneContext) -> "DenseSnapshot":
@@ -144,8 +148,7 @@ class DenseSnapshot:
         per_layer = {k: list(v) if isinstance(v, list) else v for k, v in vars(config).items()
                      if isinstance(v, (list, tuple)) and len(v) == len(ids)
                      and k not in _NOT_PER_LAYER and k != LAYER_IDS_KEY}
-        return cls(ids, per_layer, config.num_hidden_layers, hasattr(config, LAYER_IDS_KEY),
-                   getattr(adapter.decoder, "has_sliding_layers", None))
+        return cls(ids, per_layer, config.num_hidden_layers, getattr(adapter.decoder, "has_sliding_layers", None))
 
     def dense_position(self, original_id: int) -> int:
         return self.layer_ids.index(original_id)
@@ -153,7 +156,7 @@ class DenseSnapshot:
     def param_names(self, ctx: PruneContext) -> dict[int, str]:
         """id(parameter) -> its name in the DENSE model's named_parameters()."""
         adapter = ctx.adapter
-        prefix = next(n for n, m in ctx.model.named_modules() if m is adapter.layers) + "."
+        prefix = _layers_prefix(ctx.model, adapter)
         current = adapter.original_ids
         names = {}
         for name, p in ctx.model.named_parameters():
@@ -224,6 +227,58 @@ def dense_view(ctx: PruneContext, snap: DenseSnapshot) -> Iterator[nn.Module]:
             _renumber(layer, pos)
 
 
+class _Passthrough(nn.Module):
+    """Stands in for a decoder layer whose output is already known (the shared prefix)."""
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        return hidden_states
+
+
+def shared_prefix(ctx: PruneContext, snap: DenseSnapshot) -> int:
+    """How many leading dense layers the pruned model runs unchanged (same module, no edited weight).
+
+    Up to there both paths carry the same hidden state, so the dense path can start from the
+    pruned path's state instead of recomputing it. An edit outside the decoder layers that
+    changes hidden states (e.g. a rescaled embedding) makes the prefix empty.
+    """
+    adapter = ctx.adapter
+    prefix = _layers_prefix(ctx.model, adapter)
+    head_only = {id(p) for m in (adapter.final_norm, adapter.lm_head) for p in m.parameters()}
+    head_names = {n for n, p in ctx.model.named_parameters() if id(p) in head_only}
+    edited = set()
+    for name in ctx.original_params:
+        if name.startswith(prefix):
+            edited.add(int(name[len(prefix):].split(".", 1)[0]))
+        elif name not in head_names:
+            return 0
+    current, k = adapter.original_ids, 0
+    while (k < min(len(current), len(snap.layer_ids) - 1) and current[k] == snap.layer_ids[k]
+           and k not in edited):
+        k += 1
+    return k
+
+
+@contextmanager
+def start_from(layers: nn.ModuleList, k: int, hidden: torch.Tensor) -> Iterator[None]:
+    """Run `layers` from position k with input `hidden`: layers 0..k-1 become pass-throughs."""
+    saved = [layers[i] for i in range(k)]
+
+    def inject(_module, args, kwargs):
+        if args:
+            return (hidden,) + tuple(args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    handle = layers[k].register_forward_pre_hook(inject, with_kwargs=True)
+    try:
+        for i in range(k):
+            layers[i] = _Passthrough()
+        yield
+    finally:
+        handle.remove()
+        for i, layer in enumerate(saved):
+            layers[i] = layer
+
+
 @dataclass(frozen=True)
 class Site:
     """One projection placement: M, Y at kept layer `layer`, T = dense output of layer `target`."""
@@ -283,14 +338,19 @@ def stream_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Tenso
     d = ctx.model.config.hidden_size
     stats = StreamStats()
     site_layers = sorted({s.layer for s in sites})
-    targets = sorted({s.target for s in sites})
-    need_dense = bool(sites or dense_mean_layers)
+    dense_wanted = {s.target for s in sites} | set(dense_mean_layers)
+    k = shared_prefix(ctx, snap) if dense_wanted else 0
+    # dense layers inside the shared prefix are read off the pruned pass; the rest need a dense pass
+    from_pruned = {o for o in dense_wanted if snap.dense_position(o) < k}
+    dense_run = sorted(dense_wanted - from_pruned)
+    handoff = snap.layer_ids[k - 1] if k > 0 and dense_run else None
+    pruned_wanted = set(mean_layers) | set(site_layers) | from_pruned | ({handoff} - {None})
     for ids in micro_batches(calib, ctx.batch_size):
         adapter = ctx.adapter
         pos = {o: p for p, o in enumerate(adapter.original_ids)}
-        outs = {("h", o): adapter.layers[pos[o]] for o in set(mean_layers) | set(site_layers)}
+        outs = {("h", o): adapter.layers[pos[o]] for o in pruned_wanted}
         mlps = {("m", o): mlp_output_module(adapter, pos[o]) for o in site_layers}
-        last = max((pos[o] for o in set(mean_layers) | set(site_layers)), default=None)
+        last = max((pos[o] for o in pruned_wanted), default=None)
         stop = None if with_lm_loss or last is None else adapter.layers[last]
         if outs or with_lm_loss:
             with capture({**outs, **mlps}, stop_at=stop) as got:
@@ -307,15 +367,19 @@ def stream_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Tenso
             accumulate_moments(_moments(stats.pruned_means, o, d, h.device, want_xtx=False), h)
         m_of = {o: got[("m", o)].float() for o in site_layers}
         y_of = {o: got[("h", o)].float() - m_of[o] for o in site_layers}
+        dense = {o: got[("h", o)] for o in from_pruned}
+        h_k = got[("h", handoff)] if handoff is not None else None
         del got
-        if not need_dense:
+        if not dense_wanted:
             continue
-        with dense_view(ctx, snap):
-            dpos = {o: snap.dense_position(o) for o in set(targets) | set(dense_mean_layers)}
-            layers = ctx.adapter.layers
-            with capture({o: layers[p] for o, p in dpos.items()},
-                         stop_at=layers[max(dpos.values())]) as dense:
-                run_decoder(ctx.model, ids)
+        if dense_run:
+            with dense_view(ctx, snap):
+                layers = ctx.adapter.layers
+                dpos = {o: snap.dense_position(o) for o in dense_run}
+                with capture({o: layers[p] for o, p in dpos.items()}, stop_at=layers[max(dpos.values())]) as got, \
+                        (start_from(layers, k, h_k) if h_k is not None else nullcontext()):
+                    run_decoder(ctx.model, ids)
+                dense.update(got)
         for o in dense_mean_layers:
             accumulate_moments(_moments(stats.dense_means, o, d, dense[o].device, want_xtx=False), dense[o])
         for s in sites:
@@ -325,5 +389,5 @@ def stream_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Tenso
                                              Moments(d, want_xtx=False, device=m.device))
             accumulate_moments(stats.sites[s].mr, m, r)
             accumulate_moments(stats.sites[s].r, r)
-        del dense, m_of, y_of
+        del dense, m_of, y_of, h_k
     return stats

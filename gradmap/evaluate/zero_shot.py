@@ -14,6 +14,7 @@ to float rounding (tests/test_evaluate.py checks this against such a loop).
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from dataclasses import dataclass
@@ -24,9 +25,13 @@ from tqdm.auto import tqdm
 from ..errors import GradmapError
 from .tasks import TASKS, Example, build_examples, resolve_tasks
 
-__all__ = ["zero_shot", "loglikelihoods", "encode_request", "max_length"]
+__all__ = ["zero_shot", "loglikelihoods", "encode_request", "max_length", "PAD_SLACK"]
 
 log = logging.getLogger(__name__)
+
+# A padded batch may hold at most this many positions per real token (contexts and
+# continuations alike); more padding is cheaper as a separate, smaller forward on CPU.
+PAD_SLACK = 1.25
 
 
 @dataclass
@@ -96,8 +101,34 @@ def _pick_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, dim=-1)
 
 
-def _score_batch(model, groups: list[_Group], pad_id: int, out: list[float]) -> int:
-    """Score every continuation of `groups` into `out`; returns positions forwarded."""
+def _chunks(lengths: list[int], max_rows: int, weights: list[int] | None = None) -> list[list[int]]:
+    """Split indices of `lengths` (sorted longest first) into padded batches.
+
+    A batch grows while it has at most `max_rows` rows (`weights` counts rows per item) and its
+    padded area `n * lengths[first]` stays within `PAD_SLACK` of the real tokens.
+    """
+    weights = weights or [1] * len(lengths)
+    out: list[list[int]] = []
+    for i, n in enumerate(lengths):
+        if out:
+            cur = out[-1]
+            rows = sum(weights[j] for j in cur) + weights[i]
+            real = sum(lengths[j] for j in cur) + n
+            if rows <= max_rows and (len(cur) + 1) * lengths[cur[0]] <= PAD_SLACK * real:
+                cur.append(i)
+                continue
+        out.append([i])
+    return out
+
+
+def _score_batch(model, groups: list[_Group], pad_id: int, max_rows: int,
+                 out: list[float]) -> int:
+    """Score every continuation of `groups` into `out`; returns positions forwarded.
+
+    One left-padded forward of the contexts gives each first continuation token's log-prob and
+    the KV cache; the other continuation tokens run on top of that cache, rows sorted by length
+    and cut into sub-batches (`_chunks`) so right padding stays small.
+    """
     device = _device(model)
     n_ctx = max(len(g.ctx) for g in groups)
     ids = torch.full((len(groups), n_ctx), pad_id, dtype=torch.long)
@@ -107,32 +138,40 @@ def _score_batch(model, groups: list[_Group], pad_id: int, out: list[float]) -> 
         mask[k, n_ctx - len(g.ctx):] = 1
     pos = (mask.cumsum(1) - 1).clamp(min=0)
     rows = [(k, c, s) for k, g in enumerate(groups) for c, s in zip(g.conts, g.slots)]
-    n_cont = max(len(c) for _, c, _ in rows) - 1  # the last continuation token is never input
+    longer = sorted((r for r in range(len(rows)) if len(rows[r][1]) > 1),
+                    key=lambda r: -len(rows[r][1]))  # rows whose tokens after the first need input
     res = model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                position_ids=pos.to(device), use_cache=n_cont > 0, logits_to_keep=1)
+                position_ids=pos.to(device), use_cache=bool(longer), logits_to_keep=1)
     first = torch.tensor([c[0] for _, c, _ in rows], device=device)
     row_ctx = torch.tensor([k for k, _, _ in rows], device=device)
     scores = _pick_logprobs(res.logits[row_ctx, -1, :], first).double()
     forwarded = len(groups) * n_ctx
-    if n_cont > 0:
-        cache = res.past_key_values
-        cache.reorder_cache(row_ctx)  # one cache row per continuation (index_select repeats)
-        c_ids = torch.full((len(rows), n_cont), pad_id, dtype=torch.long)
-        c_tgt = torch.zeros((len(rows), n_cont), dtype=torch.long)
-        c_mask = torch.zeros((len(rows), n_cont), dtype=torch.long)
-        c_pos = torch.zeros((len(rows), n_cont), dtype=torch.long)
-        for r, (k, c, _) in enumerate(rows):
+    chunks = _chunks([len(rows[r][1]) - 1 for r in longer], max_rows)
+    for n, chunk in enumerate(chunks):
+        sel = [longer[i] for i in chunk]
+        # the last sub-batch may consume the context cache; earlier ones work on a copy
+        cache = res.past_key_values if n == len(chunks) - 1 else copy.deepcopy(res.past_key_values)
+        ctx_of = torch.tensor([rows[r][0] for r in sel])
+        cache.reorder_cache(ctx_of.to(device))  # one cache row per continuation (repeats allowed)
+        width = len(rows[sel[0]][1]) - 1  # the last continuation token is never input
+        c_ids = torch.full((len(sel), width), pad_id, dtype=torch.long)
+        c_tgt = torch.zeros((len(sel), width), dtype=torch.long)
+        c_mask = torch.zeros((len(sel), width), dtype=torch.long)
+        c_pos = torch.zeros((len(sel), width), dtype=torch.long)
+        for j, r in enumerate(sel):
+            k, c, _ = rows[r]
             m = len(c) - 1
-            c_ids[r, :m] = torch.tensor(c[:-1], dtype=torch.long)
-            c_tgt[r, :m] = torch.tensor(c[1:], dtype=torch.long)
-            c_mask[r, :m] = 1
-            c_pos[r] = len(groups[k].ctx) + torch.arange(n_cont)
-        full_mask = torch.cat([mask[row_ctx.cpu()], c_mask], dim=1)
+            c_ids[j, :m] = torch.tensor(c[:-1], dtype=torch.long)
+            c_tgt[j, :m] = torch.tensor(c[1:], dtype=torch.long)
+            c_mask[j, :m] = 1
+            c_pos[j] = len(groups[k].ctx) + torch.arange(width)
+        full_mask = torch.cat([mask[ctx_of], c_mask], dim=1)
         res2 = model(input_ids=c_ids.to(device), attention_mask=full_mask.to(device),
                      position_ids=c_pos.to(device), past_key_values=cache, use_cache=True)
         lp = _pick_logprobs(res2.logits, c_tgt.to(device)).double()
-        scores = scores + (lp * c_mask.to(device)).sum(dim=1)
-        forwarded += len(rows) * n_cont
+        idx = torch.tensor(sel, device=device)
+        scores[idx] += (lp * c_mask.to(device)).sum(dim=1)
+        forwarded += len(sel) * width
     for (_, _, slot), value in zip(rows, scores.tolist()):
         out[slot] = value
     return forwarded
@@ -143,8 +182,9 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
     """Sum of continuation log-probs for token-id requests `(ctx, cont)`; returns (scores, fwd).
 
     Requests with equal contexts share one context forward.  Groups are sorted by context
-    length (longest first, little padding) and packed so each batch holds at most
-    `batch_size` continuations (at least one group).  `fwd` counts positions forwarded.
+    length (longest first) and packed (`_chunks`) so each batch holds at most `batch_size`
+    continuations (at least one group) with little padding.  `fwd` counts positions forwarded,
+    padding included.
     """
     by_ctx: dict[tuple[int, ...], _Group] = {}
     for slot, (ctx, cont) in enumerate(requests):
@@ -156,18 +196,13 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
     pad_id = 0 if pad_id is None else int(pad_id)
     out = [float("nan")] * len(requests)
     forwarded = 0
+    batches = _chunks([len(g.ctx) for g in groups], batch_size, [len(g.conts) for g in groups])
     with torch.no_grad(), tqdm(total=len(requests), desc=desc, unit="req",
                                disable=not progress) as bar:
-        i = 0
-        while i < len(groups):
-            batch, n_rows = [groups[i]], len(groups[i].conts)
-            i += 1
-            while i < len(groups) and n_rows + len(groups[i].conts) <= batch_size:
-                batch.append(groups[i])
-                n_rows += len(groups[i].conts)
-                i += 1
-            forwarded += _score_batch(model, batch, pad_id, out)
-            bar.update(n_rows)
+        for chunk in batches:
+            batch = [groups[i] for i in chunk]
+            forwarded += _score_batch(model, batch, pad_id, batch_size, out)
+            bar.update(sum(len(g.conts) for g in batch))
     return out, forwarded
 
 

@@ -120,8 +120,14 @@ class GradMAP(Metric):
                                f"got {self.verify!r}")
         if self.verify_samples is not None and (not isinstance(self.verify_samples, int)
                                                 or self.verify_samples < 1):
-            raise GradmapError(f"verify_samples must be a positive integer or None (all), "
+            raise GradmapError(f"verify_samples must be a positive integer or None (a quarter), "
                                f"got {self.verify_samples!r}")
+
+    def verify_rows(self, n_samples: int) -> int:
+        """Calibration rows used to verify candidates: `verify_samples`, default a quarter (>= 1)."""
+        if self.verify_samples is None:
+            return max(1, n_samples // 4)
+        return min(self.verify_samples, n_samples)
 
     def score(self, run: ScoringRun) -> dict[int, float]:
         """Per-layer score of the chosen variant (one forward + one backward)."""
@@ -144,7 +150,7 @@ class GradMAP(Metric):
             if len(candidates) == 1:
                 yield candidates[0]
                 continue
-            subset = run.calib if self.verify_samples is None else run.calib[:self.verify_samples]
+            subset = run.calib[:self.verify_rows(run.calib.shape[0])]
             losses = {}
             for i in candidates:
                 layer = run.adapter.layers[run.adapter.position_of(i)]

@@ -1,0 +1,98 @@
+"""Cost of every layer metric relative to one plain forward+backward over the calibration set.
+
+    pytest bench/test_prune_speed.py --benchmark-only -s          # SmolLM2, 16 x 256, n_prune=8
+    pytest bench/test_prune_speed.py --benchmark-disable          # CI smoke: tiny model, runs once
+    GRADMAP_BENCH_NCAL=4 GRADMAP_BENCH_SEQ=128 GRADMAP_BENCH_NPRUNE=2 pytest bench/test_prune_speed.py --benchmark-only
+
+The floor is `model(ids, labels=ids).loss.backward()` over the same micro-batches with every
+parameter requiring grad. Each metric row records `ratio_to_floor` in `extra_info` (the floor
+test runs first in the module). Targets: GradMAP one-shot without verify <= 1.5x the floor,
+iterative with k decisions <= k + 0.5, GradMAP one-shot >= 4x faster than ppl and iterative
+>= 4x faster than sleb at the same n_prune.
+"""
+from __future__ import annotations
+
+import copy
+import os
+import sys
+import time
+
+import pytest
+import torch
+
+from gradmap import fast_prune
+from gradmap.metrics.capture import default_batch_size
+
+THREADS = int(os.environ.get("GRADMAP_BENCH_THREADS", str(max(1, min(2, os.cpu_count() or 1)))))
+NCAL = int(os.environ.get("GRADMAP_BENCH_NCAL", "16"))
+SEQ = int(os.environ.get("GRADMAP_BENCH_SEQ", "256"))
+NPRUNE = int(os.environ.get("GRADMAP_BENCH_NPRUNE", "8"))
+
+CASES = [  # (metric, schedule, options)
+    ("gradmap", "one-shot", {}), ("gradmap", "iterative", {}),
+    ("gradmap", "one-shot", {"verify": 4, "verify_samples": 4}),
+    ("gradmap", "iterative", {"verify": 4, "verify_samples": 4}),
+    ("gradmap", "one-shot", {"gradient": "param"}),
+    ("block-influence", "one-shot", {}), ("block-influence", "iterative", {}),
+    ("angular", "one-shot", {}), ("taylor", "one-shot", {}), ("taylor", "iterative", {}),
+    ("magnitude", "one-shot", {}), ("ppl", "one-shot", {}), ("sleb", "iterative", {}),
+]
+_FLOOR: dict[str, float] = {}
+
+
+@pytest.fixture(scope="module")
+def setup(request):
+    """(model, calib, n_prune, batch_size): SmolLM2 when timing, a tiny model under --benchmark-disable."""
+    torch.set_num_threads(THREADS)
+    if request.config.getoption("benchmark_disable", False):
+        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+        from tiny import random_ids, tiny_model
+        return tiny_model("llama", n_layers=6), random_ids(4, 16), 2, 2
+    from gradmap import load_model
+    from gradmap.calibration import calibration_data
+    model, tok = load_model("smollm2-135m")
+    calib = calibration_data(tok, "c4", NCAL, SEQ, seed=0)
+    return model, calib, NPRUNE, default_batch_size(SEQ)
+
+
+def _record(benchmark, seconds: float, **extra) -> None:
+    benchmark.extra_info.update(seconds=round(seconds, 3), threads=torch.get_num_threads(),
+                                torch=torch.__version__, ncal=NCAL, seq=SEQ, **extra)
+    if "floor" in _FLOOR and "floor" not in extra.get("case", ""):
+        benchmark.extra_info["ratio_to_floor"] = round(seconds / _FLOOR["floor"], 3)
+
+
+def test_floor_forward_backward(benchmark, setup):
+    model, calib, _, batch_size = setup
+    model = copy.deepcopy(model)
+
+    def floor():
+        t = time.perf_counter()
+        for s in range(0, calib.shape[0], batch_size):
+            rows = calib[s:s + batch_size]
+            model(input_ids=rows, labels=rows, use_cache=False).loss.backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    seconds = benchmark.pedantic(floor, rounds=1, iterations=1, warmup_rounds=0)
+    _FLOOR["floor"] = seconds
+    benchmark.group = "prune-speed"
+    _record(benchmark, seconds, case="floor (plain forward+backward)")
+
+
+@pytest.mark.parametrize("metric,schedule,options", CASES,
+                         ids=[f"{m}-{s}" + "".join(f"-{k}={v}" for k, v in o.items()) for m, s, o in CASES])
+def test_metric_cost(benchmark, setup, metric, schedule, options):
+    model, calib, n_prune, batch_size = setup
+
+    def prune():
+        pruned = copy.deepcopy(model)
+        return fast_prune(pruned, calib, n_prune, metric=metric, compensation="none", schedule=schedule,
+                          batch_size=batch_size, **options)
+
+    result = benchmark.pedantic(prune, rounds=1, iterations=1, warmup_rounds=0)
+    assert len(result.removed_layers) == n_prune
+    benchmark.group = "prune-speed"
+    _record(benchmark, result.timings["scoring"], case=f"{metric} {schedule} {options}",
+            total_s=round(result.timings["total"], 3), removed=result.removed_layers,
+            n_prune=n_prune)
