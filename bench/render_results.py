@@ -12,9 +12,10 @@ Conventions for benchmark writers:
 - put the benchmarks to compare in one `benchmark.group`;
 - mark the reference with `benchmark.extra_info["baseline"] = True` (otherwise the first
   benchmark of the group in the file is the baseline, and the table says so);
-- record the GPU and versions in `machine_info` (a `pytest_benchmark_update_machine_info`
-  hook) or in `extra_info` under "gpu", "torch", "transformers", "gradmap"; other
-  `extra_info` entries (tokens_per_s, peak_mem_mib, ...) are shown in a notes column.
+- record the GPU and versions in `extra_info` (bench/harness.py `measure` does) or in
+  `machine_info`, under the keys in MACHINE_KEYS. Values shared by the whole run go in the
+  run's machine line, values shared by a group in its caption, the rest in the row's notes;
+  other `extra_info` entries (tokens_per_s, ratio_to_floor, peak_mem_mib, ...) are notes.
 
 Only the text between `<!-- rendered:start -->` and `<!-- rendered:end -->` is replaced;
 hand-written sections elsewhere in the file are left as they are. Without markers the
@@ -29,8 +30,10 @@ from pathlib import Path
 
 START = "<!-- rendered:start -->"
 END = "<!-- rendered:end -->"
-MACHINE_KEYS = ("gpu", "torch", "transformers", "gradmap")
-HIDDEN_EXTRA = {"baseline", *MACHINE_KEYS}
+MACHINE_KEYS = ("gpu", "gpu_memory_gib", "cuda", "sm", "torch", "triton", "transformers",
+                "gradmap", "python", "cpu", "cpu_threads", "os_cpus", "threads")
+# the table's own columns already give these (median, IQR, min)
+REDUNDANT = {"baseline", "p10_ms", "p50_ms", "p90_ms", "seconds"}
 
 
 def fmt_time(seconds: float) -> str:
@@ -47,26 +50,60 @@ def _fmt_value(value) -> str:
     return str(value)
 
 
-def machine_line(run: dict) -> str:
-    """'AMD EPYC, 2 CPUs, x86_64 Linux 6.1; no GPU; python 3.11, torch 2.13' from a run."""
-    info = run.get("machine_info", {})
-    cpu = info.get("cpu", {})
-    extras = {}
-    for b in run.get("benchmarks", []):
+def _shared(benchmarks: list[dict]) -> dict:
+    """MACHINE_KEYS values that every benchmark recording the key agrees on."""
+    values: dict[str, set] = {}
+    for b in benchmarks:
         for k in MACHINE_KEYS:
             if k in b.get("extra_info", {}):
-                extras.setdefault(k, b["extra_info"][k])
-    for k in MACHINE_KEYS:
-        if k in info:
-            extras[k] = info[k]
-    parts = [f"{cpu.get('brand_raw') or info.get('processor') or info.get('machine', '?')}, "
-             f"{cpu.get('count', '?')} CPUs, {info.get('machine', '?')} {info.get('system', '')} "
-             f"{info.get('release', '')}".strip()]
-    parts.append(f"GPU {extras['gpu']}" if extras.get("gpu") else "no GPU recorded")
-    versions = [f"python {info.get('python_version', '?')}"]
-    versions += [f"{k} {extras[k]}" for k in ("torch", "transformers", "gradmap") if k in extras]
-    parts.append(", ".join(versions))
-    return "; ".join(parts)
+                values.setdefault(k, set()).add(str(b["extra_info"][k]))
+    return {k: v.pop() for k, v in values.items() if len(v) == 1}
+
+
+def _machine_words(values: dict) -> list[str]:
+    words = []
+    if values.get("gpu") not in (None, "none", ""):
+        gpu = f"GPU {values['gpu']}"
+        extra = [f"{values[k]} GiB" if k == "gpu_memory_gib" else f"{k} {values[k]}"
+                 for k in ("gpu_memory_gib", "cuda", "sm") if k in values]
+        words.append(gpu + (f" ({', '.join(extra)})" if extra else ""))
+    for k in ("cpu_threads", "threads"):
+        if k in values:
+            words.append(f"{values[k]} torch threads")
+    words += [f"{k} {values[k]}" for k in ("torch", "triton", "transformers", "gradmap")
+              if k in values]
+    return words
+
+
+def run_values(run: dict) -> dict:
+    """Machine values stated once for the whole run (GPU details only when one GPU ran all)."""
+    info = run.get("machine_info", {})
+    values = dict(_shared(run.get("benchmarks", [])))
+    values.update({k: info[k] for k in MACHINE_KEYS if k in info and k not in ("cpu", "python")})
+    if "gpu" not in values:
+        for k in ("gpu_memory_gib", "cuda", "sm"):
+            values.pop(k, None)
+    return values
+
+
+def machine_line(run: dict) -> str:
+    """'AMD EPYC, 2 CPUs, x86_64 Linux 6.1; no GPU; torch 2.13; python 3.11' for a run."""
+    info = run.get("machine_info", {})
+    cpu = info.get("cpu", {})
+    values = run_values(run)
+    host = (f"{cpu.get('brand_raw') or info.get('processor') or info.get('machine', '?')}, "
+            f"{cpu.get('count', '?')} CPUs, {info.get('machine', '?')} {info.get('system', '')} "
+            f"{info.get('release', '')}").strip()
+    any_gpu = any(b.get("extra_info", {}).get("gpu") not in (None, "none", "")
+                  for b in run.get("benchmarks", []))
+    words = [host]
+    if not any_gpu and values.get("gpu") in (None, "none", ""):
+        words.append("no GPU")
+    elif "gpu" not in values:
+        words.append("GPU rows: see each table")
+    words += _machine_words(values)
+    words.append(f"python {info.get('python_version', '?')}")
+    return "; ".join(words)
 
 
 def _groups(benchmarks: list[dict]) -> dict[str, list[dict]]:
@@ -88,12 +125,20 @@ def _baseline(rows: list[dict]) -> tuple[dict | None, str]:
     return rows[0], "no baseline marked: first benchmark of the group"
 
 
-def group_table(name: str, rows: list[dict]) -> str:
-    """One markdown table for a benchmark group: ratio first, then absolute times."""
+def group_table(name: str, rows: list[dict], shared: dict | None = None) -> str:
+    """One markdown table for a benchmark group: ratio first, then absolute times.
+
+    `shared` are the machine values already stated for the whole run; values this
+    group shares and the run does not are put in the caption, varying ones in the notes.
+    """
     base, why = _baseline(rows)
     base_median = base["stats"]["median"] if base else None
+    shared = shared or {}
+    group_values = {k: v for k, v in _shared(rows).items() if shared.get(k) != v}
+    machine = "; ".join(_machine_words(group_values))
+    shown = set(shared) | set(group_values)
     lines = [f"**{name}** (speed-up = {base['name'] if base else '-'} median / row median; "
-             f"{why})", "",
+             f"{why}{'; ' + machine if machine else ''})", "",
              "| benchmark | speed-up | median | IQR | min | rounds | notes |",
              "|---|---|---|---|---|---|---|"]
     for b in rows:
@@ -105,7 +150,7 @@ def group_table(name: str, rows: list[dict]) -> str:
         else:
             ratio = f"{base_median / s['median']:.2f}x" if s["median"] > 0 else "-"
         notes = ", ".join(f"{k}={_fmt_value(v)}" for k, v in b.get("extra_info", {}).items()
-                          if k not in HIDDEN_EXTRA)
+                          if k not in REDUNDANT and not (k in MACHINE_KEYS and k in shown))
         lines.append(f"| {b['name']} | {ratio} | {fmt_time(s['median'])} | "
                      f"{fmt_time(s['iqr'])} | {fmt_time(s['min'])} | {s['rounds']} | "
                      f"{notes or '-'} |")
@@ -123,7 +168,8 @@ def render_run(path: Path) -> str:
             f"(pytest-benchmark {run.get('version', '?')}).", ""]
     if not run["benchmarks"]:
         return "\n".join(head + ["(no benchmarks in this run)"])
-    tables = [group_table(g, rows) for g, rows in _groups(run["benchmarks"]).items()]
+    shared = run_values(run)
+    tables = [group_table(g, rows, shared) for g, rows in _groups(run["benchmarks"]).items()]
     return "\n".join(head) + "\n" + "\n\n".join(tables)
 
 

@@ -35,7 +35,13 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plot-sparsity", type=float, default=0.7)
     p.add_argument("--out", required=True, help="JSONL file the results are appended to")
+    p.add_argument("--replot", action="store_true", help="only redraw the MRP figures from --out")
+    p.add_argument("--table", action="store_true", help="only print the markdown tables from --out")
     args = p.parse_args()
+    if args.replot:
+        return replot(Path(args.out), args.plot_sparsity)
+    if args.table:
+        return print(table(Path(args.out)))
     torch.set_num_threads(args.threads)
 
     from gradmap import load_model, sparsify
@@ -52,15 +58,16 @@ def main() -> None:
     model, tok = load_model(args.model, dtype=torch.float32)
     dense = {k: v.clone() for k, v in model.state_dict().items()}
     calib = calibration_data(tok, "c4", args.n_samples, args.seq_len, seed=0)
-    env = {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
-           "cores": os.cpu_count(), "load_avg_start": os.getloadavg()[0]}
+    env = {"torch": torch.__version__, "threads": args.threads, "cores": os.cpu_count(),
+           "cpu": platform.processor() or platform.machine(), "load_avg_start": os.getloadavg()[0]}
 
     def record(row: dict) -> None:
         row.update(env, calib=f"c4 {args.n_samples}x{args.seq_len} seed 0",
                    ppl_data=f"wikitext2 test, L={args.ppl_seq_len}, first {args.windows} windows")
         with out.open("a") as f:
             f.write(json.dumps(row) + "\n")
-        print(json.dumps({k: row[k] for k in ("sparsity", "allocation", "score", "ppl", "sparsify_s")}), flush=True)
+        keys = ("sparsity", "allocation", "score", "ppl", "sparsify_s")
+        print(json.dumps({k: row[k] for k in keys}), flush=True)
 
     if (0.0, "dense", "-") not in done:
         rep = perplexity_report(model, tok, "wikitext2", args.ppl_seq_len, args.windows, progress=False)
@@ -75,14 +82,61 @@ def main() -> None:
                 t = time.perf_counter()
                 res = sparsify(model, calib, s, alloc, score, batch_size=args.batch_size, progress=False)
                 took = time.perf_counter() - t
-                rep = perplexity_report(model, tok, "wikitext2", args.ppl_seq_len, args.windows, progress=False)
-                record({"sparsity": s, "allocation": alloc, "score": score, "ppl": rep.ppl, "sparsify_s": took,
+                rep = perplexity_report(model, tok, "wikitext2", args.ppl_seq_len, args.windows,
+                                        progress=False)
+                record({"sparsity": s, "allocation": alloc, "score": score, "ppl": rep.ppl,
+                        "sparsify_s": took,
                         "ppl_s": rep.seconds, "overall_sparsity": res.overall_sparsity,
-                        "block_sparsity": res.block_sparsity, "timings": res.timings,
+                        "block_sparsity": res.block_sparsity, "block_targets": res.block_targets,
+                        "layer_ids": res.layer_ids, "timings": res.timings,
                         "mrp_steps": len(res.trajectory), "outlier_ratios": res.outlier_ratios})
                 if alloc == "mrp" and abs(s - args.plot_sparsity) < 1e-9:
-                    png = plot_sparsity(res, f"SmolLM2-135M, MRP ({score}) at {s:g}: per-layer sparsity")
-                    (HERE / "figures" / f"sparsify_mrp_{score}_{round(s * 100)}.png").write_bytes(png)
+                    _write_plot(res, plot_sparsity)
+
+
+def _write_plot(res, plot_sparsity) -> None:
+    title = (f"SmolLM2-135M, MRP ({res.score}) at S={res.target_sparsity:g}: per-layer sparsity "
+             f"(overall {res.overall_sparsity:.4f})")
+    path = HERE / "figures" / f"sparsify_mrp_{res.score}_{round(res.target_sparsity * 100)}.png"
+    path.write_bytes(plot_sparsity(res, title))
+
+
+def table(out: Path) -> str:
+    """Markdown: PPL per (sparsity, allocation) x score, then the wall time of each sparsify call."""
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    by = {(r["sparsity"], r["allocation"], r["score"]): r for r in rows}
+    allocs = [a for a in ("uniform", "owl", "mrp") if any(k[1] == a for k in by)]
+    scores = [sc for sc in ("wanda", "magnitude") if any(k[2] == sc for k in by)]
+    dense = by.get((0.0, "dense", "-"))
+    lines = []
+    if dense:
+        lines.append(f"Dense model: PPL {dense['ppl']:.2f} ({dense['ppl_s']:.0f} s to evaluate).\n")
+    head = " | ".join(f"{sc} PPL | {sc} time" for sc in scores)
+    lines += [f"| sparsity | allocation | {head} |", "|---" * (2 + 2 * len(scores)) + "|"]
+    for s in sorted({k[0] for k in by if k[0] > 0}, reverse=True):
+        for a in allocs:
+            cells = []
+            for sc in scores:
+                r = by.get((s, a, sc))
+                cells += [f"{r['ppl']:.1f}", f"{r['sparsify_s']:.0f} s"] if r else ["-", "-"]
+            lines.append(f"| {s:.0%} | {a} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def replot(out: Path, sparsity: float) -> None:
+    """Redraw the MRP per-layer figures from the recorded JSONL (no model is loaded)."""
+    from gradmap.cli_sparsify import plot_sparsity
+    from gradmap.sparsify import SparsifyResult
+
+    for line in out.read_text().splitlines():
+        row = json.loads(line)
+        if row["allocation"] == "mrp" and abs(row["sparsity"] - sparsity) < 1e-9:
+            n = len(row["block_sparsity"])
+            res = SparsifyResult("mrp", row["score"], row["sparsity"], row["overall_sparsity"],
+                                 layer_ids=row.get("layer_ids", list(range(n))),
+                                 block_targets=row.get("block_targets", []),
+                                 block_sparsity=row["block_sparsity"])
+            _write_plot(res, plot_sparsity)
 
 
 if __name__ == "__main__":

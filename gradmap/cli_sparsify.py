@@ -20,12 +20,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("sparsify", help="zero a fraction of the decoder's linear weights",
                               description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="HF directory, hub id, .gguf file or alias (smollm2-135m)")
-    p.add_argument("--sparsity", type=float, default=0.7, help="overall fraction of weights zeroed, in (0, 1)")
+    p.add_argument("--sparsity", type=float, default=0.7,
+                   help="overall fraction of weights zeroed, in (0, 1)")
     p.add_argument("--allocation", default="mrp", help=f"one of {', '.join(ALLOCATIONS)} (default mrp)")
     p.add_argument("--score", default="wanda", help=f"one of {', '.join(SCORES)} (default wanda)")
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
-    p.add_argument("--calib-source", default="c4", help="calibration text: c4, wikitext2 or a .jsonl/.txt path")
+    p.add_argument("--calib-source", default="c4",
+                   help="calibration text: c4, wikitext2 or a .jsonl/.txt path")
     p.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128, as Wanda)")
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration sample (default 2048)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
@@ -41,9 +43,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 def plot_sparsity(result: SparsifyResult, title: str | None = None) -> bytes:
     """PNG bytes: achieved sparsity per decoder layer (bars), allocated target (dots, if any), S (line)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    from matplotlib.figure import Figure
+    from matplotlib.figure import Figure  # no pyplot: no global backend state is touched
 
     fig = Figure(figsize=(9, 3.2), dpi=120)
     ax = fig.add_subplot(1, 1, 1)
@@ -79,7 +79,8 @@ def run(args: argparse.Namespace) -> int:
     check_options(args.sparsity, args.allocation, args.score, args.batch_size, options)
     for name in ("n_samples", "seq_len"):
         if getattr(args, name) < 1:
-            raise GradmapError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+            raise GradmapError(f"--{name.replace('_', '-')} must be a positive integer, "
+                               f"got {getattr(args, name)}")
 
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
@@ -98,5 +99,6 @@ def run(args: argparse.Namespace) -> int:
                           extra_files={"sparsity.png": png})
     print(f"overall sparsity {result.overall_sparsity:.4f} (target {args.sparsity}) over "
           f"{sum(result.block_params)} weights; saved to {out}")
-    print("per-layer sparsity: " + " ".join(f"{i}:{s:.3f}" for i, s in zip(result.layer_ids, result.block_sparsity)))
+    per_layer = zip(result.layer_ids, result.block_sparsity)
+    print("per-layer sparsity: " + " ".join(f"{i}:{s:.3f}" for i, s in per_layer))
     return 0

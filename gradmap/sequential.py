@@ -72,7 +72,9 @@ class BlockInputs:
 def check_calibration(calib: Any, vocab_size: int | None = None) -> torch.Tensor:
     """Validate calibration token ids: a LongTensor [n_samples, seq_len] with ids in the vocabulary."""
     if not torch.is_tensor(calib) or calib.dim() != 2 or calib.dtype not in (torch.long, torch.int):
-        got = f"{type(calib).__name__}" + (f" {tuple(calib.shape)} {calib.dtype}" if torch.is_tensor(calib) else "")
+        got = type(calib).__name__
+        if torch.is_tensor(calib):
+            got += f" {tuple(calib.shape)} {calib.dtype}"
         raise GradmapError(f"calibration data must be an integer tensor [n_samples, seq_len] of token ids, "
                            f"got {got}; build it with gradmap.calibration.calibration_data(tokenizer, ...)")
     if calib.shape[0] < 1 or calib.shape[1] < 1:
@@ -80,7 +82,8 @@ def check_calibration(calib: Any, vocab_size: int | None = None) -> torch.Tensor
                            "of at least one token")
     if vocab_size is not None and (int(calib.min()) < 0 or int(calib.max()) >= vocab_size):
         raise GradmapError(f"calibration token ids span [{int(calib.min())}, {int(calib.max())}] but the "
-                           f"model's vocabulary has {vocab_size} entries; tokenise with the model's tokenizer")
+                           f"model's vocabulary has {vocab_size} entries; tokenise with the model's "
+                           "tokenizer")
     return calib.long()
 
 

@@ -85,7 +85,7 @@ class SparsifyResult:
 
 
 def wanda_scores(weight: torch.Tensor, norm: torch.Tensor) -> torch.Tensor:
-    """Wanda score |W_ij| · ‖X_j‖₂ (fp32), `norm` = per-input-column L2 norm over calibration tokens."""
+    """Wanda score |W_ij| · ‖X_j‖₂ (fp32); `norm`: per-input-column L2 norm over calibration tokens."""
     return weight.detach().float().abs() * norm.to(weight.device, torch.float32)[None, :]
 
 
@@ -156,7 +156,8 @@ def _prune_block(linears: dict[str, nn.Linear], sparsity: float, score: str,
     zeros = 0
     for name, lin in linears.items():
         w = lin.weight
-        zeros += prune_rows_(w, _scores(lin, score, norms[name] if norms else None), round(sparsity * w.numel()))
+        scores = _scores(lin, score, norms[name] if norms else None)
+        zeros += prune_rows_(w, scores, round(sparsity * w.numel()))
     return zeros
 
 
@@ -195,7 +196,8 @@ def check_options(sparsity: Any, allocation: Any, score: Any, batch_size: Any = 
             raise GradmapError(f"option {key}={opts[key]!r} must be {rule}")
     if allocation == "mrp" and opts["mrp_delta"] > opts["mrp_cap"]:
         raise GradmapError(
-            f"mrp_delta={opts['mrp_delta']} starts every block at S - delta = {sparsity - opts['mrp_delta']:.4f}, "
+            f"mrp_delta={opts['mrp_delta']} starts every block at S - delta = "
+            f"{sparsity - opts['mrp_delta']:.4f}, "
             f"below the lower cap S - mrp_cap = {sparsity - opts['mrp_cap']:.4f}: no allocation within the "
             "caps starts there; make mrp_delta <= mrp_cap (or raise mrp_cap)")
     return opts

@@ -353,13 +353,16 @@ def test_render_results_fills_only_the_marked_region(tmp_path):
     render = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(render)
 
+    cpu = dict(gpu="none", torch="2.13.0", cpu_threads=2)
+    gpu = dict(gpu="NVIDIA H100", cuda="12.8", torch="2.13.0", cpu_threads=2)
     run = {"machine_info": {"machine": "x86_64", "system": "Linux", "release": "6.1",
-                            "python_version": "3.11.7", "torch": "2.13.0",
-                            "cpu": {"brand_raw": "AMD EPYC", "count": 2}},
+                            "python_version": "3.11.7", "cpu": {"brand_raw": "AMD EPYC",
+                                                                "count": 2}},
            "datetime": "2026-01-02T03:04:05.123", "version": "5.3.1",
-           "benchmarks": [_bench("fast", "prune", 0.5, tokens_per_s=123.456),
-                          _bench("reference", "prune", 2.0, baseline=True, gpu="H100"),
-                          _bench("solo", "other", 3e-4)]}
+           "benchmarks": [_bench("fast", "prune", 0.5, tokens_per_s=123.456, p50_ms=500, **cpu),
+                          _bench("reference", "prune", 2.0, baseline=True, **cpu),
+                          _bench("kernel", "gpu_moments", 3e-4, TB_per_s=2.5, **gpu),
+                          _bench("cublas", "gpu_moments", 6e-4, **gpu)]}
     (tmp_path / "cpu.json").write_text(json.dumps(run))
     doc = tmp_path / "RESULTS.md"
     doc.write_text("# Results\n\nhand A\n\n<!-- rendered:start -->\nstale\n<!-- rendered:end -->"
@@ -368,10 +371,14 @@ def test_render_results_fills_only_the_marked_region(tmp_path):
     text = doc.read_text()
     assert text.startswith("# Results\n\nhand A\n\n<!-- rendered:start -->\n")
     assert text.endswith("<!-- rendered:end -->\n\nhand B\n") and "stale" not in text
-    assert "AMD EPYC, 2 CPUs, x86_64 Linux 6.1; GPU H100; python 3.11.7, torch 2.13.0" in text
+    assert ("Machine: AMD EPYC, 2 CPUs, x86_64 Linux 6.1; GPU rows: see each table; "
+            "2 torch threads; torch 2.13.0; python 3.11.7.") in text
     assert "| fast | 4.00x | 500 ms | 50 ms | 450 ms | 5 | tokens_per_s=123.5 |" in text
     assert "| reference | 1.00x (baseline) | 2 s |" in text
-    assert "| solo | - | 300 µs |" in text
+    # no baseline marked: the first row is the baseline and the caption says so
+    assert ("**gpu_moments** (speed-up = kernel median / row median; no baseline marked: first "
+            "benchmark of the group; GPU NVIDIA H100 (cuda 12.8))") in text
+    assert "| cublas | 0.50x | 600 µs |" in text and "TB_per_s=2.5 |" in text
     # rendering again replaces the region instead of adding a second one
     render.main([str(tmp_path), "--out", str(doc)])
     assert doc.read_text() == text.replace(str(tmp_path / "cpu.json"), str(tmp_path))

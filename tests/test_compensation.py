@@ -290,7 +290,11 @@ def test_projection_safeguards_pick_ridge_and_keep_only_improvements(trained):
     assert {(e["layer"], e["target"]) for e in rep["sites"]} >= {(1, 1), (3, 3)}   # per-gap sites
     for e in rep["sites"]:
         assert e["ridge"] in (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
-        assert e["folded"] == (e["holdout_mse_after"] < e["holdout_mse_before"]) or rep["reverted"]
+        improved = e["holdout_mse_after"] < e["holdout_mse_before"]
+        if e["folded"]:          # passed both gates
+            assert improved and e["holdout_lm_loss_with_fold"] < rep["holdout_lm_loss_before"]
+        else:
+            assert (e["layer"] in rep["reverted"]) == improved
     assert rep["holdout_lm_loss_after"] <= rep["holdout_lm_loss_before"]
 
 
@@ -327,9 +331,11 @@ def test_lm_gate_reverts_folds_that_hurt_the_heldout_loss(trained, monkeypatch):
     monkeypatch.setattr(projection_mod, "regression_loss", fooled_loss)
     ctx = drive(model, calib, [3], [ProjectionCompensation()])
     rep = ctx.result.compensation_report["projection"]
-    assert rep["reverted"] and rep["holdout_lm_loss_rejected"] > rep["holdout_lm_loss_before"]
+    (site,) = rep["sites"]
+    assert rep["reverted"] == [site["layer"]]
+    assert site["holdout_lm_loss_with_fold"] > rep["holdout_lm_loss_before"]
     assert rep["holdout_lm_loss_after"] == rep["holdout_lm_loss_before"]
-    assert rep["sites"][0]["reason"].startswith("reverted")
+    assert site["reason"].startswith("reverted") and not site["folded"]
     assert all(torch.equal(v, twin.state_dict()[k]) for k, v in model.state_dict().items())
 
 

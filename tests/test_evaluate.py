@@ -259,3 +259,19 @@ def test_smollm2_zero_shot_matches_slow_reference(smollm2):
     reqs = [encode_request(tok, c, t, False, max_len) for c, t in pairs]
     got, _ = loglikelihoods(model, reqs, batch_size=8, progress=False)
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-3)
+
+
+def test_chunks_bound_rows_and_padding():
+    from gradmap.evaluate.zero_shot import PAD_SLACK, _chunks
+    lengths = [100, 98, 60, 59, 58, 57, 10, 10, 10, 10, 9]
+    weights = [1, 2, 1, 1, 1, 1, 3, 1, 1, 1, 1]
+    chunks = _chunks(lengths, 4, weights)
+    assert chunks == [[0, 1, 2], [3, 4, 5], [6, 7], [8, 9, 10]]
+
+    def fits(c):
+        return (sum(weights[i] for i in c) <= 4
+                and len(c) * lengths[c[0]] <= PAD_SLACK * sum(lengths[i] for i in c))
+
+    assert all(fits(c) for c in chunks)
+    assert not any(fits(c + [c[-1] + 1]) for c in chunks[:-1])  # greedy: each batch is full
+    assert _chunks([7, 7], 1) == [[0], [1]] and _chunks([50, 1], 8) == [[0], [1]]

@@ -90,7 +90,8 @@ def test_wanda_zeros_are_lowest_scores_of_each_row_with_sequential_norms(allocat
         norms = _norms_by_forward(hybrid, pos, calib)
         for name, lin in _linears(hybrid, pos).items():
             w_sparse = _linears(sparse, pos)[name].weight
-            _assert_lowest_per_row(w_sparse, wanda_scores(lin.weight, norms[name]).double(), r.block_targets[pos])
+            scores = wanda_scores(lin.weight, norms[name]).double()
+            _assert_lowest_per_row(w_sparse, scores, r.block_targets[pos])
             lin.weight.data.copy_(w_sparse)  # block pos is now pruned for the next block's norms
 
 
@@ -111,8 +112,8 @@ def test_owl_allocation_from_dense_outlier_ratios():
     ratios = []
     for pos in range(N):
         norms = _norms_by_forward(dense, pos, calib)  # OWL measures D on the dense model
-        ratios.append(outlier_ratio([wanda_scores(l.weight, norms[n]) for n, l in _linears(dense, pos).items()],
-                                    M_SMALL))
+        scores = [wanda_scores(l.weight, norms[n]) for n, l in _linears(dense, pos).items()]
+        ratios.append(outlier_ratio(scores, M_SMALL))
     assert r.outlier_ratios == pytest.approx(ratios, abs=1e-6)
     assert len(set(round(d, 6) for d in ratios)) > 1
     t = torch.tensor(r.block_targets, dtype=torch.float64)

@@ -17,8 +17,9 @@ After the last removal (`finalize`):
 4. Fold P into W_down (or the post-feed-forward norm), see `fold.fold_projection_`.
 5. Safeguards: a held-out slice of the calibration set picks the ridge from `ridge_grid`
    per site by held-out regression loss (computed from held-out moments: no extra forward),
-   a site is folded only if that loss drops below the identity's, and the folds are kept
-   only if the held-out LM loss drops too; otherwise they are reverted and reported.
+   a site is folded only if that loss drops below the identity's, and then (sites one at a
+   time, in order) kept only if the held-out mean next-token NLL drops too; otherwise the
+   fold is reverted and the report says so.
 
 ReplaceMe (Shopkhoev et al. 2025) is the same solver configured differently, see replaceme.py.
 """
@@ -247,51 +248,52 @@ class ProjectionCompensation(Compensator):
                 e["reason"] = "held-out regression loss did not drop"
             entries.append(e)
             if keep:
-                chosen.append((s, p))
+                chosen.append((s, p, e))
         report["sites"] = entries
         report["solver_fallbacks"] = sum(e["solver_fallback"] for e in entries)
         ctx.result.add_time("solve", time.perf_counter() - t0)
-        backups = self._fold(ctx, chosen)
-        if ho is not None:
-            self._check_lm(ctx, hold, ho.nll / ho.tokens, backups, entries, report)
+        if ho is None:
+            for s, p, _e in chosen:
+                self._fold(ctx, s, p)
+        else:
+            self._fold_if_lm_drops(ctx, hold, ho.nll / ho.tokens, chosen, report)
         log.info("%s: folded %d of %d sites %s", self.name, sum(e["folded"] for e in entries), len(entries),
                  [(e["layer"], e["target"]) for e in entries if e["folded"]])
 
-    def _fold(self, ctx: PruneContext, chosen: list[tuple[Site, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        adapter, backups = ctx.adapter, []
+    def _fold(self, ctx: PruneContext, site: Site, p: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Fold P at `site`; returns (parameter, value before) pairs to revert it."""
+        backups = []
 
         def before_edit(params):
             self.snapshot.remember(ctx, params)
-            backups.extend((p, p.detach().clone()) for p in params)
+            backups.extend((t, t.detach().clone()) for t in params)
 
-        for s, p in chosen:
-            fold_projection_(adapter, adapter.position_of(s.layer), p, before_edit)
+        fold_projection_(ctx.adapter, ctx.adapter.position_of(site.layer), p, before_edit)
         return backups
 
     @torch.no_grad()
-    def _check_lm(self, ctx: PruneContext, hold: torch.Tensor, before: float, backups, entries: list[dict],
-                  report: dict) -> None:
-        """Keep the folds only if the mean next-token NLL on the held-out slice drops."""
-        t0 = time.perf_counter()
-        report["holdout_lm_loss_before"] = before
-        if not backups:
-            report["holdout_lm_loss_after"] = before
-            report["reverted"] = False
-            return
-        nll, tokens = 0.0, 0
-        for ids in micro_batches(hold, ctx.batch_size):
-            a, b = lm_loss(ctx.model, ids)
-            nll, tokens = nll + a, tokens + b
-        after = nll / tokens
-        ctx.result.add_time("compensation_statistics", time.perf_counter() - t0)
-        report["reverted"] = not after < before
-        if report["reverted"]:
-            for p, old in reversed(backups):
-                p.data.copy_(old)
-            for e in entries:
-                if e["folded"]:
-                    e["folded"], e["reason"] = False, "reverted: held-out LM loss did not drop"
-            log.warning("%s: held-out LM loss %.4f -> %.4f; folds reverted", self.name, before, after)
-            report["holdout_lm_loss_rejected"] = after
-            after = before
-        report["holdout_lm_loss_after"] = after
+    def _fold_if_lm_drops(self, ctx: PruneContext, hold: torch.Tensor, before: float,
+                          chosen: list[tuple[Site, torch.Tensor, dict]], report: dict) -> None:
+        """Fold the sites one at a time, keeping each only if the held-out mean next-token NLL drops."""
+        best = report["holdout_lm_loss_before"] = before
+        reverted = []
+        for site, p, e in chosen:
+            backups = self._fold(ctx, site, p)
+            t0 = time.perf_counter()
+            nll, tokens = 0.0, 0
+            for ids in micro_batches(hold, ctx.batch_size):
+                a, b = lm_loss(ctx.model, ids)
+                nll, tokens = nll + a, tokens + b
+            ctx.result.add_time("compensation_statistics", time.perf_counter() - t0)
+            e["holdout_lm_loss_with_fold"] = loss = nll / tokens
+            if loss < best:
+                best = loss
+                continue
+            for t, old in reversed(backups):
+                t.data.copy_(old)
+            e["folded"], e["reason"] = False, "reverted: held-out LM loss did not drop"
+            reverted.append(site.layer)
+            log.warning("%s: fold at layer %d reverted (held-out LM loss %.4f -> %.4f)",
+                        self.name, site.layer, best, loss)
+        report["holdout_lm_loss_after"] = best
+        report["reverted"] = reverted

@@ -16,6 +16,12 @@ the reduction (to remove the depth trend of raw gradients). `verify=c` then
 checks the c lowest-scoring candidates with c forwards of the real calibration
 loss (each candidate skipped) and removes the best, so a decision costs one
 backward plus c forwards. Lowest score is removed first.
+
+Default (chosen on SmolLM2-135M, bench/RESULTS.md "Stage 1"): gradient="token",
+normalize="none", verify=4 on a quarter of the calibration rows, iterative schedule.
+Per-token normalisations over-correct the depth trend and are not recommended; the raw
+signed gate, fisher and param variants rank layers far worse than token (see RESULTS.md
+for where block influence still wins).
 """
 from __future__ import annotations
 
@@ -101,7 +107,7 @@ class GradMAP(Metric):
     gradient: str = "token"
     normalize: str = "none"
     norm: str = "l1"
-    verify: int = 0
+    verify: int = 4
     verify_samples: int | None = None
     gradient_checkpointing: bool = False
 
