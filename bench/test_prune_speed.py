@@ -30,7 +30,7 @@ NPRUNE = int(os.environ.get("GRADMAP_BENCH_NPRUNE", "8"))
 
 CASES = [  # (metric, schedule, options)
     ("gradmap", "one-shot", {"verify": 0}), ("gradmap", "iterative", {"verify": 0}),
-    ("gradmap", "one-shot", {}), ("gradmap", "iterative", {}),  # default: verify=4 on 1/4 of rows
+    ("gradmap", "one-shot", {"verify": 4}), ("gradmap", "iterative", {"verify": 4}),  # on 1/4 of rows
     ("gradmap", "one-shot", {"gradient": "param", "verify": 0}),
     ("block-influence", "one-shot", {}), ("block-influence", "iterative", {}),
     ("angular", "one-shot", {}), ("taylor", "one-shot", {}), ("taylor", "iterative", {}),
