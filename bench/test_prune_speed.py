@@ -13,20 +13,12 @@ iterative with k decisions <= k + 0.5, GradMAP one-shot >= 4x faster than ppl an
 from __future__ import annotations
 
 import copy
-import os
-import sys
 import time
 
 import pytest
 import torch
 
 from gradmap import fast_prune
-from gradmap.metrics.capture import default_batch_size
-
-THREADS = int(os.environ.get("GRADMAP_BENCH_THREADS", str(max(1, min(2, os.cpu_count() or 1)))))
-NCAL = int(os.environ.get("GRADMAP_BENCH_NCAL", "16"))
-SEQ = int(os.environ.get("GRADMAP_BENCH_SEQ", "256"))
-NPRUNE = int(os.environ.get("GRADMAP_BENCH_NPRUNE", "8"))
 
 CASES = [  # (metric, schedule, options)
     ("gradmap", "one-shot", {"verify": 0}), ("gradmap", "iterative", {"verify": 0}),
@@ -39,30 +31,15 @@ CASES = [  # (metric, schedule, options)
 _FLOOR: dict[str, float] = {}
 
 
-@pytest.fixture(scope="module")
-def setup(request):
-    """(model, calib, n_prune, batch_size): SmolLM2 when timing, a tiny model under --benchmark-disable."""
-    torch.set_num_threads(THREADS)
-    if request.config.getoption("benchmark_disable", False):
-        sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
-        from tiny import random_ids, tiny_model
-        return tiny_model("llama", n_layers=6), random_ids(4, 16), 2, 2
-    from gradmap import load_model
-    from gradmap.calibration import calibration_data
-    model, tok = load_model("smollm2-135m")
-    calib = calibration_data(tok, "c4", NCAL, SEQ, seed=0)
-    return model, calib, NPRUNE, default_batch_size(SEQ)
-
-
-def _record(benchmark, seconds: float, **extra) -> None:
+def _record(benchmark, seconds: float, calib: torch.Tensor, **extra) -> None:
     benchmark.extra_info.update(seconds=round(seconds, 3), threads=torch.get_num_threads(),
-                                torch=torch.__version__, ncal=NCAL, seq=SEQ, **extra)
+                                torch=torch.__version__, ncal=calib.shape[0], seq=calib.shape[1], **extra)
     if "floor" in _FLOOR and "floor" not in extra.get("case", ""):
         benchmark.extra_info["ratio_to_floor"] = round(seconds / _FLOOR["floor"], 3)
 
 
-def test_floor_forward_backward(benchmark, setup):
-    model, calib, _, batch_size = setup
+def test_floor_forward_backward(benchmark, prune_setup):
+    model, calib, _, batch_size = prune_setup
     model = copy.deepcopy(model)
 
     def floor():
@@ -76,13 +53,13 @@ def test_floor_forward_backward(benchmark, setup):
     seconds = benchmark.pedantic(floor, rounds=1, iterations=1, warmup_rounds=0)
     _FLOOR["floor"] = seconds
     benchmark.group = "prune-speed"
-    _record(benchmark, seconds, case="floor (plain forward+backward)")
+    _record(benchmark, seconds, calib, case="floor (plain forward+backward)")
 
 
 @pytest.mark.parametrize("metric,schedule,options", CASES,
                          ids=[f"{m}-{s}" + "".join(f"-{k}={v}" for k, v in o.items()) for m, s, o in CASES])
-def test_metric_cost(benchmark, setup, metric, schedule, options):
-    model, calib, n_prune, batch_size = setup
+def test_metric_cost(benchmark, prune_setup, metric, schedule, options):
+    model, calib, n_prune, batch_size = prune_setup
 
     def prune():
         pruned = copy.deepcopy(model)
@@ -92,6 +69,6 @@ def test_metric_cost(benchmark, setup, metric, schedule, options):
     result = benchmark.pedantic(prune, rounds=1, iterations=1, warmup_rounds=0)
     assert len(result.removed_layers) == n_prune
     benchmark.group = "prune-speed"
-    _record(benchmark, result.timings["scoring"], case=f"{metric} {schedule} {options}",
+    _record(benchmark, result.timings["scoring"], calib, case=f"{metric} {schedule} {options}",
             total_s=round(result.timings["total"], 3), removed=result.removed_layers,
             n_prune=n_prune)

@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import nn
 
+from . import distributed
 from .errors import GradmapError
 
 __all__ = ["save_pretrained", "prepare_output_dir"]
@@ -42,7 +43,22 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
     Everything is written into a temporary sibling directory that is renamed
     into place only when complete, so a failure never leaves a half-written
     output. The result loads with plain `AutoModelForCausalLM.from_pretrained`.
+
+    Under torch.distributed only rank 0 writes; every rank returns the path after a barrier,
+    so the checkpoint is complete when any rank returns (identical weights on all ranks are
+    `fast_prune` / `sparsify`'s guarantee).
     """
+    if not distributed.is_main():
+        distributed.barrier()
+        return Path(out_dir)
+    try:
+        return _save(model, tokenizer, out_dir, report, overwrite, extra_files)
+    finally:  # also on error, so the other ranks are not left waiting
+        distributed.barrier()
+
+
+def _save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report: dict[str, Any] | None,
+          overwrite: bool, extra_files: dict[str, bytes] | None) -> Path:
     out = prepare_output_dir(out_dir, overwrite)
     parent = out.resolve().parent
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))

@@ -64,6 +64,14 @@ def parse_options(items: list[str]) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under `torchrun` every rank runs this; calibration is data-parallel and rank 0 writes --out."""
+    from .distributed import process_group
+    with process_group(args.device) as device:
+        return _run(args, device)
+
+
+def _run(args: argparse.Namespace, device: str) -> int:
+    from . import distributed
     from .calibration import calibration_data
     from .checkpoint import prepare_output_dir, save_pretrained
     from .metrics import get_metric
@@ -80,17 +88,23 @@ def run(args: argparse.Namespace) -> int:
     if args.n_prune <= 0:
         raise GradmapError(f"--n-prune must be a positive integer, got {args.n_prune}")
 
+    main = distributed.is_main()
+    say = print if main else (lambda *a, **k: None)
     t0 = time.perf_counter()
-    print(f"loading {args.model} ...", flush=True)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
-    print(f"drawing {args.n_calib} x {args.seq_len} calibration tokens from {args.calib} "
+    say(f"loading {args.model} ...", flush=True)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    say(f"drawing {args.n_calib} x {args.seq_len} calibration tokens from {args.calib} "
           f"(seed {args.seed}) ...", flush=True)
     calib = calibration_data(tokenizer, args.calib, args.n_calib, args.seq_len, args.seed)
     result = fast_prune(model, calib, args.n_prune, metric=args.metric, compensation=compensation,
                         schedule=args.schedule, protect_first=args.protect_first,
                         protect_last=args.protect_last, batch_size=args.batch_size,
-                        progress=not args.no_progress, **options)
+                        progress=not args.no_progress and main, **options)
+    if not main:  # identical result on every rank; rank 0 writes, the others wait for it
+        distributed.barrier()
+        return 0
     report = result.to_dict()
+    report["world_size"] = distributed.world_size()
     report["command"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
     png = plot_scores(result)
     out = save_pretrained(model, tokenizer, args.out, report=report, overwrite=args.overwrite,

@@ -68,6 +68,14 @@ def plot_sparsity(result: SparsifyResult, title: str | None = None) -> bytes:
 
 
 def run(args: argparse.Namespace) -> int:
+    """Under `torchrun` every rank runs this; calibration is data-parallel and rank 0 writes --out."""
+    from .distributed import process_group
+    with process_group(args.device) as device:
+        return _run(args, device)
+
+
+def _run(args: argparse.Namespace, device: str) -> int:
+    from . import distributed
     from .calibration import calibration_data
     from .checkpoint import prepare_output_dir, save_pretrained
     from .models import load_model
@@ -83,16 +91,19 @@ def run(args: argparse.Namespace) -> int:
                                f"got {getattr(args, name)}")
 
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
     needs_calib = args.score == "wanda" or args.allocation != "uniform"
     calib = (calibration_data(tokenizer, args.calib_source, args.n_samples, args.seq_len, args.seed)
              if needs_calib else None)
     result = sparsify(model, calib, args.sparsity, args.allocation, args.score,
                       batch_size=args.batch_size, progress=not args.no_progress, **options)
+    if not distributed.is_main():  # identical weights on every rank; rank 0 writes, the others wait
+        distributed.barrier()
+        return 0
     report = {"command": "sparsify", "model": args.model, **result.to_dict(),
               "calibration": ({"source": str(args.calib_source), "n_samples": args.n_samples,
                                "seq_len": args.seq_len, "seed": args.seed} if needs_calib else None),
-              "wall_seconds": time.perf_counter() - start}
+              "wall_seconds": time.perf_counter() - start, "world_size": distributed.world_size()}
     png = plot_sparsity(result, f"{args.model}: {args.allocation}/{args.score}, "
                                 f"overall sparsity {result.overall_sparsity:.4f}")
     out = save_pretrained(model, tokenizer, args.out, report=report, overwrite=args.overwrite,

@@ -19,13 +19,14 @@ import resource
 import sys
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from . import distributed, streaming
 from .adapter import get_adapter
 from .compensation.base import Compensator, NoCompensation, PruneContext
 from .errors import GradmapError
@@ -155,6 +156,7 @@ def _next_choice(plan, result: PruneResult) -> int:
 def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str | Metric = "gradmap",
                compensation: Any = "projection", schedule: str = "iterative", protect_first: int = 1,
                protect_last: int = 1, batch_size: int | None = None, progress: bool = False,
+               offload: str | None = None, compute_device: str | torch.device | None = None,
                **metric_options) -> PruneResult:
     """Remove `n_prune` decoder layers of `model` in place and return what was done.
 
@@ -166,6 +168,19 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     about 2048 tokens. All inputs are validated before the model is touched; the
     model leaves in eval mode with its `requires_grad` flags and `.grad` as they
     came in, also on error (layers removed before an error stay removed).
+
+    Data-parallel under `torchrun` (an initialised torch.distributed group): call it on every
+    rank with the same model and the same GLOBAL `calib`; each calibration pass runs the
+    rank's contiguous share of the rows it needs and sums its statistics over ranks, so all
+    ranks remove the same layers and fold the same weights as one process would (up to
+    floating-point summation order). Subsets of rows (GradMAP verification, the projection
+    held-out slice, magnitude `max_samples`) are chosen on the global rows first.
+
+    Models larger than one device: a model loaded with `device_map="auto"` works as is
+    (statistics stay on each layer's device). `offload="layer"` keeps the weights on the
+    host and brings one decoder layer at a time to `compute_device` (default CUDA when
+    available), see `gradmap.streaming`; it supports compensation="none" and the metrics
+    in `gradmap.streaming.STREAMING_METRICS`, and raises GradmapError for the others.
     """
     adapter = get_adapter(model)
     metric_obj = get_metric(metric, **metric_options)
@@ -175,6 +190,8 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
         raise GradmapError(f"metric {metric_obj.name!r} supports schedule {metric_obj.schedules[0]!r} only"
                            f"{alt.get(metric_obj.name, '')}; pass schedule={metric_obj.schedules[0]!r}")
     calib = check_calibration(model, calib)
+    distributed.shard_bounds(calib.shape[0])  # every rank needs at least one calibration row
+    progress = progress and distributed.is_main()
     ids = adapter.original_ids
     protected = protected_layers(ids, protect_first, protect_last)
     removable = [i for i in ids if i not in protected]
@@ -189,6 +206,10 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise GradmapError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     compensators = resolve_compensation(compensation)
+    check_choice("offload", offload, streaming.OFFLOAD_MODES)
+    if offload == "layer":
+        streaming.check_prune_support(metric_obj, compensators)
+    streaming.check_dispatch_support(model, metric_obj, compensators)
 
     result = PruneResult(metric=metric_obj.name, schedule=schedule,
                          compensation=[c.name for c in compensators])
@@ -204,7 +225,8 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
                      dense_sink=MeanSink() if want_means else None, progress=progress)
     start = time.perf_counter()
     plan = None
-    with _peak_memory(model, result), preserved_state(model):
+    offloaded = streaming.layer_offload(model, compute_device) if offload else nullcontext()
+    with offloaded, _peak_memory(model, result), preserved_state(model):
         try:
             scores = _timed_score(metric_obj, run, result)
             if run.dense_sink is not None:

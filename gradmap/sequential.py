@@ -88,7 +88,10 @@ def check_calibration(calib: Any, vocab_size: int | None = None) -> torch.Tensor
 
 
 def _device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    # not simply the first parameter: under accelerate offload it may sit on "meta", and under
+    # layer streaming the embedding is on the compute device
+    from .metrics.capture import model_device
+    return model_device(model)
 
 
 def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:

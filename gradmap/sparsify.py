@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import distributed
 from .adapter import get_adapter
 from .errors import GradmapError
 from .mrp import DEFAULT_CAP, DEFAULT_DELTA, DEFAULT_STEP, mrp_allocate
@@ -122,6 +123,7 @@ def activation_norms(block: Block, linears: dict[str, nn.Linear]) -> dict[str, t
     """‖X_j‖₂ of every linear layer's input over the block's calibration tokens (one block forward).
 
     Streams Σx² per column through `gradmap.ops.accumulate_moments` (fp32, no XᵀX).
+    Distributed: Σx² is summed over ranks (one collective per block) before the square root.
     """
     moments: dict[str, Moments] = {}
 
@@ -143,6 +145,7 @@ def activation_norms(block: Block, linears: dict[str, nn.Linear]) -> dict[str, t
     if missing:
         raise GradmapError(f"linear layers {missing} of block {block.original_id} never ran during the "
                            "calibration forward; sparsify supports only layers the block always uses")
+    distributed.all_reduce_moments_([moments[n] for n in linears])
     return {n: m.sq_x.sqrt() for n, m in moments.items()}
 
 
@@ -207,6 +210,8 @@ def _validate(model: nn.Module, calib: Any, sparsity: Any, allocation: Any, scor
               batch_size: Any, options: dict[str, Any]) -> dict[str, float]:
     get_adapter(model)  # raises UnsupportedModelError naming the supported families
     opts = check_options(sparsity, allocation, score, batch_size, options)
+    from .streaming import check_weights_editable
+    check_weights_editable(model, "sparsify")  # device_map: offloaded weights cannot be edited
     if score == "wanda" or allocation != "uniform":
         if calib is None:
             raise GradmapError(f"score={score!r} with allocation={allocation!r} needs calibration data; "
@@ -225,8 +230,13 @@ def sparsify(model: nn.Module, calib: torch.Tensor | None, sparsity: float = 0.7
     `options` and the algorithms are described in the module docstring. The parameter-weighted
     overall sparsity over the pruned layers equals `sparsity` up to rounding (< 0.1%). On bad
     input a GradmapError is raised before the model is changed.
+
+    Data-parallel under `torchrun`: pass the same GLOBAL `calib` on every rank; each rank runs
+    its contiguous share of the rows and the activation statistics are summed over ranks, so
+    every rank prunes the same weights.
     """
     opts = _validate(model, calib, sparsity, allocation, score, batch_size, options)
+    progress = progress and distributed.is_main()
     t_start = time.perf_counter()
     adapter = get_adapter(model)
     n = adapter.num_layers
@@ -236,6 +246,8 @@ def sparsify(model: nn.Module, calib: torch.Tensor | None, sparsity: float = 0.7
                             layer_ids=adapter.original_ids, block_params=n_params,
                             options={**opts, "batch_size": batch_size,
                                      "calibration_shape": list(calib.shape) if calib is not None else None})
+    if calib is not None:
+        calib = distributed.shard_rows(calib)  # the only place rows are split: every pass is full-set
     timings = {"allocation_pass": 0.0, "pruning_pass": 0.0, "mrp_loop": 0.0}
 
     t = time.perf_counter()

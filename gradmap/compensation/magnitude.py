@@ -15,11 +15,13 @@ import time
 
 import torch
 
+from .. import distributed
 from ..errors import GradmapError
+from ..metrics.capture import micro_batches, model_device
 from ..ops import Moments, accumulate_moments
 from .base import Compensator, PruneContext
 from .fold import fold_residual_scale_
-from .stats import DenseSnapshot, capture, micro_batches, run_decoder
+from .stats import DenseSnapshot, capture, run_decoder
 
 __all__ = ["MagnitudeCompensation", "residual_gain"]
 
@@ -30,20 +32,20 @@ log = logging.getLogger(__name__)
 def residual_gain(ctx: PruneContext, idx: int, calib: torch.Tensor) -> tuple[float, int]:
     """s = mean_c E|h_out|_c / E|h_in|_c of layer `idx` (ORIGINAL id) over `calib`.
 
-    Returns (s, number of channels skipped because E|h_in|_c = 0).
+    Returns (s, number of channels skipped because E|h_in|_c = 0). Distributed: `calib` is
+    the GLOBAL slice; each rank streams its share and the sums are added over ranks.
     """
     adapter = ctx.adapter
     layer = adapter.layers[adapter.position_of(idx)]
     d = ctx.model.config.hidden_size
-    abs_in = abs_out = None
-    for ids in micro_batches(calib, ctx.batch_size):
+    dev = model_device(ctx.model)
+    abs_in, abs_out = Moments(d, want_xtx=False, device=dev), Moments(d, want_xtx=False, device=dev)
+    for _, ids in micro_batches(distributed.shard_rows(calib, allow_empty=True), ctx.batch_size):
         with capture({"out": layer}, stop_at=layer, inputs={"in": layer}) as got:
             run_decoder(ctx.model, ids)
-        if abs_in is None:
-            dev = got["in"].device
-            abs_in, abs_out = Moments(d, want_xtx=False, device=dev), Moments(d, want_xtx=False, device=dev)
         accumulate_moments(abs_in, got["in"].abs())
         accumulate_moments(abs_out, got["out"].abs())
+    distributed.all_reduce_moments_([abs_in, abs_out])
     e_in, e_out = abs_in.mean.double(), abs_out.mean.double()
     if not (torch.isfinite(e_in).all() and torch.isfinite(e_out).all()):
         raise GradmapError(f"hidden-state magnitudes around layer {idx} are NaN/inf; the calibration forward "

@@ -31,12 +31,13 @@ from collections.abc import Sequence
 
 import torch
 
+from .. import distributed
 from ..errors import GradmapError
+from ..metrics.capture import micro_batches
 from ..ops import projection_solve
 from .base import Compensator, PruneContext
 from .fold import diagonal_only, fold_projection_
-from .stats import DenseSnapshot, Site, SiteMoments, StreamStats, lm_loss, merge_means, micro_batches, \
-    stream_statistics
+from .stats import DenseSnapshot, Site, SiteMoments, StreamStats, lm_loss, merge_means, stream_statistics
 
 __all__ = ["ProjectionCompensation", "solve_sites", "regression_loss", "removed_blocks", "mean_shifts",
            "DEFAULT_RIDGE", "DEFAULT_RIDGE_GRID"]
@@ -143,6 +144,8 @@ class ProjectionCompensation(Compensator):
         self.snapshot = DenseSnapshot.take(ctx)
 
     def _split(self, calib: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        # split the GLOBAL rows (the last ones are held out); each slice is sharded over ranks
+        # only inside the streaming passes, so the split is the single-process one
         n = calib.shape[0]
         if not self.safeguards or n < 2:
             return calib, None
@@ -281,9 +284,10 @@ class ProjectionCompensation(Compensator):
             backups = self._fold(ctx, site, p)
             t0 = time.perf_counter()
             nll, tokens = 0.0, 0
-            for ids in micro_batches(hold, ctx.batch_size):
+            for _, ids in micro_batches(distributed.shard_rows(hold, allow_empty=True), ctx.batch_size):
                 a, b = lm_loss(ctx.model, ids)
                 nll, tokens = nll + a, tokens + b
+            nll, tokens = distributed.all_reduce_moments_([], [nll, tokens])
             ctx.result.add_time("compensation_statistics", time.perf_counter() - t0)
             e["holdout_lm_loss_with_fold"] = loss = nll / tokens
             if loss < best:

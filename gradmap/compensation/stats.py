@@ -10,6 +10,10 @@ Two paths see the same calibration tokens, one micro-batch at a time:
 
 Only running sums leave a micro-batch (fp32, via `gradmap.ops.accumulate_moments`);
 hidden states of one micro-batch are dropped before the next one starts.
+
+Distributed (`gradmap.distributed`): `stream_statistics` takes the GLOBAL rows of the slice it
+is asked for (train or held-out), runs this rank's share and sums every Moments and the LM
+loss over ranks before returning, so compensators decide and fold identically on all ranks.
 """
 from __future__ import annotations
 
@@ -23,14 +27,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import distributed
 from ..adapter import LAYER_IDS_KEY, ModelAdapter, get_adapter
 from ..errors import GradmapError
+from ..metrics.capture import micro_batches, model_device
 from ..ops import Moments, accumulate_moments
 from ..surgery import _NOT_PER_LAYER, _renumber
 from .base import PruneContext
 
 __all__ = [
-    "StopForward", "DenseSnapshot", "dense_view", "micro_batches", "capture", "run_decoder",
+    "StopForward", "DenseSnapshot", "dense_view", "capture", "run_decoder",
     "mlp_output_module", "Site", "SiteMoments", "StreamStats", "stream_statistics",
     "merge_means", "lm_loss", "shared_prefix", "start_from",
 ]
@@ -44,18 +50,6 @@ class StopForward(Exception):
 
 def _first_tensor(out: Any) -> torch.Tensor:
     return out if torch.is_tensor(out) else out[0]
-
-
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
-
-
-def micro_batches(calib: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
-    """Consecutive slices of `calib` [n, L] with at most `batch_size` rows each."""
-    if batch_size < 1:
-        raise GradmapError(f"batch_size must be >= 1, got {batch_size}")
-    for start in range(0, calib.shape[0], batch_size):
-        yield calib[start:start + batch_size]
 
 
 def mlp_output_module(adapter: ModelAdapter, position: int) -> nn.Module:
@@ -109,14 +103,14 @@ def capture(modules: dict[Hashable, nn.Module], stop_at: nn.Module | None = None
 def run_decoder(model: nn.Module, ids: torch.Tensor) -> None:
     """Run the decoder stack (no LM head) on `ids`; a `StopForward` from a hook ends it early."""
     try:
-        get_adapter(model).decoder(input_ids=ids.to(_model_device(model)), use_cache=False)
+        get_adapter(model).decoder(input_ids=ids.to(model_device(model)), use_cache=False)
     except StopForward:
         pass
 
 
 def lm_loss(model: nn.Module, ids: torch.Tensor) -> tuple[float, int]:
     """(Σ next-token NLL, token count) of `model` on `ids` [b, L], fp32."""
-    ids = ids.to(_model_device(model))
+    ids = ids.to(model_device(model))
     logits = model(input_ids=ids, use_cache=False).logits
     nll = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="sum")
     return float(nll), ids[:, 1:].numel()
@@ -333,6 +327,7 @@ def stream_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Tenso
     min_P Σ_t ‖M_t P + Y_t − T_t‖², where M is the MLP output of site.layer, Y = h_out − M
     its residual stream just before the MLP add, and T the dense output of site.target.
     With `with_lm_loss` the pruned path runs to the logits and adds Σ NLL to the result.
+    Distributed: this rank streams its share of `calib`; the returned sums are over all ranks.
     """
     mean_layers, dense_mean_layers, sites = list(mean_layers), list(dense_mean_layers), list(sites)
     d = ctx.model.config.hidden_size
@@ -345,7 +340,7 @@ def stream_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Tenso
     dense_run = sorted(dense_wanted - from_pruned)
     handoff = snap.layer_ids[k - 1] if k > 0 and dense_run else None
     pruned_wanted = set(mean_layers) | set(site_layers) | from_pruned | ({handoff} - {None})
-    for ids in micro_batches(calib, ctx.batch_size):
+    for _, ids in micro_batches(distributed.shard_rows(calib, allow_empty=True), ctx.batch_size):
         adapter = ctx.adapter
         pos = {o: p for p, o in enumerate(adapter.original_ids)}
         outs = {("h", o): adapter.layers[pos[o]] for o in pruned_wanted}
@@ -390,4 +385,26 @@ def stream_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Tenso
             accumulate_moments(stats.sites[s].mr, m, r)
             accumulate_moments(stats.sites[s].r, r)
         del dense, m_of, y_of, h_k
+    _all_reduce_stats_(stats, ctx.model, d, mean_layers, dense_mean_layers, sites)
     return stats
+
+
+def _all_reduce_stats_(stats: StreamStats, model: nn.Module, d: int, mean_layers: list[int],
+                       dense_mean_layers: list[int], sites: list[Site]) -> None:
+    """Sum every running statistic of `stats` over ranks, in one collective (no-op single-process).
+
+    A rank whose share of the rows was empty holds no Moments yet: zeros are created first so
+    that every rank sends the same tensors in the same order.
+    """
+    if not distributed.is_distributed():
+        return
+    device = model_device(model)
+    moments = [_moments(stats.pruned_means, o, d, device, want_xtx=False) for o in mean_layers]
+    moments += [_moments(stats.dense_means, o, d, device, want_xtx=False) for o in dense_mean_layers]
+    for s in sites:
+        if s not in stats.sites:
+            stats.sites[s] = SiteMoments(Moments(d, d_y=d, device=device),
+                                         Moments(d, want_xtx=False, device=device))
+        moments += [stats.sites[s].mr, stats.sites[s].r]
+    stats.nll, tokens = distributed.all_reduce_moments_(moments, [stats.nll, stats.tokens])
+    stats.tokens = int(round(tokens))

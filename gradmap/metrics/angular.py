@@ -19,6 +19,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from ..errors import GradmapError
 from .base import Metric, ScoringRun, check_choice
 from .capture import check_finite, forward_pass, model_device
@@ -42,17 +43,20 @@ class Angular(Metric):
     def score(self, run: ScoringRun) -> dict[int, float]:
         n_layers, n = run.adapter.num_layers, run.n_prune
         starts = n_layers - n + 1
-        sums = torch.zeros(starts, dtype=torch.float64, device=model_device(run.model))
-        count = [0]
-        window: dict[int, torch.Tensor] = {}  # inputs of the last n layers of this micro-batch
+        # sums[starts] counts sequences (or tokens), so one collective sums everything over ranks
+        sums = torch.zeros(starts + 1, dtype=torch.float64, device=model_device(run.model))
+        # FIFO per layer of the inputs still waiting for layer pos+n (one per micro-batch): works
+        # for batch-major passes and for layer streaming's layer-major order alike
+        window: dict[int, list[torch.Tensor]] = {}
 
         def distance_to(pos: int, x: torch.Tensor) -> None:
             start = pos - n
             if start >= 0:
-                cos = F.cosine_similarity(window.pop(start), x, dim=-1).clamp(-1.0, 1.0)
-                sums[start] += (torch.arccos(cos) / math.pi).sum(dtype=torch.float64)
+                ref = window[start].pop(0)
+                cos = F.cosine_similarity(ref, x.to(ref.device), dim=-1).clamp(-1.0, 1.0)
+                sums[start] += (torch.arccos(cos) / math.pi).sum(dtype=torch.float64).to(sums.device)
                 if start == 0:
-                    count[0] += cos.numel()
+                    sums[starts] += cos.numel()
 
         def pick(h: torch.Tensor) -> torch.Tensor:
             return (h if self.tokens == "all" else h[:, -1:]).detach().float()
@@ -60,17 +64,18 @@ class Angular(Metric):
         def on_layer(pos: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
             x = pick(h_in)
             distance_to(pos, x)
-            window[pos] = x
+            if pos < starts:
+                window.setdefault(pos, []).append(x)
             if pos == n_layers - 1:
                 distance_to(n_layers, pick(h_out))
-                window.clear()
 
         def after_batch(start: int, stop: int) -> None:
             check_finite(sums, "hidden state", start, stop, run.model)
 
         forward_pass(run.model, run.adapter, run.calib, run.batch_size, on_layer, sink=run.dense_sink,
                      progress=run.progress, desc="angular distance", after_batch=after_batch)
-        vals = (sums / max(count[0], 1)).cpu()
+        distributed.all_reduce_sum_(sums)
+        vals = (sums[:starts] / sums[starts].clamp_min(1)).cpu()
         ids = run.adapter.original_ids
         return {ids[s]: float(vals[s]) for s in range(starts)}
 

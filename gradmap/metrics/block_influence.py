@@ -14,6 +14,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
+from .. import distributed
 from .base import Metric, ScoringRun
 from .capture import check_finite, forward_pass, model_device
 
@@ -29,19 +30,20 @@ class BlockInfluence(Metric):
 
     def score(self, run: ScoringRun) -> dict[int, float]:
         n = run.adapter.num_layers
-        sums = torch.zeros(n, dtype=torch.float64, device=model_device(run.model))
-        count = [0]
+        # sums[n] counts tokens, so one collective sums everything over ranks
+        sums = torch.zeros(n + 1, dtype=torch.float64, device=model_device(run.model))
 
         def on_layer(pos: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
             cos = F.cosine_similarity(h_in.float(), h_out.float(), dim=-1)
-            sums[pos] += (1.0 - cos).sum(dtype=torch.float64)
+            sums[pos] += (1.0 - cos).sum(dtype=torch.float64).to(sums.device)
             if pos == 0:
-                count[0] += cos.numel()
+                sums[n] += cos.numel()
 
         def after_batch(start: int, stop: int) -> None:
             check_finite(sums, "hidden state", start, stop, run.model)
 
         forward_pass(run.model, run.adapter, run.calib, run.batch_size, on_layer, sink=run.dense_sink,
                      progress=run.progress, desc="block influence", after_batch=after_batch)
-        vals = (sums / count[0]).cpu()
+        distributed.all_reduce_sum_(sums)
+        vals = (sums[:n] / sums[n]).cpu()
         return {i: float(vals[p]) for p, i in enumerate(run.adapter.original_ids)}

@@ -7,6 +7,13 @@ a guard that puts the model's mode, `requires_grad` flags and `.grad` back as
 they came in. Every hook and every per-instance `forward` patch is owned by a
 context manager and removed in its `finally`. Only running sums survive a
 micro-batch; no pass keeps all hidden states.
+
+Data parallelism (`gradmap.distributed`): every pass here takes the GLOBAL calibration
+rows, runs only this rank's contiguous share of them and sums what it returns over the
+ranks (losses, weight gradients, the MeanSink's sums and counts), so callers pick subsets
+of rows exactly as a single process would and every rank sees the same numbers.
+Callbacks (`on_layer`, `collect`) see this rank's rows only: a metric that accumulates
+its own sums reduces them itself after the pass.
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import torch.utils.checkpoint
 from torch import nn
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..adapter import ModelAdapter
 from ..errors import GradmapError
 from ..ops import layer_grad_reductions
@@ -27,7 +35,8 @@ from ..ops import layer_grad_reductions
 __all__ = [
     "MeanSink", "model_device", "default_batch_size", "micro_batches", "next_token_loss_sum",
     "check_finite", "layer_io", "skip_layer", "checkpointed", "preserved_state", "forward_pass",
-    "backward_pass", "calibration_loss", "param_grad_reductions", "TOKENS_PER_BATCH",
+    "backward_pass", "calibration_loss", "calibration_losses", "param_grad_reductions",
+    "TOKENS_PER_BATCH",
 ]
 
 # default micro-batch size in tokens: keeps fp32 logits (tokens x vocab) and their gradient modest
@@ -54,15 +63,39 @@ class MeanSink:
             self.counts[layer_id] = flat.shape[0]
 
     def means(self) -> dict[int, torch.Tensor]:
-        """ORIGINAL layer index -> mean output hidden state (fp32)."""
-        return {i: s / self.counts[i] for i, s in self.sums.items()}
+        """ORIGINAL layer index -> mean output hidden state (fp32), sums and counts over all ranks.
+
+        The reduction works on copies, so calling it twice gives the same means.
+        """
+        keys = sorted(self.sums)
+        if not distributed.is_distributed():
+            return {i: self.sums[i] / self.counts[i] for i in keys}
+        sums = torch.stack([self.sums[i] for i in keys])
+        counts = torch.tensor([float(self.counts[i]) for i in keys], dtype=torch.float64,
+                              device=sums.device)
+        distributed.all_reduce_sums_([sums, counts])
+        return {i: sums[k] / counts[k].item() for k, i in enumerate(keys)}
 
 
 def model_device(model: nn.Module) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+    """Where the model's inputs (and running statistics) go.
+
+    Layer streaming active: its compute device. A model dispatched by accelerate
+    (device_map): the execution device of its top-level hook, else the first
+    parameter not offloaded to "meta". Otherwise: the device of the first parameter.
+    """
+    offload = model.__dict__.get("_gradmap_layer_offload")  # gradmap.streaming.layer_offload
+    if offload is not None:
+        return offload.compute_device
+    hook_device = getattr(getattr(model, "_hf_hook", None), "execution_device", None)
+    if hook_device is not None:
+        return torch.device(hook_device)
+    first = None
+    for p in model.parameters():
+        if p.device.type != "meta":
+            return p.device
+        first = first or p.device
+    return first or torch.device("cpu")
 
 
 def default_batch_size(seq_len: int, tokens: int = TOKENS_PER_BATCH) -> int:
@@ -71,11 +104,25 @@ def default_batch_size(seq_len: int, tokens: int = TOKENS_PER_BATCH) -> int:
 
 
 def micro_batches(calib: torch.Tensor, batch_size: int, progress: bool = False,
-                  desc: str = "") -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, rows) of consecutive slices of `calib` [n, L], at most `batch_size` rows each."""
+                  desc: str = "", offset: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row + `offset`, rows) of consecutive slices of `calib` [n, L], at most `batch_size` rows.
+
+    `offset` is the index of calib's first row in a larger set (a rank's shard), so error
+    messages name global rows. Progress bars show on the main rank only.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise GradmapError(f"batch_size must be a positive integer, got {batch_size!r}")
     starts = range(0, calib.shape[0], batch_size)
-    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress, leave=False):
-        yield start, calib[start:start + batch_size]
+    bar = tqdm(starts, desc=desc, unit="batch", disable=not progress or not distributed.is_main(),
+               leave=False)
+    for start in bar:
+        yield offset + start, calib[start:start + batch_size]
+
+
+def _shard(calib: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(index of the first row, rows) of this rank's share of `calib`; may be empty for small subsets."""
+    lo, hi = distributed.shard_bounds(calib.shape[0], allow_empty=True)
+    return lo, calib[lo:hi]
 
 
 def next_token_loss_sum(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -119,7 +166,9 @@ def layer_io(layers: Sequence[nn.Module], fn: LayerFn) -> Iterator[None]:
     try:
         for pos, layer in enumerate(layers):
             def hook(module, args, kwargs, output, pos=pos):
-                fn(pos, _hidden_in(args, kwargs), _hidden_out(output))
+                h_out = _hidden_out(output)
+                # device_map: the input may still sit on the previous layer's device
+                fn(pos, _hidden_in(args, kwargs).to(h_out.device), h_out)
             handles.append(layer.register_forward_hook(hook, with_kwargs=True))
         yield
     finally:
@@ -183,6 +232,10 @@ def preserved_state(model: nn.Module) -> Iterator[list[nn.Parameter]]:
     params = list(model.parameters())
     flags = [p.requires_grad for p in params]
     grads = [p.grad for p in params]
+    # accelerate's offload hooks (device_map with "cpu"/"disk") put a NEW Parameter object in
+    # the module on every forward: remember each slot too, to restore flags on whatever is there
+    slots = [(m, k, p, p.requires_grad) for m in model.modules() for k, p in m._parameters.items()
+             if p is not None]
     model.eval()
     try:
         yield params
@@ -190,6 +243,10 @@ def preserved_state(model: nn.Module) -> Iterator[list[nn.Parameter]]:
         for p, flag, grad in zip(params, flags, grads):
             p.requires_grad_(flag)
             p.grad = grad
+        for m, k, p, flag in slots:
+            now = m._parameters.get(k)
+            if now is not None and now is not p:
+                now.requires_grad_(flag)
         model.eval()
 
 
@@ -225,9 +282,14 @@ def forward_pass(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor, b
                  on_layer: LayerFn | None, sink: MeanSink | None = None, progress: bool = False,
                  desc: str = "forward", after_batch: Callable[[int, int], None] | None = None) -> None:
     """Run the decoder stack (no LM head) over the calibration set, calling `on_layer` per layer."""
+    if model.__dict__.get("_gradmap_layer_offload") is not None:
+        from ..streaming import stream_forward_pass  # offload="layer": one layer on the device at a time
+        return stream_forward_pass(model, adapter, calib, batch_size, on_layer, sink, progress, desc,
+                                   after_batch)
     device = model_device(model)
+    offset, calib = _shard(calib)
     with _io_hooks(adapter, on_layer, sink):
-        for start, rows in micro_batches(calib, batch_size, progress, desc):
+        for start, rows in micro_batches(calib, batch_size, progress, desc, offset):
             adapter.decoder(input_ids=rows.to(device), use_cache=False)
             if after_batch is not None:
                 after_batch(start, start + rows.shape[0])
@@ -248,10 +310,18 @@ def backward_pass(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor, 
     final norm and LM head get none). `on_layer(pos, h_in, h_out)` runs in each
     layer's forward (it may register tensor hooks on `h_out` to see ∂L/∂h_out);
     `collect(params)` reads the accumulated `.grad` before the model's own grads,
-    flags and mode are restored. Returns (L, collect's result).
+    flags and mode are restored. Returns (L, collect's result). Distributed: each rank
+    back-propagates its rows' share of L (divided by the GLOBAL token count N), so the
+    `.grad` that `collect` sees must be summed over ranks before use; L is summed here.
     """
+    if model.__dict__.get("_gradmap_layer_offload") is not None:
+        from ..streaming import check_streaming_support, stream_backward_pass
+        check_streaming_support("a weight-gradient metric (gradmap gradient='param', taylor)", not weight_grads)
+        return stream_backward_pass(model, adapter, calib, batch_size, on_layer=on_layer, sink=sink,
+                                    collect=collect, after_batch=after_batch, progress=progress, desc=desc)
     device = model_device(model)
     n_tokens = calib.shape[0] * (calib.shape[1] - 1)
+    offset, calib = _shard(calib)
     total = 0.0
     with preserved_state(model) as params, ExitStack() as stack:
         for p in params:
@@ -265,7 +335,7 @@ def backward_pass(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor, 
         stack.enter_context(checkpointed(list(adapter.layers), gradient_checkpointing))
         stack.enter_context(_io_hooks(adapter, on_layer, sink))
         with torch.enable_grad():
-            for start, rows in micro_batches(calib, batch_size, progress, desc):
+            for start, rows in micro_batches(calib, batch_size, progress, desc, offset):
                 loss = next_token_loss_sum(model, rows.to(device))
                 check_finite(loss.detach(), "loss", start, start + rows.shape[0], model)
                 (loss / n_tokens).backward()
@@ -273,24 +343,43 @@ def backward_pass(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor, 
                 if after_batch is not None:
                     after_batch(start, start + rows.shape[0])
         result = collect(params) if collect is not None else None
+    total = distributed.all_reduce_moments_([], [total])[0]
     return total / n_tokens, result
 
 
 @torch.no_grad()
+def calibration_losses(model: nn.Module, calib: torch.Tensor, batch_size: int,
+                       skips: Sequence[nn.Module | None], progress: bool = False,
+                       desc: str = "loss") -> list[float]:
+    """Mean next-token loss over `calib` once per entry of `skips` (that layer bypassed; None: none).
+
+    L = Σ_tokens CE / N (fp32 cross-entropy, fp64 running sum). Distributed: each rank
+    sums its rows for every entry and one collective sums all of them over ranks.
+    """
+    if model.__dict__.get("_gradmap_layer_offload") is not None:
+        from ..streaming import stream_calibration_losses
+        return stream_calibration_losses(model, calib, batch_size, skips, progress, desc)
+    device = model_device(model)
+    offset, shard = _shard(calib)
+    totals = []
+    for skip in skips:
+        total = 0.0
+        with ExitStack() as stack:
+            if skip is not None:
+                stack.enter_context(skip_layer(skip))
+            for start, rows in micro_batches(shard, batch_size, progress, desc, offset):
+                loss = next_token_loss_sum(model, rows.to(device))
+                check_finite(loss, "loss", start, start + rows.shape[0], model)
+                total += float(loss)
+        totals.append(total)
+    n_tokens = calib.shape[0] * (calib.shape[1] - 1)
+    return [t / n_tokens for t in distributed.all_reduce_moments_([], totals)]
+
+
 def calibration_loss(model: nn.Module, calib: torch.Tensor, batch_size: int,
                      skip: nn.Module | None = None, progress: bool = False, desc: str = "loss") -> float:
     """Mean next-token loss over `calib` (fp32 accumulation), optionally with layer `skip` bypassed."""
-    device = model_device(model)
-    total = 0.0
-    with ExitStack() as stack:
-        if skip is not None:
-            stack.enter_context(skip_layer(skip))
-        for start, rows in micro_batches(calib, batch_size, progress, desc):
-            loss = next_token_loss_sum(model, rows.to(device))
-            check_finite(loss, "loss", start, start + rows.shape[0], model)
-            total += float(loss)
-    return total / (calib.shape[0] * (calib.shape[1] - 1))
-
+    return calibration_losses(model, calib, batch_size, [skip], progress, desc)[0]
 
 
 def param_grad_reductions(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor, batch_size: int,
@@ -301,25 +390,32 @@ def param_grad_reductions(model: nn.Module, adapter: ModelAdapter, calib: torch.
     """Per-layer Σ|x|, Σx² (fp32) and parameter counts, x = ∂L/∂θ (or θ·∂L/∂θ if `times_weight`).
 
     One forward + backward of the mean calibration loss with weight gradients on
-    the decoder layers only; the reductions go through `gradmap.ops.layer_grad_reductions`.
+    the decoder layers only; the reductions go through `gradmap.ops.layer_grad_reductions`,
+    one call for all layers. Distributed: the gradients themselves are summed over ranks
+    first (|Σ g| is not Σ |g|), in buckets, then every rank reduces the same numbers.
     """
     n = adapter.num_layers
 
     def collect(params):
-        abs_sum = torch.zeros(n, dtype=torch.float32)
-        sq_sum = torch.zeros(n, dtype=torch.float32)
         counts = torch.zeros(n, dtype=torch.float64)
+        owned = []
         for pos, layer in enumerate(adapter.layers):
-            grads = []
             for p in layer.parameters():
                 counts[pos] += p.numel()
+                if p.grad is None and distributed.is_distributed():
+                    p.grad = torch.zeros_like(p)  # a rank without rows still joins the reduction
                 if p.grad is not None:
-                    grads.append(p.detach() * p.grad if times_weight else p.grad)
-            if grads:
-                a, s = layer_grad_reductions(grads, [pos] * len(grads), n)
-                abs_sum += a.cpu()
-                sq_sum += s.cpu()
-        return abs_sum, sq_sum, counts
+                    owned.append((pos, p))
+        distributed.all_reduce_sums_([p.grad for _, p in owned])
+        if times_weight:  # in place: these .grad tensors are dropped when the pass ends
+            for _, p in owned:
+                p.grad.mul_(p.detach())
+        grads = [p.grad for _, p in owned]
+        if not grads:
+            zeros = torch.zeros(n, dtype=torch.float32)
+            return zeros, zeros.clone(), counts
+        abs_sum, sq_sum = layer_grad_reductions(grads, [pos for pos, _ in owned], n)
+        return abs_sum.cpu(), sq_sum.cpu(), counts
 
     _, (abs_sum, sq_sum, counts) = backward_pass(
         model, adapter, calib, batch_size, weight_grads=True, sink=sink, collect=collect,

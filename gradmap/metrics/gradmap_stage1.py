@@ -33,10 +33,11 @@ from typing import ClassVar
 
 import torch
 
+from .. import distributed
 from ..errors import GradmapError
 from ..ops import gate_reduction
 from .base import Metric, ScoringRun, check_choice, lowest_first
-from .capture import (backward_pass, calibration_loss, check_finite, model_device,
+from .capture import (backward_pass, calibration_losses, check_finite, model_device,
                       param_grad_reductions)
 
 __all__ = ["GradMAP", "gate_statistics", "GRADIENTS", "NORMALIZATIONS"]
@@ -81,7 +82,7 @@ def gate_statistics(run: ScoringRun, normalizations: tuple[str, ...] = ("none",)
             s = gate_reduction(g, u)  # [batch, seq] fp32: ⟨g_t, u_t⟩
             for nz in normalizations:
                 div = _divisor(nz, h_in.detach(), h_out.detach(), u)
-                sn = s if div is None else s / div
+                sn = (s if div is None else s / div).to(device)  # device_map: sums on one device
                 batch["token", nz][pos] += sn.abs().sum(dtype=torch.float64)
                 batch["gate", nz][pos] -= sn.sum(dtype=torch.float64)
                 batch["fisher", nz][pos] += sn.sum(-1, dtype=torch.float64).square().sum()
@@ -97,6 +98,7 @@ def gate_statistics(run: ScoringRun, normalizations: tuple[str, ...] = ("none",)
                   on_layer=on_layer, sink=run.dense_sink, after_batch=after_batch,
                   gradient_checkpointing=gradient_checkpointing, progress=run.progress,
                   desc="gradmap gradient")
+    distributed.all_reduce_sums_(list(acc.values()))
     ids = adapter.original_ids
     return {k: {ids[p]: float(v[p]) for p in range(n)} for k, v in acc.items()}
 
@@ -157,12 +159,12 @@ class GradMAP(Metric):
             if len(candidates) == 1:
                 yield candidates[0]
                 continue
+            # the first rows of the GLOBAL calibration set (sharded inside, summed over ranks)
             subset = run.calib[:self.verify_rows(run.calib.shape[0])]
-            losses = {}
-            for i in candidates:
-                layer = run.adapter.layers[run.adapter.position_of(i)]
-                losses[i] = calibration_loss(run.model, subset, run.batch_size, skip=layer,
-                                             progress=run.progress, desc=f"verify layer {i}")
+            layers = [run.adapter.layers[run.adapter.position_of(i)] for i in candidates]
+            losses = dict(zip(candidates, calibration_losses(
+                run.model, subset, run.batch_size, layers, progress=run.progress,
+                desc="verify candidates")))
             best = min(candidates, key=lambda i: (losses[i], candidates.index(i)))
             log.info("verify: calibration loss with each candidate skipped %s -> remove %d",
                      {i: round(v, 4) for i, v in losses.items()}, best)

@@ -11,19 +11,20 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from .base import Metric, ScoringRun
-from .capture import calibration_loss
+from .capture import calibration_losses
 
 __all__ = ["PPL", "skip_losses"]
 
 
 def skip_losses(run: ScoringRun, desc: str) -> dict[int, float]:
-    """ORIGINAL index -> calibration loss with that layer bypassed, for every removable layer."""
-    losses = {}
-    for i in run.removable:
-        layer = run.adapter.layers[run.adapter.position_of(i)]
-        losses[i] = calibration_loss(run.model, run.calib, run.batch_size, skip=layer,
-                                     progress=run.progress, desc=f"{desc}: skip layer {i}")
-    return losses
+    """ORIGINAL index -> calibration loss with that layer bypassed, for every removable layer.
+
+    All the losses of one call are summed over ranks in a single collective.
+    """
+    layers = [run.adapter.layers[run.adapter.position_of(i)] for i in run.removable]
+    losses = calibration_losses(run.model, run.calib, run.batch_size, layers, progress=run.progress,
+                                desc=f"{desc}: skip each layer")
+    return dict(zip(run.removable, losses))
 
 
 @dataclass

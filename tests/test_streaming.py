@@ -1,0 +1,270 @@
+"""Models larger than one device: layer streaming (offload="layer") and accelerate device maps.
+
+The compute device is the CPU here; the memory bound is checked by tracking which module
+groups `gradmap.streaming.on_device` has placed on the compute device whenever a module runs.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import pytest
+import torch
+from tiny import random_ids, tiny_model
+
+from gradmap import GradmapError, fast_prune, get_adapter, streaming
+from gradmap.metrics import ScoringRun, gate_statistics, get_metric
+from gradmap.metrics.capture import MeanSink, calibration_losses, forward_pass
+
+FAMILIES = ["llama", "gemma2", "qwen2"]
+REL = 1e-8
+
+
+def _run(model, calib, n_prune=2, batch_size=2):
+    ad = get_adapter(model)
+    return ScoringRun(model, ad, calib, batch_size, ad.original_ids[1:-1], n_prune)
+
+
+def _close(a: dict, b: dict, what: str) -> None:
+    assert a.keys() == b.keys(), what
+    for k in a:
+        assert abs(a[k] - b[k]) <= REL * max(abs(a[k]), 1e-12), f"{what} layer {k}: {a[k]} vs {b[k]}"
+
+
+def _streamed(model, fn):
+    with streaming.layer_offload(model, "cpu"):
+        return fn()
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def fp64_model(request):
+    return tiny_model(request.param, n_layers=5, dtype=torch.float64, seed=3), random_ids(5, 20, seed=4)
+
+
+@pytest.mark.parametrize("name,options", [("block-influence", {}), ("angular", {}),
+                                          ("angular", {"tokens": "all"}), ("ppl", {}),
+                                          ("gradmap", {"verify": 2, "verify_samples": 3})],
+                         ids=["bi", "angular", "angular-all", "ppl", "gradmap-verify"])
+def test_forward_metrics_match_in_memory(fp64_model, name, options):
+    model, calib = fp64_model
+    metric = get_metric(name, **options)
+    ref = metric.score(_run(model, calib))
+    got = _streamed(model, lambda: metric.score(_run(model, calib)))
+    _close(ref, got, name)
+
+
+def test_gradient_statistics_match_in_memory(fp64_model):
+    model, calib = fp64_model
+    norms = ("none", "h_in", "u")
+    ref = gate_statistics(_run(model, calib), norms)
+    got = _streamed(model, lambda: gate_statistics(_run(model, calib), norms))
+    assert ref.keys() == got.keys() and len(ref) == 9
+    for key in ref:
+        _close(ref[key], got[key], str(key))
+    # the gradient really flows through every layer: scores differ from layer to layer
+    assert len({round(v, 12) for v in got["token", "none"].values()}) == 5
+
+
+def test_dense_means_and_losses_match(fp64_model):
+    model, calib = fp64_model
+    ad = get_adapter(model)
+    ref_sink, got_sink = MeanSink(), MeanSink()
+    forward_pass(model, ad, calib, 2, None, sink=ref_sink)
+    _streamed(model, lambda: forward_pass(model, ad, calib, 2, None, sink=got_sink))
+    ref_means, got_means = ref_sink.means(), got_sink.means()
+    assert ref_means.keys() == got_means.keys() == set(range(5))
+    for i in ref_means:
+        torch.testing.assert_close(got_means[i], ref_means[i], rtol=REL, atol=0)
+    skips = [None, ad.layers[2]]
+    ref = calibration_losses(model, calib, 2, skips)
+    got = _streamed(model, lambda: calibration_losses(model, calib, 2, skips))
+    assert ref[1] != ref[0]
+    _close(dict(enumerate(ref)), dict(enumerate(got)), "loss")
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("metric,schedule", [("gradmap", "iterative"), ("block-influence", "one-shot")])
+def test_fast_prune_streamed_removes_the_same_layers(family, metric, schedule):
+    base = tiny_model(family, n_layers=6, dtype=torch.float64, seed=5)
+    calib = random_ids(6, 20, seed=6)  # longer than Gemma2's sliding window (16): per-layer masks differ
+    ref_model, model = copy.deepcopy(base), copy.deepcopy(base)
+    ref = fast_prune(ref_model, calib, 2, metric=metric, compensation="none", schedule=schedule, batch_size=4)
+    got = fast_prune(model, calib, 2, metric=metric, compensation="none", schedule=schedule, batch_size=4,
+                     offload="layer", compute_device="cpu")
+    assert got.removed_layers == ref.removed_layers
+    for r, g in zip(ref.scores, got.scores):
+        _close(r, g, "scores")
+    for (n1, p1), (n2, p2) in zip(ref_model.named_parameters(), model.named_parameters()):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+class _Residency:
+    """Which module groups `on_device` has placed right now, with their parameter counts."""
+
+    def __init__(self, monkeypatch):
+        self.placed: list[tuple[set[int], int]] = []  # (ids of the placed modules, parameter count)
+        self.peak = 0
+        self.max_layers = 0
+        self.layer_ids: set[int] = set()
+        original = streaming.on_device
+
+        @contextmanager
+        def tracking(modules, device):
+            ids = {id(m) for mod in modules for m in mod.modules()}
+            n = sum(p.numel() for p in {id(p): p for mod in modules for p in mod.parameters()}.values())
+            entry = (ids, n)
+            self.placed.append(entry)
+            self.peak = max(self.peak, sum(k for _, k in self.placed))
+            self.max_layers = max(self.max_layers,
+                                  sum(1 for ids_, _ in self.placed if ids_ & self.layer_ids))
+            try:
+                with original(modules, device):
+                    yield
+            finally:
+                self.placed.remove(entry)
+        monkeypatch.setattr(streaming, "on_device", tracking)
+
+    def is_placed(self, module) -> bool:
+        return any(id(module) in ids for ids, _ in self.placed)
+
+
+@pytest.mark.parametrize("metric", ["gradmap", "block-influence"])
+def test_at_most_one_layer_on_the_compute_device(monkeypatch, metric):
+    model = tiny_model("llama", n_layers=6, seed=7)
+    ad = get_adapter(model)
+    res = _Residency(monkeypatch)
+    res.layer_ids = {id(layer) for layer in ad.layers}
+    ran: list[str] = []
+
+    def must_be_placed(name):
+        def hook(module, args):
+            assert res.is_placed(module), f"{name} ran while not placed on the compute device"
+            ran.append(name)
+        return hook
+
+    groups = {f"layer{i}": layer for i, layer in enumerate(ad.layers)}
+    groups.update(embed=ad.embed_tokens, norm=ad.final_norm, head=ad.lm_head)
+    # leaf modules: they run only when their layer really computes (capturing the block
+    # inputs calls each layer's __call__ with a recorder that computes nothing)
+    leaves = {n: [m for m in g.modules() if next(m.children(), None) is None] for n, g in groups.items()}
+    handles = [m.register_forward_pre_hook(must_be_placed(n)) for n, ms in leaves.items() for m in ms]
+    try:
+        fast_prune(model, random_ids(4, 10, seed=8), 2, metric=metric, compensation="none",
+                   schedule="iterative", batch_size=2, offload="layer", compute_device="cpu")
+    finally:
+        for h in handles:
+            h.remove()
+    layer_size = max(sum(p.numel() for p in layer.parameters()) for layer in groups.values())
+    head_size = sum(p.numel() for p in ad.lm_head.parameters()) + sum(p.numel() for p in ad.final_norm.parameters())
+    assert res.max_layers == 1
+    assert 0 < res.peak <= max(layer_size, head_size)
+    assert {"embed", "layer0", "layer5"} <= set(ran)
+    assert ("head" in ran) == (metric == "gradmap")
+
+
+def test_model_left_as_it_came():
+    model = tiny_model("gemma2", n_layers=5, seed=9)
+    params = dict(model.named_parameters())
+    params["model.layers.1.mlp.up_proj.weight"].requires_grad_(False)
+    grad = torch.ones_like(params["model.layers.2.self_attn.q_proj.weight"])
+    params["model.layers.2.self_attn.q_proj.weight"].grad = grad
+    before = {n: (p.device, p.data_ptr(), p.requires_grad, p.grad) for n, p in params.items()}
+    buffers = {n: b.data_ptr() for n, b in model.named_buffers()}
+    model.train()
+    ad = get_adapter(model)
+    for name in ("gradmap", "block-influence", "angular"):
+        _streamed(model, lambda: get_metric(name).score(_run(model, random_ids(3, 9), n_prune=1)))
+    after = {n: (p.device, p.data_ptr(), p.requires_grad, p.grad) for n, p in model.named_parameters()}
+    assert after == before and after["model.layers.2.self_attn.q_proj.weight"][3] is grad
+    assert {n: b.data_ptr() for n, b in model.named_buffers()} == buffers
+    assert streaming.offload_of(model) is None and not model.training
+
+    def boom(pos, h_in, h_out):
+        raise RuntimeError("callback failed")
+    with pytest.raises(RuntimeError, match="callback failed"):
+        _streamed(model, lambda: forward_pass(model, ad, random_ids(2, 8), 2, boom))
+    assert {n: (p.device, p.data_ptr(), p.requires_grad, p.grad) for n, p in model.named_parameters()} == before
+    assert streaming.offload_of(model) is None
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(offload="disk"), "offload='disk' is not valid"),
+    (dict(offload="layer", metric="taylor"), "offload='layer'"),
+    (dict(offload="layer", metric="gradmap", gradient="param"), "offload='layer'"),
+    (dict(offload="layer", compensation="projection"), "offload='layer'"),
+    (dict(offload="layer", compute_device="meta"), "cannot compute"),
+    (dict(offload="layer", compute_device="tpu:7"), "not a device"),
+])
+def test_unsupported_streaming_is_rejected(kwargs, match):
+    model = tiny_model("llama", n_layers=4, seed=1)
+    state = copy.deepcopy(model.state_dict())
+    options = dict(metric="gradmap", compensation="none")
+    options.update(kwargs)
+    with pytest.raises(GradmapError, match=match):
+        fast_prune(model, random_ids(2, 8), 1, **options)
+    assert get_adapter(model).num_layers == 4 and streaming.offload_of(model) is None
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+
+
+# -- accelerate device maps (CPU only: "disk" offload with the CPU as execution device) --------
+
+def _dispatched(base, tmp_path, disk=(1, 3, 4)):
+    from accelerate import dispatch_model
+    n = get_adapter(base).num_layers
+    device_map = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    device_map.update({f"model.layers.{i}": "disk" if i in disk else "cpu" for i in range(n)})
+    return dispatch_model(base, device_map=device_map, offload_dir=str(tmp_path), force_hooks=True)
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("metric,compensation,disk", [
+    ("gradmap", "none", (1, 3, 4)), ("block-influence", "none", (1, 3, 4)), ("angular", "none", (1, 3, 4)),
+    ("gradmap", "projection", ()), ("block-influence", "projection", ()), ("taylor", "none", ())])
+def test_device_map_matches_plain_model(tmp_path, family, metric, compensation, disk):
+    base = tiny_model(family, n_layers=6, dtype=torch.float64, seed=11)
+    calib = random_ids(6, 12, seed=12)
+    ref_model = copy.deepcopy(base)
+    ref = fast_prune(ref_model, calib, 2, metric=metric, compensation=compensation, schedule="one-shot",
+                     batch_size=2)
+    model = _dispatched(base, tmp_path, disk)
+    assert any(hasattr(m, "_hf_hook") for m in model.modules())
+    assert any(p.device.type == "meta" for p in model.parameters()) == bool(disk)
+    got = fast_prune(model, calib, 2, metric=metric, compensation=compensation, schedule="one-shot",
+                     batch_size=2)
+    assert got.removed_layers == ref.removed_layers
+    _close(ref.scores[0], got.scores[0], "scores")
+    assert all(p.requires_grad for p in model.parameters())
+    ids = random_ids(2, 9, seed=13)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref_model(ids).logits, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_device_map_rejects_compensation_on_offloaded_weights_and_streaming(tmp_path):
+    model = _dispatched(tiny_model("llama", n_layers=5, seed=2), tmp_path, disk=(2,))
+    with pytest.raises(GradmapError, match="offloaded"):
+        fast_prune(model, random_ids(3, 8), 1, metric="gradmap", compensation="projection")
+    for metric, options in (("taylor", {}), ("magnitude", {}), ("gradmap", {"gradient": "param"})):
+        with pytest.raises(GradmapError, match="offloaded"):  # their .grad / weights would be lost
+            fast_prune(model, random_ids(3, 8), 1, metric=metric, compensation="none", **options)
+    with pytest.raises(GradmapError, match="dispatched by accelerate"):
+        fast_prune(model, random_ids(3, 8), 1, metric="gradmap", compensation="none", offload="layer")
+    assert get_adapter(model).num_layers == 5
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_device_map_sparsify_matches_plain_model(tmp_path):
+    from gradmap import sparsify
+    base = tiny_model("qwen2", n_layers=4, seed=14)
+    calib = random_ids(4, 12, seed=15)
+    ref = copy.deepcopy(base)
+    sparsify(ref, calib, sparsity=0.5, progress=False)
+    model = _dispatched(base, tmp_path, disk=())
+    sparsify(model, calib, sparsity=0.5, progress=False)
+    for (n1, a), (n2, b) in zip(ref.state_dict().items(), model.state_dict().items()):
+        assert n1 == n2 and torch.equal(a, b), n1
+    offloaded = _dispatched(tiny_model("qwen2", n_layers=4, seed=14), tmp_path / "disk", disk=(1,))
+    with pytest.raises(GradmapError, match="sparsify needs the weights"):
+        sparsify(offloaded, calib, sparsity=0.5, progress=False)
