@@ -179,8 +179,9 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     Models larger than one device: a model loaded with `device_map="auto"` works as is
     (statistics stay on each layer's device). `offload="layer"` keeps the weights on the
     host and brings one decoder layer at a time to `compute_device` (default CUDA when
-    available), see `gradmap.streaming`; it supports compensation="none" and the metrics
-    in `gradmap.streaming.STREAMING_METRICS`, and raises GradmapError for the others.
+    available), see `gradmap.streaming`; it supports the compensators in
+    `gradmap.streaming.STREAMING_COMPENSATORS` (and "none") and the metrics in
+    `gradmap.streaming.STREAMING_METRICS`, and raises GradmapError for the others.
     """
     adapter = get_adapter(model)
     metric_obj = get_metric(metric, **metric_options)

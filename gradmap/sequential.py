@@ -164,6 +164,8 @@ class Block:
     layer: nn.Module
     hidden: list[torch.Tensor]
     kwargs: list[dict[str, Any]]
+    # layer streaming: `hidden`/`kwargs` stay on the host, each micro-batch moves to this device
+    device: torch.device | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -172,7 +174,12 @@ class Block:
     @torch.no_grad()
     def forward(self, collect: bool = False) -> list[torch.Tensor] | None:
         """Run the layer on every stored micro-batch (hooks on it fire); outputs if `collect`."""
-        outs = [run_layer(self.layer, h, kw) for h, kw in zip(self.hidden, self.kwargs)]
+        if self.device is not None:
+            from .streaming import _to
+            outs = [run_layer(self.layer, h.to(self.device), _to(kw, self.device, {}))
+                    for h, kw in zip(self.hidden, self.kwargs)]
+        else:
+            outs = [run_layer(self.layer, h, kw) for h, kw in zip(self.hidden, self.kwargs)]
         return outs if collect else None
 
 
@@ -185,6 +192,9 @@ def sequential_blocks(model: nn.Module, calib: torch.Tensor, batch_size: int = 8
     only one block's inputs are alive at a time. A progress bar counts blocks.
     """
     adapter = get_adapter(model)
+    if model.__dict__.get("_gradmap_layer_offload") is not None:  # offload="layer"
+        yield from _streamed_blocks(model, calib, batch_size, progress, desc)
+        return
     captured = capture_block_inputs(model, calib, batch_size)
     hidden = captured.hidden
     ids = adapter.original_ids
@@ -201,3 +211,35 @@ def sequential_blocks(model: nn.Module, calib: torch.Tensor, batch_size: int = 8
             captured.layer_kwargs[pos] = []  # this block's masks are no longer needed
             bar.update(1)
     log.debug("sequential calibration over %d blocks done", n)
+
+
+def _streamed_blocks(model: nn.Module, calib: torch.Tensor, batch_size: int, progress: bool,
+                     desc: str) -> Iterator[Block]:
+    """`sequential_blocks` under layer streaming (`gradmap.streaming`): one block on the device at a time.
+
+    Hidden states and kwargs wait on the host; while the consumer holds block ℓ its weights
+    are device copies, written back to the host weights when the consumer asks for the next
+    block (so edits such as pruning land in the real weights; none if the consumer fails).
+    """
+    from . import streaming
+    adapter = get_adapter(model)
+    device, host = streaming.offload_of(model).compute_device, streaming._host_device(model)
+    with streaming.on_device(streaming._embedding_modules(adapter), device):
+        captured = capture_block_inputs(model, calib, batch_size)
+    memo: dict[int, Any] = {}
+    hidden = [h.to(host) for h in captured.hidden]
+    layer_kwargs = [[streaming._to(kw, host, memo) for kw in per] for per in captured.layer_kwargs]
+    del captured, memo
+    ids, n = adapter.original_ids, adapter.num_layers
+    with tqdm(total=n, desc=desc, unit="block", disable=not progress) as bar:
+        for pos in range(n):
+            layer, kwargs = adapter.layers[pos], layer_kwargs[pos]
+            with streaming.on_device([layer], device, write_back=True):
+                yield Block(position=pos, original_id=ids[pos], layer=layer, hidden=hidden, kwargs=kwargs,
+                            device=device)
+                if pos < n - 1:
+                    for i in range(len(hidden)):
+                        out = run_layer(layer, hidden[i].to(device), streaming._to(kwargs[i], device, {}))
+                        hidden[i] = out.to(host)
+            layer_kwargs[pos] = []
+            bar.update(1)

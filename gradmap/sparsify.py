@@ -36,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -222,7 +223,8 @@ def _validate(model: nn.Module, calib: Any, sparsity: Any, allocation: Any, scor
 
 def sparsify(model: nn.Module, calib: torch.Tensor | None, sparsity: float = 0.7,
              allocation: str = "mrp", score: str = "wanda", *, batch_size: int = 8,
-             progress: bool = True, **options: float) -> SparsifyResult:
+             progress: bool = True, offload: str | None = None,
+             compute_device: str | torch.device | None = None, **options: float) -> SparsifyResult:
     """Zero a fraction `sparsity` of the decoder blocks' linear weights in place (Wanda-style).
 
     `calib`: LongTensor [n_samples, seq_len] of token ids (may be None only for uniform +
@@ -234,8 +236,30 @@ def sparsify(model: nn.Module, calib: torch.Tensor | None, sparsity: float = 0.7
     Data-parallel under `torchrun`: pass the same GLOBAL `calib` on every rank; each rank runs
     its contiguous share of the rows and the activation statistics are summed over ranks, so
     every rank prunes the same weights.
+
+    `offload="layer"` (`gradmap.streaming`): the weights stay on the host; each block is
+    copied to `compute_device` (default CUDA when available), its norms measured and its
+    weights pruned there, and the pruned weights are written back to the host weights.
     """
+    from . import streaming
+    if offload not in streaming.OFFLOAD_MODES:
+        raise GradmapError(f"offload={offload!r} is not valid; choose one of {streaming.OFFLOAD_MODES}")
     opts = _validate(model, calib, sparsity, allocation, score, batch_size, options)
+    with streaming.layer_offload(model, compute_device) if offload else nullcontext():
+        return _sparsify(model, calib, sparsity, allocation, score, batch_size, progress, opts)
+
+
+def _on_block(model: nn.Module, position: int, write_back: bool = True):
+    """Under layer streaming: block `position` on the compute device (edits written back); else nothing."""
+    from . import streaming
+    offload = streaming.offload_of(model)
+    if offload is None:
+        return nullcontext()
+    return streaming.on_device([get_adapter(model).layers[position]], offload.compute_device, write_back)
+
+
+def _sparsify(model: nn.Module, calib: torch.Tensor | None, sparsity: float, allocation: str, score: str,
+              batch_size: int, progress: bool, opts: dict[str, float]) -> SparsifyResult:
     progress = progress and distributed.is_main()
     t_start = time.perf_counter()
     adapter = get_adapter(model)
@@ -277,16 +301,24 @@ def sparsify(model: nn.Module, calib: torch.Tensor | None, sparsity: float = 0.7
                 stored_norms[p] = norms
     else:  # magnitude needs no activations
         for p in range(n):
-            zeros[p] = _prune_block(blocks[p], targets[p], score, None)
+            with _on_block(model, p):
+                zeros[p] = _prune_block(blocks[p], targets[p], score, None)
     timings["pruning_pass"] = time.perf_counter() - t
 
     if allocation == "mrp":
         t = time.perf_counter()
         m = opts["outlier_m"]
+
+        def prune_block(p: int, s: float) -> int:
+            with _on_block(model, p):
+                return _prune_block(blocks[p], s, score, stored_norms[p])
+
+        def redundancy(p: int) -> float:
+            with _on_block(model, p, write_back=False):
+                return _redundancy(blocks[p], stored_norms[p], m)
         targets, steps = mrp_allocate(
             n_params, zeros, targets, sparsity,
-            prune_block=lambda p, s: _prune_block(blocks[p], s, score, stored_norms[p]),
-            redundancy=lambda p: _redundancy(blocks[p], stored_norms[p], m),
+            prune_block=prune_block, redundancy=redundancy,
             step=opts["mrp_step"], cap=opts["mrp_cap"], slack=max(len(b) for b in blocks))
         result.trajectory = [s.to_dict() for s in steps]
         result.outlier_ratios = [1.0 - _redundancy(blocks[p], stored_norms[p], m) for p in range(n)]

@@ -21,6 +21,10 @@ h_out.backward(∂L/∂h_out) yields ∂L/∂x, the next layer's output gradient
 exact (the same chain rule as one full backward), at the cost of one extra forward
 per layer and host memory for every layer's inputs (n_layers × tokens × d).
 
+Compensation statistics (`gradmap.compensation.streamed`) and sequential calibration
+(`gradmap.sequential`, used by `sparsify`) run on the same engine; weight edits happen on
+the host weights (folds) or on the device copy written back (`on_device(write_back=True)`).
+
 Callbacks see layers in layer-major order (all micro-batches of layer 0, then of
 layer 1, ...; the backward from the last layer down) and `after_batch(start, stop)`
 is called after every (layer, micro-batch) step. Activated per model with
@@ -47,8 +51,8 @@ from .metrics.capture import (MeanSink, _patched_forward, check_finite, next_tok
                               preserved_state)
 from .sequential import capture_block_inputs
 
-__all__ = ["OFFLOAD_MODES", "STREAMING_METRICS", "LayerOffload", "layer_offload", "offload_of",
-           "resolve_compute_device", "on_device", "is_dispatched", "stream_forward_pass",
+__all__ = ["OFFLOAD_MODES", "STREAMING_METRICS", "STREAMING_COMPENSATORS", "LayerOffload", "layer_offload",
+           "offload_of", "resolve_compute_device", "on_device", "is_dispatched", "stream_forward_pass",
            "stream_backward_pass", "stream_calibration_losses", "check_streaming_support",
            "check_prune_support", "check_dispatch_support", "check_weights_editable"]
 
@@ -58,6 +62,8 @@ OFFLOAD_MODES = (None, "layer")
 # weight gradients (gradmap's "param", taylor) are not streamed; magnitude reads host weights only
 STREAMING_METRICS = ("gradmap (gradient=token|gate|fisher)", "block-influence", "angular", "ppl", "sleb",
                      "magnitude")
+# their statistics stream through gradmap.compensation.streamed; the folds edit the host weights
+STREAMING_COMPENSATORS = ("projection", "replaceme", "magnitude")
 _ATTR = "_gradmap_layer_offload"
 LayerFn = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -118,8 +124,9 @@ def layer_offload(model: nn.Module, compute_device: str | torch.device | None = 
 def check_streaming_support(what: str, supported: bool) -> None:
     """Raise a GradmapError naming offload="layer" when `what` cannot stream yet."""
     if not supported:
+        comps = ", ".join(map(repr, ("none",) + STREAMING_COMPENSATORS))
         raise GradmapError(f"{what} does not support offload='layer' yet; with offload='layer' use "
-                           f"compensation='none' and one of the metrics {', '.join(STREAMING_METRICS)}, "
+                           f"compensation in ({comps}) and one of the metrics {', '.join(STREAMING_METRICS)}, "
                            "or pass offload=None (in-memory, device_map='auto' works there)")
 
 
@@ -134,19 +141,26 @@ def _tensors(modules: Iterable[nn.Module]) -> list[torch.Tensor]:
 
 
 @contextmanager
-def on_device(modules: Sequence[nn.Module], device: torch.device) -> Iterator[None]:
+def on_device(modules: Sequence[nn.Module], device: torch.device, write_back: bool = False
+              ) -> Iterator[None]:
     """Place `modules` on `device` for the block: each parameter/buffer's `.data` becomes a device copy.
 
-    The host tensors are kept and put back on exit (nothing is copied back: scoring never
-    edits weights), so the host storage — possibly a memory map — is left untouched.
+    The host tensors are kept and put back on exit, so the host storage — possibly a memory
+    map — is untouched unless `write_back`: then, when the block ends without error, the
+    device values are copied into the host tensors (weight edits made on the device, e.g.
+    `sparsify`). Always a copy, even when `device` is the host's: an edit that forgets
+    `write_back` is lost on a CPU test run too, not only on a GPU.
     """
     swapped: list[tuple[torch.Tensor, torch.Tensor]] = []
     try:
         for t in _tensors(modules):
-            if t.device != device:
-                swapped.append((t, t.data))
-                t.data = t.data.to(device, non_blocking=False)
+            swapped.append((t, t.data))
+            t.data = t.data.to(device, copy=True)
         yield
+        if write_back:
+            with torch.no_grad():
+                for t, host in swapped:
+                    host.copy_(t.data)
     finally:
         for t, host in swapped:
             t.data = host
@@ -339,7 +353,7 @@ def check_prune_support(metric: Any, compensators: Sequence[Any]) -> None:
         name == "gradmap" and getattr(metric, "gradient", None) != "param")
     check_streaming_support(f"metric {name!r}" + (" with gradient='param'" if name == "gradmap" else ""), ok)
     names = [c.name for c in compensators if c.name != "none"]
-    check_streaming_support(f"compensation {names}", not names)
+    check_streaming_support(f"compensation {names}", all(n in STREAMING_COMPENSATORS for n in names))
 
 
 def _offloaded(model: nn.Module) -> list[str]:

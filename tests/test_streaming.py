@@ -13,6 +13,7 @@ import torch
 from tiny import random_ids, tiny_model
 
 from gradmap import GradmapError, fast_prune, get_adapter, streaming
+from gradmap.compensation.base import Compensator
 from gradmap.metrics import ScoringRun, gate_statistics, get_metric
 from gradmap.metrics.capture import MeanSink, calibration_losses, forward_pass
 
@@ -98,6 +99,101 @@ def test_fast_prune_streamed_removes_the_same_layers(family, metric, schedule):
         assert n1 == n2 and torch.equal(p1, p2)
 
 
+def _same_result(ref, got, ref_model, model) -> None:
+    """Removed layers, scores, shifts, compensation report and final weights agree (REL)."""
+    assert got.removed_layers == ref.removed_layers
+    for r, g in zip(ref.scores, got.scores):
+        _close(r, g, "scores")
+    _close(ref.shifts, got.shifts, "shifts")
+    _close_tree(ref.compensation_report, got.compensation_report, "report")
+    ref_sd, got_sd = ref_model.state_dict(), model.state_dict()
+    assert ref_sd.keys() == got_sd.keys()
+    for k in ref_sd:
+        torch.testing.assert_close(got_sd[k], ref_sd[k], rtol=REL, atol=0, msg=k)
+
+
+def _close_tree(a, b, what: str) -> None:
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), what
+        for k in a:
+            _close_tree(a[k], b[k], f"{what}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), what
+        for i, (x, y) in enumerate(zip(a, b)):
+            _close_tree(x, y, f"{what}[{i}]")
+    elif isinstance(a, float) and not isinstance(a, bool):
+        assert abs(a - b) <= REL * max(abs(a), 1e-12), f"{what}: {a} vs {b}"
+    else:
+        assert a == b, f"{what}: {a!r} vs {b!r}"
+
+
+def _compensators(spec):
+    from gradmap.compensation.projection import ProjectionCompensation
+    from gradmap.compensation.replaceme import ReplaceMeCompensation
+    return {"projection-folds": lambda: ProjectionCompensation(top_m=2, per_gap=True, safeguards=False),
+            "replaceme-folds": lambda: ReplaceMeCompensation(safeguards=False),
+            "projection-two-pass": lambda: ProjectionCompensation(top_m=1, max_stat_bytes=1),
+            }.get(spec if isinstance(spec, str) else "", lambda: spec)()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("metric,compensation,schedule", [
+    ("block-influence", "projection", "one-shot"),            # safeguards: held-out checks, reverts
+    ("gradmap", "projection-folds", "iterative"),             # every site folded
+    ("block-influence", "projection-two-pass", "one-shot"),   # shifts first, then the picked sites
+    ("block-influence", "replaceme", "one-shot"),
+    ("sleb", "replaceme-folds", "iterative"),                 # site in the shared prefix, target after it
+    ("angular", "magnitude", "one-shot"),
+    ("gradmap", ["magnitude", "projection"], "iterative"),
+], ids=["bi-projection", "gradmap-projection-folds", "bi-projection-two-pass", "bi-replaceme",
+        "sleb-replaceme-folds", "angular-magnitude", "gradmap-magnitude-projection"])
+def test_compensation_streamed_matches_in_memory(family, metric, compensation, schedule):
+    base = tiny_model(family, n_layers=7, dtype=torch.float64, seed=21)
+    calib = random_ids(9, 20, seed=22)  # 9 rows: 8 train + 1 held out, batches of 2 leave a short one
+    ref_model, model = copy.deepcopy(base), copy.deepcopy(base)
+    kw = dict(metric=metric, schedule=schedule, batch_size=2)
+    ref = fast_prune(ref_model, calib, 3, compensation=_compensators(compensation), **kw)
+    got = fast_prune(model, calib, 3, compensation=_compensators(compensation), offload="layer",
+                     compute_device="cpu", **kw)
+    _same_result(ref, got, ref_model, model)
+    if compensation in ("projection-folds", "replaceme-folds", "magnitude"):  # the folds edited weights
+        kept = dict(model.named_parameters())
+        assert any(not torch.equal(p, kept[n]) for n, p in base.named_parameters() if n in kept)
+        assert all(e["folded"] for c in got.compensation_report.values() for e in c.get("sites", []))
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("allocation,score", [("uniform", "wanda"), ("owl", "wanda"), ("mrp", "wanda"),
+                                              ("uniform", "magnitude")])
+def test_sparsify_streamed_gives_the_same_masks(family, allocation, score):
+    from gradmap import sparsify
+    base = tiny_model(family, n_layers=4, dtype=torch.float64, seed=31)
+    calib = random_ids(5, 20, seed=32)
+    ref_model, model = copy.deepcopy(base), copy.deepcopy(base)
+    ref = sparsify(ref_model, calib, 0.5, allocation, score, batch_size=2, progress=False, mrp_step=0.05)
+    got = sparsify(model, calib, 0.5, allocation, score, batch_size=2, progress=False, mrp_step=0.05,
+                   offload="layer", compute_device="cpu")
+    assert streaming.offload_of(model) is None
+    ref_d, got_d = ref.to_dict(), got.to_dict()
+    ref_d.pop("timings"), got_d.pop("timings")
+    assert got_d == ref_d
+    assert got.overall_sparsity == pytest.approx(0.5, abs=1e-3)
+    for (n1, a), (n2, b) in zip(ref_model.state_dict().items(), model.state_dict().items()):
+        assert n1 == n2 and torch.equal(a, b), n1
+
+
+@pytest.mark.parametrize("kwargs,match", [(dict(offload="disk"), "offload='disk' is not valid"),
+                                          (dict(offload="layer", compute_device="meta"), "cannot compute")])
+def test_sparsify_bad_offload_is_rejected_untouched(kwargs, match):
+    from gradmap import sparsify
+    model = tiny_model("llama", n_layers=3, seed=33)
+    state = copy.deepcopy(model.state_dict())
+    with pytest.raises(GradmapError, match=match):
+        sparsify(model, random_ids(2, 8), 0.5, "uniform", progress=False, **kwargs)
+    assert streaming.offload_of(model) is None
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+
+
 class _Residency:
     """Which module groups `on_device` has placed right now, with their parameter counts."""
 
@@ -109,7 +205,7 @@ class _Residency:
         original = streaming.on_device
 
         @contextmanager
-        def tracking(modules, device):
+        def tracking(modules, device, write_back=False):
             ids = {id(m) for mod in modules for m in mod.modules()}
             n = sum(p.numel() for p in {id(p): p for mod in modules for p in mod.parameters()}.values())
             entry = (ids, n)
@@ -118,7 +214,7 @@ class _Residency:
             self.max_layers = max(self.max_layers,
                                   sum(1 for ids_, _ in self.placed if ids_ & self.layer_ids))
             try:
-                with original(modules, device):
+                with original(modules, device, write_back):
                     yield
             finally:
                 self.placed.remove(entry)
@@ -128,12 +224,32 @@ class _Residency:
         return any(id(module) in ids for ids, _ in self.placed)
 
 
-@pytest.mark.parametrize("metric", ["gradmap", "block-influence"])
-def test_at_most_one_layer_on_the_compute_device(monkeypatch, metric):
+def _prune_job(metric, compensation):
+    def job(model):
+        fast_prune(model, random_ids(5, 10, seed=8), 2, metric=metric, compensation=compensation,
+                   schedule="iterative", batch_size=2, offload="layer", compute_device="cpu")
+    return job
+
+
+def _sparsify_job(allocation):
+    def job(model):
+        from gradmap import sparsify
+        sparsify(model, random_ids(4, 10, seed=8), 0.5, allocation, batch_size=2, progress=False,
+                 offload="layer", compute_device="cpu")
+    return job
+
+
+@pytest.mark.parametrize("job,head", [
+    (_prune_job("gradmap", "none"), True), (_prune_job("block-influence", "none"), False),
+    (_prune_job("gradmap", ["magnitude", "projection"]), True),   # dense path, held-out LM loss
+    (_prune_job("sleb", "replaceme"), True), (_sparsify_job("mrp"), False), (_sparsify_job("owl"), False),
+], ids=["gradmap", "block-influence", "gradmap-magnitude-projection", "sleb-replaceme", "sparsify-mrp",
+        "sparsify-owl"])
+def test_at_most_one_layer_on_the_compute_device(monkeypatch, job, head):
     model = tiny_model("llama", n_layers=6, seed=7)
     ad = get_adapter(model)
     res = _Residency(monkeypatch)
-    res.layer_ids = {id(layer) for layer in ad.layers}
+    res.layer_ids = {id(layer) for layer in ad.layers}  # removed layers too (the dense path runs them)
     ran: list[str] = []
 
     def must_be_placed(name):
@@ -149,8 +265,7 @@ def test_at_most_one_layer_on_the_compute_device(monkeypatch, metric):
     leaves = {n: [m for m in g.modules() if next(m.children(), None) is None] for n, g in groups.items()}
     handles = [m.register_forward_pre_hook(must_be_placed(n)) for n, ms in leaves.items() for m in ms]
     try:
-        fast_prune(model, random_ids(4, 10, seed=8), 2, metric=metric, compensation="none",
-                   schedule="iterative", batch_size=2, offload="layer", compute_device="cpu")
+        job(model)
     finally:
         for h in handles:
             h.remove()
@@ -158,8 +273,9 @@ def test_at_most_one_layer_on_the_compute_device(monkeypatch, metric):
     head_size = sum(p.numel() for p in ad.lm_head.parameters()) + sum(p.numel() for p in ad.final_norm.parameters())
     assert res.max_layers == 1
     assert 0 < res.peak <= max(layer_size, head_size)
-    assert {"embed", "layer0", "layer5"} <= set(ran)
-    assert ("head" in ran) == (metric == "gradmap")
+    assert {"embed", "layer0", "layer4"} <= set(ran)
+    assert ("head" in ran) == head
+    assert res.placed == [] and all(p.device.type == "cpu" for p in model.parameters())
 
 
 def test_model_left_as_it_came():
@@ -187,11 +303,17 @@ def test_model_left_as_it_came():
     assert streaming.offload_of(model) is None
 
 
+class _Custom(Compensator):
+    """A user compensator: its own forwards would bypass the streaming engine."""
+
+    name = "custom"
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(offload="disk"), "offload='disk' is not valid"),
     (dict(offload="layer", metric="taylor"), "offload='layer'"),
     (dict(offload="layer", metric="gradmap", gradient="param"), "offload='layer'"),
-    (dict(offload="layer", compensation="projection"), "offload='layer'"),
+    (dict(offload="layer", compensation=_Custom()), "compensation \\['custom'\\] does not support offload"),
     (dict(offload="layer", compute_device="meta"), "cannot compute"),
     (dict(offload="layer", compute_device="tpu:7"), "not a device"),
 ])
@@ -268,3 +390,29 @@ def test_device_map_sparsify_matches_plain_model(tmp_path):
     offloaded = _dispatched(tiny_model("qwen2", n_layers=4, seed=14), tmp_path / "disk", disk=(1,))
     with pytest.raises(GradmapError, match="sparsify needs the weights"):
         sparsify(offloaded, calib, sparsity=0.5, progress=False)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_evaluation_feeds_the_embedding_device(tmp_path):
+    # the first weights (the embedding) offloaded to disk: inputs go to the embedding's execution
+    # device, not to the first parameter's ("meta")
+    from tiny_tokenizer import tiny_tokenizer
+
+    from gradmap.evaluate import loglikelihoods, perplexity
+    from gradmap.evaluate.zero_shot import encode_request
+    tok = tiny_tokenizer()
+    base = tiny_model("llama", n_layers=3, seed=16)
+    ref = copy.deepcopy(base)
+    from accelerate import dispatch_model
+    device_map = {"model.embed_tokens": "disk", "model.rotary_emb": "cpu", "model.norm": "cpu",
+                  "lm_head": "cpu", **{f"model.layers.{i}": "cpu" for i in range(3)}}
+    model = dispatch_model(base, device_map=device_map, offload_dir=str(tmp_path), force_hooks=True)
+    assert next(model.parameters()).device.type == "meta"
+    text = "the cat sat on the mat. question: what is the answer? answer: yes, and then no. " * 8
+    assert perplexity(model, tok, text, seq_len=16, progress=False) == pytest.approx(
+        perplexity(ref, tok, text, seq_len=16, progress=False), rel=1e-6)
+    reqs = [encode_request(tok, c, t, False, 64) for c, t in
+            [("the cat sat on", " the mat"), ("question: what is", " the answer"), ("the cat sat on", " a dog")]]
+    got, _ = loglikelihoods(model, reqs, batch_size=4, progress=False)
+    want, _ = loglikelihoods(ref, reqs, batch_size=4, progress=False)
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-5, atol=1e-5)

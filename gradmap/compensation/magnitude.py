@@ -40,11 +40,15 @@ def residual_gain(ctx: PruneContext, idx: int, calib: torch.Tensor) -> tuple[flo
     d = ctx.model.config.hidden_size
     dev = model_device(ctx.model)
     abs_in, abs_out = Moments(d, want_xtx=False, device=dev), Moments(d, want_xtx=False, device=dev)
-    for _, ids in micro_batches(distributed.shard_rows(calib, allow_empty=True), ctx.batch_size):
-        with capture({"out": layer}, stop_at=layer, inputs={"in": layer}) as got:
-            run_decoder(ctx.model, ids)
-        accumulate_moments(abs_in, got["in"].abs())
-        accumulate_moments(abs_out, got["out"].abs())
+    if ctx.model.__dict__.get("_gradmap_layer_offload") is not None:  # offload="layer"
+        from .streamed import streamed_layer_abs
+        streamed_layer_abs(ctx, adapter.position_of(idx), calib, abs_in, abs_out)
+    else:
+        for _, ids in micro_batches(distributed.shard_rows(calib, allow_empty=True), ctx.batch_size):
+            with capture({"out": layer}, stop_at=layer, inputs={"in": layer}) as got:
+                run_decoder(ctx.model, ids)
+            accumulate_moments(abs_in, got["in"].abs())
+            accumulate_moments(abs_out, got["out"].abs())
     distributed.all_reduce_moments_([abs_in, abs_out])
     e_in, e_out = abs_in.mean.double(), abs_out.mean.double()
     if not (torch.isfinite(e_in).all() and torch.isfinite(e_out).all()):

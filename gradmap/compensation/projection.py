@@ -284,9 +284,13 @@ class ProjectionCompensation(Compensator):
             backups = self._fold(ctx, site, p)
             t0 = time.perf_counter()
             nll, tokens = 0.0, 0
-            for _, ids in micro_batches(distributed.shard_rows(hold, allow_empty=True), ctx.batch_size):
-                a, b = lm_loss(ctx.model, ids)
-                nll, tokens = nll + a, tokens + b
+            if ctx.model.__dict__.get("_gradmap_layer_offload") is not None:  # offload="layer"
+                from .streamed import streamed_lm_loss
+                nll, tokens = streamed_lm_loss(ctx.model, hold, ctx.batch_size)
+            else:
+                for _, ids in micro_batches(distributed.shard_rows(hold, allow_empty=True), ctx.batch_size):
+                    a, b = lm_loss(ctx.model, ids)
+                    nll, tokens = nll + a, tokens + b
             nll, tokens = distributed.all_reduce_moments_([], [nll, tokens])
             ctx.result.add_time("compensation_statistics", time.perf_counter() - t0)
             e["holdout_lm_loss_with_fold"] = loss = nll / tokens

@@ -330,6 +330,9 @@ def stream_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Tenso
     Distributed: this rank streams its share of `calib`; the returned sums are over all ranks.
     """
     mean_layers, dense_mean_layers, sites = list(mean_layers), list(dense_mean_layers), list(sites)
+    if ctx.model.__dict__.get("_gradmap_layer_offload") is not None:  # offload="layer"
+        from .streamed import streamed_statistics
+        return streamed_statistics(ctx, snap, calib, mean_layers, dense_mean_layers, sites, with_lm_loss)
     d = ctx.model.config.hidden_size
     stats = StreamStats()
     site_layers = sorted({s.layer for s in sites})

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..calibration import NAMED_SOURCES, load_documents
 from ..errors import GradmapError
 
-__all__ = ["PerplexityReport", "perplexity", "perplexity_report", "load_text", "window_nll"]
+__all__ = ["PerplexityReport", "perplexity", "perplexity_report", "load_text", "window_nll", "input_device"]
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +78,20 @@ def window_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
     return nll.view(labels.shape).mean(dim=1)
 
 
-def _model_device(model) -> torch.device:
-    try:
-        return next(model.parameters()).device
-    except StopIteration:
-        return torch.device("cpu")
+def input_device(model) -> torch.device:
+    """Where input ids go: the input embedding's device, not the first parameter's.
+
+    Under an accelerate device map the first weights may be offloaded ("meta"); the
+    embedding's hook then names the execution device.
+    """
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    hook_device = getattr(getattr(emb, "_hf_hook", None), "execution_device", None)
+    if hook_device is not None:
+        return torch.device(hook_device)
+    weight = getattr(emb, "weight", None)
+    if weight is not None and weight.device.type != "meta":
+        return weight.device
+    return next((p.device for p in model.parameters() if p.device.type != "meta"), torch.device("cpu"))
 
 
 def perplexity_report(model, tokenizer, data: str | os.PathLike = "wikitext2", seq_len: int = 2048,
@@ -111,7 +120,7 @@ def perplexity_report(model, tokenizer, data: str | os.PathLike = "wikitext2", s
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)
     windows = ids[: n_windows * seq_len].view(n_windows, seq_len)
-    device = _model_device(model)
+    device = input_device(model)
     nll_sum = 0.0  # python float (fp64) accumulation over windows
     start = time.perf_counter()
     with torch.no_grad(), tqdm(total=n_windows, desc=f"ppl L={seq_len}", unit="win",

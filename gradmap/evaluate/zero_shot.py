@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..errors import GradmapError
+from .perplexity import input_device
 from .tasks import TASKS, Example, build_examples, resolve_tasks
 
 __all__ = ["zero_shot", "loglikelihoods", "encode_request", "max_length", "PAD_SLACK"]
@@ -92,7 +93,7 @@ def encode_request(tokenizer, context: str, continuation: str, add_bos: bool = F
 
 
 def _device(model) -> torch.device:
-    return next(model.parameters()).device
+    return input_device(model)  # the embedding's device: works when accelerate offloaded the first weights
 
 
 def _pick_logprobs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
