@@ -29,8 +29,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--metric", default="gradmap", help="layer metric (default: gradmap)")
     p.add_argument("--metric-option", action="append", default=[], metavar="KEY=VALUE",
                    help="metric option, repeatable (e.g. gradient=token, verify=4)")
-    p.add_argument("--schedule", default="iterative", choices=("iterative", "one-shot"),
-                   help="re-score after every removal (iterative, default) or score once")
+    p.add_argument("--schedule", default=None, choices=("iterative", "one-shot"),
+                   help="re-score after every removal (iterative) or score once (one-shot); "
+                        "default: the metric's own (one-shot for gradmap, iterative for the others "
+                        "that support it)")
     p.add_argument("--compensation", default="projection",
                    help="comma-separated compensators, or 'none' (default: projection)")
     p.add_argument("--calib", default="c4", help="calibration data: c4, wikitext2 or a .jsonl/.txt path")

@@ -6,8 +6,9 @@
     gradmap+magnitude+projection  two compensators, applied in the order written
 
 A bare metric means no compensation (`+none` says the same explicitly). Without a
-`@schedule` suffix the schedule is `fast_prune`'s default ("iterative") when the metric
-supports it, else the metric's only schedule (e.g. `ppl` is one-shot, `sleb` iterative);
+`@schedule` suffix the schedule is the metric's default, as in `fast_prune(schedule=None)`
+(one-shot for `gradmap`, iterative for the others that support it, else the metric's only
+schedule: `ppl` is one-shot, `sleb` iterative);
 the parsed spec always names the schedule it resolved to. Valid metric names come from
 the metrics registry and valid compensation names from the compensation registry, so a
 new entry there is a valid method here at once.
@@ -23,7 +24,7 @@ __all__ = ["MethodSpec", "parse_method", "parse_methods", "valid_metrics", "vali
            "metric_schedules", "SCHEDULES", "DEFAULT_SCHEDULE"]
 
 SCHEDULES = ("one-shot", "iterative")
-DEFAULT_SCHEDULE = "iterative"  # fast_prune's default
+DEFAULT_SCHEDULE = "iterative"  # for metrics outside the registry
 MAX_COMPENSATIONS = 2
 
 
@@ -44,10 +45,14 @@ def valid_metrics() -> list[str]:
 
 
 def metric_schedules() -> dict[str, tuple[str, ...]]:
-    """Metric name -> the schedules it supports (from the metrics registry)."""
+    """Metric name -> the schedules it supports, its default first (from the metrics registry)."""
     from . import metrics
-    return {name: tuple(getattr(cls, "schedules", SCHEDULES))
-            for name, cls in getattr(metrics, "METRICS", {}).items()}
+    out = {}
+    for name, cls in getattr(metrics, "METRICS", {}).items():
+        supported = tuple(getattr(cls, "schedules", SCHEDULES))
+        default = cls.resolved_default_schedule() if hasattr(cls, "resolved_default_schedule") else None
+        out[name] = (default,) + tuple(s for s in supported if s != default) if default else supported
+    return out
 
 
 def valid_compensations() -> list[str]:
@@ -127,8 +132,8 @@ def parse_method(name: str, metrics: Iterable[str] | None = None,
         raise GradmapError(f"method {text!r}: metric {metric!r} supports only "
                            f"{', '.join('@' + s for s in supported)}; write {body}@{supported[0]} "
                            f"or {body}")
-    if not schedule:
-        schedule = DEFAULT_SCHEDULE if DEFAULT_SCHEDULE in supported else supported[0]
+    if not schedule:  # metric_schedules() lists the metric's default schedule first
+        schedule = supported[0] if metric in schedules else DEFAULT_SCHEDULE
     return MethodSpec(name=text, metric=metric, compensation=tuple(comps) or ("none",),
                       schedule=schedule)
 

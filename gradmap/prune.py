@@ -154,7 +154,7 @@ def _next_choice(plan, result: PruneResult) -> int:
 
 
 def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str | Metric = "gradmap",
-               compensation: Any = "projection", schedule: str = "iterative", protect_first: int = 1,
+               compensation: Any = "projection", schedule: str | None = None, protect_first: int = 1,
                protect_last: int = 1, batch_size: int | None = None, progress: bool = False,
                offload: str | None = None, compute_device: str | torch.device | None = None,
                **metric_options) -> PruneResult:
@@ -162,6 +162,9 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
 
     `metric` is a name from `gradmap.metrics.available_metrics()` (configured by
     `metric_options`) or a Metric instance; lowest score is removed first.
+    `schedule=None` takes the metric's `default_schedule`: one-shot for GradMAP (measured
+    better than iterative on SmolLM2, bench/RESULTS.md "Stage 1"), iterative for the other
+    metrics that support it, else the metric's only schedule.
     `compensation` is "none", a registered compensator name, a Compensator or a
     list. Layers among the first `protect_first` / last `protect_last` of the
     ORIGINAL model are never removed. `batch_size=None` picks micro-batches of
@@ -185,6 +188,8 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     """
     adapter = get_adapter(model)
     metric_obj = get_metric(metric, **metric_options)
+    if schedule is None:
+        schedule = metric_obj.resolved_default_schedule()
     check_choice("schedule", schedule, SCHEDULES)
     if schedule not in metric_obj.schedules:
         alt = {"ppl": " (its iterative form is metric='sleb')", "sleb": " (its one-shot form is metric='ppl')"}

@@ -83,8 +83,11 @@ def test_default_methods_parse_with_resolved_schedules():
     specs = {s.name: s for s in parse_methods(DEFAULT)}
     assert list(specs) == DEFAULT.split(",")
     assert specs["gradmap+projection"].prune_kwargs() == {
-        "metric": "gradmap", "compensation": "projection", "schedule": "iterative"}
+        "metric": "gradmap", "compensation": "projection", "schedule": "one-shot"}
     assert specs["gradmap"].compensation == ("none",)
+    # a bare metric takes the metric's default schedule, as fast_prune(schedule=None) does
+    assert specs["block-influence"].schedule == "iterative"
+    assert specs["taylor"].schedule == "iterative"
     # metrics with one schedule get that one; the label always spells it out
     assert specs["ppl"].schedule == "one-shot" and specs["ppl"].label == "ppl@one-shot"
     assert specs["sleb"].schedule == "iterative"
@@ -122,7 +125,7 @@ def test_unknown_names_list_every_valid_one(name, fragment):
     ("gradmap+projection+projection", "twice"),
     ("gradmap+none+projection", "drop '+none'"),
     ("ppl@iterative", "metric 'ppl' supports only @one-shot"),
-    ("gradmap,block-influence,gradmap@iterative", "repeats an earlier method"),
+    ("gradmap,block-influence,gradmap@one-shot", "repeats an earlier method"),
     (" , ", "no methods given"),
 ])
 def test_bad_method_lists_are_rejected(names, fragment):
@@ -301,7 +304,7 @@ def test_cli_end_to_end_saves_checkpoint_and_generates(tmp_path, text_file, monk
                    "--generate", "the cat", "--max-new-tokens", "4", "--no-progress"])
     printed = capsys.readouterr().out
     assert rc == 0
-    assert "| gradmap+projection@iterative |" in printed and "greedy generation" in printed
+    assert "| gradmap+projection@one-shot |" in printed and "greedy generation" in printed
     assert f"pruned checkpoint (gradmap+projection): {ckpt}" in printed
     res = json.loads((out / "results.json").read_text())
     row = res["methods"][0]

@@ -65,7 +65,8 @@ def test_protected_layers_are_never_removed(metric, schedule):
 
 def test_same_seed_same_layers_and_scores_per_decision():
     calib = random_ids(4, 16, seed=3)
-    runs = [fast_prune(tiny_model("gemma2", 6, seed=3), calib, 3, compensation="none")
+    runs = [fast_prune(tiny_model("gemma2", 6, seed=3), calib, 3, compensation="none",
+                          schedule="iterative")
             for _ in range(2)]
     assert runs[0].removed_layers == runs[1].removed_layers
     assert runs[0].scores == runs[1].scores
@@ -182,3 +183,12 @@ def test_bad_input_is_rejected_before_the_model_is_touched(kwargs, match):
     assert original_layer_ids(model) == list(range(6))
     after = model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("metric,expected", [("gradmap", "one-shot"), ("block-influence", "iterative"),
+                                             ("ppl", "one-shot"), ("sleb", "iterative")])
+def test_default_schedule_is_the_metrics_own(metric, expected):
+    model = tiny_model("llama", n_layers=5)
+    result = fast_prune(model, random_ids(3, 12), 2, metric=metric, compensation="none")
+    assert result.schedule == expected
+    assert len(result.scores) == (1 if expected == "one-shot" else 2)

@@ -70,11 +70,18 @@ class Metric:
     name: ClassVar[str] = ""
     # schedules the metric supports; fast_prune rejects the others with a clear error
     schedules: ClassVar[tuple[str, ...]] = ("one-shot", "iterative")
+    # what fast_prune(schedule=None) uses for this metric; must be one of `schedules`
+    default_schedule: ClassVar[str] = "iterative"
     # True when score() runs a plain forward of the current model (it can then feed dense means)
     plain_forward: ClassVar[bool] = False
 
     def score(self, run: ScoringRun) -> dict[int, float]:
         raise NotImplementedError
+
+    @classmethod
+    def resolved_default_schedule(cls) -> str:
+        """`default_schedule` when the metric supports it, else its only schedule."""
+        return cls.default_schedule if cls.default_schedule in cls.schedules else cls.schedules[0]
 
     def plan(self, run: ScoringRun, scores: dict[int, float], n: int) -> Iterator[int]:
         """Yield `n` ORIGINAL indices to remove, lowest score first (default)."""
