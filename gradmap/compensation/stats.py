@@ -317,6 +317,20 @@ def _moments(store: dict, key: Hashable, d: int, device, **kw) -> Moments:
 
 
 @torch.no_grad()
+def stream_plan(ctx: PruneContext, snap: DenseSnapshot, dense_mean_layers: list[int], sites: list
+                ) -> tuple[list[int], set[int], int, set[int], list[int]]:
+    """(site layers, dense layers wanted, shared prefix k, those read off the pruned pass, dense run).
+
+    Dense layers inside the prefix the pruned and dense models share are read off the pruned
+    pass; only the rest need the dense path.
+    """
+    site_layers = sorted({s.layer for s in sites})
+    dense_wanted = {s.target for s in sites} | set(dense_mean_layers)
+    k = shared_prefix(ctx, snap) if dense_wanted else 0
+    from_pruned = {o for o in dense_wanted if snap.dense_position(o) < k}
+    return site_layers, dense_wanted, k, from_pruned, sorted(dense_wanted - from_pruned)
+
+
 def stream_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Tensor,
                       mean_layers: Iterable[int] = (), dense_mean_layers: Iterable[int] = (),
                       sites: Iterable[Site] = (), with_lm_loss: bool = False) -> StreamStats:
@@ -335,12 +349,7 @@ def stream_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Tenso
         return streamed_statistics(ctx, snap, calib, mean_layers, dense_mean_layers, sites, with_lm_loss)
     d = ctx.model.config.hidden_size
     stats = StreamStats()
-    site_layers = sorted({s.layer for s in sites})
-    dense_wanted = {s.target for s in sites} | set(dense_mean_layers)
-    k = shared_prefix(ctx, snap) if dense_wanted else 0
-    # dense layers inside the shared prefix are read off the pruned pass; the rest need a dense pass
-    from_pruned = {o for o in dense_wanted if snap.dense_position(o) < k}
-    dense_run = sorted(dense_wanted - from_pruned)
+    site_layers, dense_wanted, k, from_pruned, dense_run = stream_plan(ctx, snap, dense_mean_layers, sites)
     handoff = snap.layer_ids[k - 1] if k > 0 and dense_run else None
     pruned_wanted = set(mean_layers) | set(site_layers) | from_pruned | ({handoff} - {None})
     for _, ids in micro_batches(distributed.shard_rows(calib, allow_empty=True), ctx.batch_size):

@@ -30,7 +30,7 @@ from ..metrics.capture import _patched_forward
 from ..ops import Moments, accumulate_moments
 from .base import PruneContext
 from .stats import (DenseSnapshot, Site, SiteMoments, StreamStats, _all_reduce_stats_, _moments, capture,
-                    dense_view, lm_loss, mlp_output_module, shared_prefix)
+                    dense_view, lm_loss, mlp_output_module, stream_plan)
 
 __all__ = ["streamed_statistics", "streamed_layer_abs", "streamed_lm_loss"]
 
@@ -150,11 +150,7 @@ def streamed_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Ten
     d = model.config.hidden_size
     stats = StreamStats()
     # the same plan as the in-memory pass: which dense layers the pruned pass can provide
-    site_layers = sorted({s.layer for s in sites})
-    dense_wanted = {s.target for s in sites} | set(dense_mean_layers)
-    k = shared_prefix(ctx, snap) if dense_wanted else 0
-    from_pruned = {o for o in dense_wanted if snap.dense_position(o) < k}
-    dense_run = sorted(dense_wanted - from_pruned)
+    site_layers, dense_wanted, k, from_pruned, dense_run = stream_plan(ctx, snap, dense_mean_layers, sites)
     pruned_wanted = set(mean_layers) | set(site_layers) | from_pruned
     pairs = _Pairs(sites, stats, d, device, host)
 
