@@ -22,7 +22,7 @@ from gradmap.checkpoint import save_pretrained
 from gradmap.compensation import MagnitudeCompensation
 from gradmap.prune import fast_prune
 from gradmap.sparsify import sparsify
-from tiny import random_ids, tiny_model
+from tiny import paired_leaves, random_ids, tiny_model
 
 WORLD = 2
 # fp64 model: most results match the single process to the last bits; statistics kept in fp32
@@ -106,35 +106,21 @@ def _free_port() -> int:
 
 def _close(a, b, path: str) -> None:
     """Recursive comparison with the module tolerance; floats, tensors, lists and dicts."""
-    if isinstance(a, dict):
-        assert set(a) == set(b), f"{path}: keys {sorted(a, key=str)} != {sorted(b, key=str)}"
-        for k in a:
-            _close(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close(x, y, f"{path}[{i}]")
-    elif torch.is_tensor(a):
-        torch.testing.assert_close(a, b, rtol=RTOL, atol=ATOL, msg=lambda m: f"{path}: {m}")
-    elif isinstance(a, float):
-        assert a == pytest.approx(b, rel=RTOL, abs=ATOL), f"{path}: {a} != {b}"
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
+    for x, y, where in paired_leaves(a, b, path):
+        if torch.is_tensor(x):
+            torch.testing.assert_close(x, y, rtol=RTOL, atol=ATOL, msg=lambda m, w=where: f"{w}: {m}")
+        elif isinstance(x, float):
+            assert x == pytest.approx(y, rel=RTOL, abs=ATOL), f"{where}: {x} != {y}"
+        else:
+            assert x == y, f"{where}: {x!r} != {y!r}"
 
 
 def _equal(a, b, path: str) -> None:
-    if isinstance(a, dict):
-        assert set(a) == set(b), path
-        for k in a:
-            _equal(a[k], b[k], f"{path}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), path
-        for i, (x, y) in enumerate(zip(a, b)):
-            _equal(x, y, f"{path}[{i}]")
-    elif torch.is_tensor(a):
-        assert torch.equal(a, b), f"{path}: ranks differ by {float((a - b).abs().max())}"
-    else:
-        assert a == b, f"{path}: {a!r} != {b!r}"
+    for x, y, where in paired_leaves(a, b, path):
+        if torch.is_tensor(x):
+            assert torch.equal(x, y), f"{where}: ranks differ by {float((x - y).abs().max())}"
+        else:
+            assert x == y, f"{where}: {x!r} != {y!r}"
 
 
 @pytest.fixture(scope="module")

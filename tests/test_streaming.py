@@ -10,7 +10,7 @@ from contextlib import contextmanager
 
 import pytest
 import torch
-from tiny import random_ids, tiny_model
+from tiny import paired_leaves, random_ids, tiny_model
 
 from gradmap import GradmapError, fast_prune, get_adapter, streaming
 from gradmap.compensation.base import Compensator
@@ -113,18 +113,11 @@ def _same_result(ref, got, ref_model, model) -> None:
 
 
 def _close_tree(a, b, what: str) -> None:
-    if isinstance(a, dict):
-        assert isinstance(b, dict) and a.keys() == b.keys(), what
-        for k in a:
-            _close_tree(a[k], b[k], f"{what}.{k}")
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b), what
-        for i, (x, y) in enumerate(zip(a, b)):
-            _close_tree(x, y, f"{what}[{i}]")
-    elif isinstance(a, float) and not isinstance(a, bool):
-        assert abs(a - b) <= REL * max(abs(a), 1e-12), f"{what}: {a} vs {b}"
-    else:
-        assert a == b, f"{what}: {a!r} vs {b!r}"
+    for x, y, where in paired_leaves(a, b, what):
+        if isinstance(x, float) and not isinstance(x, bool):
+            assert abs(x - y) <= REL * max(abs(x), 1e-12), f"{where}: {x} vs {y}"
+        else:
+            assert x == y, f"{where}: {x!r} vs {y!r}"
 
 
 def _compensators(spec):

@@ -46,3 +46,18 @@ def tiny_model(family: str, n_layers: int = 6, tied: bool | None = None, dtype=t
 def random_ids(batch: int = 2, seq: int = 12, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(3, VOCAB, (batch, seq), generator=g)
+
+
+def paired_leaves(a, b, path: str = ""):
+    """Walk two nested dict/list/tuple trees together, asserting the same shape; yield (x, y, path)."""
+    if isinstance(a, dict):
+        assert isinstance(b, dict) and set(a) == set(b), \
+            f"{path}: keys {sorted(a, key=str)} != {sorted(b, key=str) if isinstance(b, dict) else b!r}"
+        for k in a:
+            yield from paired_leaves(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{path}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            yield from paired_leaves(x, y, f"{path}[{i}]")
+    else:
+        yield a, b, path
