@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["write_results", "markdown_table", "settings_lines", "plot_ppl_vs_time",
-           "plot_layer_scores"]
+__all__ = ["write_results", "markdown_table", "settings_lines", "accuracy_standard_errors",
+           "plot_ppl_vs_time", "plot_layer_scores"]
 
 DASH = "—"
 
@@ -31,6 +31,27 @@ def _num(value: Any, fmt: str) -> str:
 
 def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def accuracy_standard_errors(zero_shot: dict[str, Any]) -> tuple[dict[str, float], float] | None:
+    """Binomial standard errors (in points) of a zero-shot result, so readers see the noise.
+
+    Per task se_t = 100·sqrt(p_t(1-p_t)/n_t) with p_t the reported accuracy on n_t examples;
+    for the unweighted task average se = sqrt(Σ se_t²)/T (tasks are independent samples).
+    A difference between two methods is about √2·se noise when both are evaluated on the same
+    examples with uncorrelated errors (an upper bound: their errors are positively correlated).
+    None when there is no per-task count.
+    """
+    tasks = zero_shot.get("tasks") or {}
+    per_task = {}
+    for name, t in tasks.items():
+        n, p = t.get("n"), t.get("value")
+        if not n or p is None:
+            return None
+        per_task[name] = 100.0 * math.sqrt(p * (1.0 - p) / n)
+    if not per_task:
+        return None
+    return per_task, math.sqrt(sum(v * v for v in per_task.values())) / len(per_task)
 
 
 def settings_lines(results: dict[str, Any]) -> list[str]:
@@ -55,6 +76,11 @@ def settings_lines(results: dict[str, Any]) -> list[str]:
         metrics = ((results.get("dense") or {}).get("zero_shot") or {}).get("average_metrics", {})
         lines.append(f"- zero-shot: {limit}; accuracy in %; metric per task: "
                      + ", ".join(f"{t} {metrics.get(t, '?')}" for t in s["tasks"]))
+        se = accuracy_standard_errors((results.get("dense") or {}).get("zero_shot") or {})
+        if se:
+            lines.append(f"- noise: binomial standard error of the dense accuracies, per task "
+                         f"{min(se[0].values()):.1f}–{max(se[0].values()):.1f} points, "
+                         f"of the {len(se[0])}-task average {se[1]:.2f} points")
     floor = results.get("floor", {})
     if floor.get("seconds") is not None:
         lines.append(f"- x fwd+bwd: pruning time / {floor['seconds']:.2f} s, the time of "

@@ -14,6 +14,7 @@ from gradmap import cli, remove_layers
 from gradmap.compare import (CompareConfig, DenseSource, forward_backward_seconds, run_compare,
                              weights_fingerprint)
 from gradmap.compensation import COMPENSATORS
+from gradmap.compare_report import accuracy_standard_errors
 from gradmap.errors import GradmapError
 from gradmap.methods import MethodSpec, parse_method, parse_methods
 from gradmap.metrics import METRICS
@@ -253,6 +254,8 @@ def test_results_files_hold_the_expected_columns_and_settings(tmp_path, text_fil
     assert rows[1].rstrip(" |").endswith(f"{100 * 4 / 6:.1f}")
     assert "L=64, first 2 windows only (--ppl-windows 2)" in md
     assert "first 2 examples per task (--limit)" in md
+    # dense depth 6 -> p = 0.6 on n = 2: se = 100*sqrt(0.24/2) = 34.6 per task, /sqrt(7) for the mean
+    assert "per task 34.6–34.6 points, of the 7-task average 13.09 points" in md
     assert "forward+backward" in md and "requires_grad=True" in md
     res = json.loads((out / "results.json").read_text())
     assert res["status"] == "complete"
@@ -267,6 +270,15 @@ def test_results_files_hold_the_expected_columns_and_settings(tmp_path, text_fil
     assert sorted(res["plots"]) == ["layer_scores.png", "ppl_vs_time.png"]
     for name in res["plots"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_accuracy_standard_errors_are_binomial():
+    zs = {"tasks": {"a": {"n": 100, "value": 0.5}, "b": {"n": 400, "value": 0.9}}}
+    per_task, avg = accuracy_standard_errors(zs)
+    assert per_task == pytest.approx({"a": 5.0, "b": 1.5})
+    assert avg == pytest.approx((5.0 ** 2 + 1.5 ** 2) ** 0.5 / 2)
+    assert accuracy_standard_errors({"tasks": {"a": {"n": None, "value": 0.5}}}) is None
+    assert accuracy_standard_errors({}) is None
 
 
 def test_existing_output_needs_overwrite(tmp_path, text_file):
