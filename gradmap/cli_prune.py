@@ -45,6 +45,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--protect-last", type=int, default=1, help="never remove the last N layers (1)")
     p.add_argument("--dtype", choices=DTYPES, default=None, help="load dtype (default: checkpoint's)")
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--offload", choices=("layer",), default=None,
+                   help="'layer': keep the weights in host memory and bring one decoder layer at a "
+                        "time to --device (models larger than the device; see README)")
     p.add_argument("--out", required=True, help="output directory for the pruned checkpoint")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -74,6 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, device: str) -> int:
     from . import distributed
+    from . import streaming
     from .calibration import calibration_data
     from .checkpoint import prepare_output_dir, save_pretrained
     from .metrics import get_metric
@@ -84,9 +88,11 @@ def _run(args: argparse.Namespace, device: str) -> int:
     # every cheap check before the model is loaded
     prepare_output_dir(args.out, args.overwrite)
     options = parse_options(args.metric_option)
-    get_metric(args.metric, **options)
+    metric = get_metric(args.metric, **options)
     compensation = [c.strip() for c in args.compensation.split(",") if c.strip()]
-    resolve_compensation(compensation)
+    compensators = resolve_compensation(compensation)
+    if args.offload:
+        streaming.check_prune_support(metric, compensators)
     if args.n_prune <= 0:
         raise GradmapError(f"--n-prune must be a positive integer, got {args.n_prune}")
 
@@ -94,14 +100,17 @@ def _run(args: argparse.Namespace, device: str) -> int:
     say = print if main else (lambda *a, **k: None)
     t0 = time.perf_counter()
     say(f"loading {args.model} ...", flush=True)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    # offloaded weights stay on the host; fast_prune moves one layer at a time to the device
+    model, tokenizer = load_model(args.model, dtype=args.dtype,
+                                  device="cpu" if args.offload else device)
     say(f"drawing {args.n_calib} x {args.seq_len} calibration tokens from {args.calib} "
           f"(seed {args.seed}) ...", flush=True)
     calib = calibration_data(tokenizer, args.calib, args.n_calib, args.seq_len, args.seed)
     result = fast_prune(model, calib, args.n_prune, metric=args.metric, compensation=compensation,
                         schedule=args.schedule, protect_first=args.protect_first,
                         protect_last=args.protect_last, batch_size=args.batch_size,
-                        progress=not args.no_progress and main, **options)
+                        progress=not args.no_progress and main, offload=args.offload,
+                        compute_device=device if args.offload else None, **options)
     if not main:  # identical result on every rank; rank 0 writes, the others wait for it
         distributed.barrier()
         return 0

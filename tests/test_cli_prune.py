@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from tiny import tiny_model
 from tiny_tokenizer import TRAIN_TEXT, tiny_tokenizer
 from transformers import AutoModelForCausalLM
@@ -71,3 +72,29 @@ def test_parse_options():
         "verify": 4, "gradient": "token", "verify_samples": None}
     with pytest.raises(GradmapError, match="KEY=VALUE"):
         parse_options(["verify"])
+
+
+def test_prune_cli_offload_layer_matches_in_memory(tiny_dir, tmp_path):
+    from safetensors.torch import load_file
+    model_dir, text = tiny_dir
+    common = ["prune", "--model", str(model_dir), "--n-prune", "2", "--calib", str(text),
+              "--n-calib", "4", "--seq-len", "24", "--compensation", "magnitude", "--no-progress"]
+    assert main(common + ["--out", str(tmp_path / "mem")]) == 0
+    assert main(common + ["--out", str(tmp_path / "off"), "--offload", "layer"]) == 0
+    rep = {k: json.loads((tmp_path / k / "report.json").read_text()) for k in ("mem", "off")}
+    assert rep["off"]["removed_layers"] == rep["mem"]["removed_layers"]
+    assert rep["off"]["command"]["offload"] == "layer"
+    mem, off = (load_file(tmp_path / k / "model.safetensors") for k in ("mem", "off"))
+    assert mem.keys() == off.keys()
+    for name in mem:  # folded magnitude scales included
+        torch.testing.assert_close(off[name], mem[name], rtol=1e-5, atol=1e-6)
+
+
+def test_prune_cli_offload_rejects_unstreamable_metric_before_loading(tmp_path, capsys):
+    code = main(["prune", "--model", str(tmp_path / "does-not-exist"), "--n-prune", "2",
+                 "--metric", "taylor", "--compensation", "none", "--offload", "layer",
+                 "--out", str(tmp_path / "o")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "offload='layer'" in err and "taylor" in err
+    assert not (tmp_path / "o").exists()
