@@ -245,6 +245,10 @@ def test_stream_statistics_match_direct_computation():
     torch.testing.assert_close(stats.pruned_means[1].mean.double(), hp[2].reshape(-1, 32).mean(0), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(stats.dense_means[3].mean.double(), hd[4].reshape(-1, 32).mean(0), rtol=1e-5, atol=1e-6)
     assert stats.dense_means[3].count == stats.sites[site].mr.count == calib.numel()
+    # plain statistics: a graph here would keep every micro-batch's activations alive
+    moments = [stats.pruned_means[1], stats.dense_means[3], sm.mr, sm.r]
+    assert not any(t.requires_grad for m in moments for t in vars(m).values()
+                   if isinstance(t, torch.Tensor))
 
 
 # --- projection (GradMAP Stage 2) --------------------------------------------------------------

@@ -108,6 +108,7 @@ def run_decoder(model: nn.Module, ids: torch.Tensor) -> None:
         pass
 
 
+@torch.no_grad()  # returns a float: building an autograd graph would only cost memory
 def lm_loss(model: nn.Module, ids: torch.Tensor) -> tuple[float, int]:
     """(Σ next-token NLL, token count) of `model` on `ids` [b, L], fp32."""
     ids = ids.to(model_device(model))
@@ -316,7 +317,6 @@ def _moments(store: dict, key: Hashable, d: int, device, **kw) -> Moments:
     return store[key]
 
 
-@torch.no_grad()
 def stream_plan(ctx: PruneContext, snap: DenseSnapshot, dense_mean_layers: list[int], sites: list
                 ) -> tuple[list[int], set[int], int, set[int], list[int]]:
     """(site layers, dense layers wanted, shared prefix k, those read off the pruned pass, dense run).
@@ -331,6 +331,7 @@ def stream_plan(ctx: PruneContext, snap: DenseSnapshot, dense_mean_layers: list[
     return site_layers, dense_wanted, k, from_pruned, sorted(dense_wanted - from_pruned)
 
 
+@torch.no_grad()  # statistics only: an autograd graph here would chain every micro-batch together
 def stream_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Tensor,
                       mean_layers: Iterable[int] = (), dense_mean_layers: Iterable[int] = (),
                       sites: Iterable[Site] = (), with_lm_loss: bool = False) -> StreamStats:
