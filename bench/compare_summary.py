@@ -6,8 +6,9 @@ Columns: layers removed, method, pruning time and its ratio to the forward+backw
 PPL, the task average, the average without BoolQ, and retention. BoolQ is split out because
 on SmolLM2-135M it sits far below its majority-class rate (dense 38% on the first 100
 examples, of which 70% are "yes"; 62% on the full validation set), so edits that merely
-shift the model's yes/no bias move it by up to ±30 points and dominate a seven-task average. The binomial standard error of each average (dense
-accuracies, `gradmap.compare_report.accuracy_standard_errors`) is printed under the table.
+shift the model's yes/no bias move it by up to ±30 points and dominate a seven-task
+average. The binomial standard error of each average (dense accuracies,
+`gradmap.compare_report.accuracy_standard_errors`) is printed under the table.
 Not collected by pytest (no test_ prefix).
 """
 from __future__ import annotations
@@ -22,9 +23,13 @@ from gradmap.compare_report import accuracy_standard_errors
 EXCLUDED = "boolq"
 
 
-def _avg(tasks: dict, skip: str | None = None) -> float | None:
-    vals = [v for k, v in tasks.items() if k != skip]
+def _without_boolq(tasks: dict) -> float | None:
+    vals = [v for k, v in tasks.items() if k != EXCLUDED]
     return 100 * sum(vals) / len(vals) if vals else None
+
+
+def _pct(x: float | None) -> float | None:
+    return None if x is None else 100 * x
 
 
 def _fmt(x, spec: str) -> str:
@@ -33,18 +38,18 @@ def _fmt(x, spec: str) -> str:
 
 def rows(data: dict) -> list[list[str]]:
     n, dense = data["settings"]["n_prune"], data["dense"]
-    d6 = _avg(dense.get("tasks", {}), EXCLUDED)
     out = [[str(n), "dense", "—", "—", "—", _fmt(dense.get("ppl"), ".2f"),
-            _fmt(_avg(dense.get("tasks", {})), ".2f"), _fmt(d6, ".2f"), "100.0"]]
+            _fmt(_pct(dense.get("average")), ".2f"),
+            _fmt(_without_boolq(dense.get("tasks", {})), ".2f"), "100.0"]]
     for r in data["methods"]:
         if r.get("status") != "ok":
             out.append([str(n), r.get("label", r["method"]), f"({r.get('status')})"] + ["—"] * 6)
             continue
-        a6 = _avg(r.get("tasks", {}), EXCLUDED)
         out.append([str(n), r["label"], ", ".join(map(str, r["removed_layers"])),
                     _fmt(r["timings"]["total"], ".1f"), _fmt(r.get("ratio_to_floor"), ".2f"),
-                    _fmt(r.get("ppl"), ".2f"), _fmt(_avg(r.get("tasks", {})), ".2f"),
-                    _fmt(a6, ".2f"), _fmt(r.get("retention"), ".1f")])
+                    _fmt(r.get("ppl"), ".2f"), _fmt(_pct(r.get("average")), ".2f"),
+                    _fmt(_without_boolq(r.get("tasks", {})), ".2f"),
+                    _fmt(r.get("retention"), ".1f")])
     return out
 
 
@@ -61,11 +66,11 @@ def main() -> None:
         lines += ["| " + " | ".join(r) + " |" for r in rows(data)]
         zs = (data["dense"].get("zero_shot") or {})
         se = accuracy_standard_errors(zs)
-        if se:
-            six = {k: v for k, v in se[0].items() if k != EXCLUDED}
-            se6 = math.sqrt(sum(v * v for v in six.values())) / len(six)
+        se6 = accuracy_standard_errors(
+            {"tasks": {k: v for k, v in zs.get("tasks", {}).items() if k != EXCLUDED}})
+        if se and se6:
             notes.append(f"- {path}: limit {zs.get('limit')} per task; s.e. of avg (7) "
-                         f"{se[1]:.2f}, of avg (6) {se6:.2f} points; floor "
+                         f"{se[1]:.2f}, of avg (6) {se6[1]:.2f} points; floor "
                          f"{data['floor']['seconds']:.1f} s")
     print("\n".join(lines + [""] + notes))
 

@@ -76,8 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, device: str) -> int:
-    from . import distributed
-    from . import streaming
+    from . import distributed, streaming
     from .calibration import calibration_data
     from .checkpoint import prepare_output_dir, save_pretrained
     from .metrics import get_metric

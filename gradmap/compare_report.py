@@ -64,7 +64,8 @@ def settings_lines(results: dict[str, Any]) -> list[str]:
                  f"micro-batch {s['batch_size']}; protected layers: first {s['protect_first']}, "
                  f"last {s['protect_last']}; dtype {s['dtype'] or 'checkpoint'}, "
                  f"device {s['device']}")
-    ppl = (results.get("dense") or {}).get("ppl_report")
+    dense = results.get("dense") or {}
+    ppl = dense.get("ppl_report")
     if ppl:
         scope = (f"first {ppl['windows']} windows only (--ppl-windows {s['ppl_windows']})"
                  if s["ppl_windows"] is not None else f"all {ppl['windows']} windows")
@@ -73,10 +74,11 @@ def settings_lines(results: dict[str, Any]) -> list[str]:
     if s.get("tasks"):
         limit = ("all examples" if s["limit"] is None
                  else f"first {s['limit']} examples per task (--limit)")
-        metrics = ((results.get("dense") or {}).get("zero_shot") or {}).get("average_metrics", {})
+        zero_shot = dense.get("zero_shot") or {}
+        metrics = zero_shot.get("average_metrics", {})
         lines.append(f"- zero-shot: {limit}; accuracy in %; metric per task: "
                      + ", ".join(f"{t} {metrics.get(t, '?')}" for t in s["tasks"]))
-        se = accuracy_standard_errors((results.get("dense") or {}).get("zero_shot") or {})
+        se = accuracy_standard_errors(zero_shot)
         if se:
             lines.append(f"- noise: binomial standard error of the dense accuracies, per task "
                          f"{min(se[0].values()):.1f}–{max(se[0].values()):.1f} points, "
