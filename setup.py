@@ -18,7 +18,9 @@ import sys
 
 from setuptools import setup
 
-PACKAGES = ["gradmap", "gradmap.evaluate", "gradmap.metrics", "gradmap.compensation", "gradmap.kernels"]
+PACKAGES = ["gradmap", "gradmap.core", "gradmap.ops", "gradmap.runtime", "gradmap.prune",
+            "gradmap.prune.metrics", "gradmap.prune.compensation", "gradmap.sparsity", "gradmap.evaluate",
+            "gradmap.cli", "gradmap.experiments", "gradmap.kernels"]
 PACKAGE_DIR = {"gradmap.kernels": "kernels"}
 
 

@@ -8,7 +8,7 @@ on SmolLM2-135M it sits far below its majority-class rate (dense 38% on the firs
 examples, of which 70% are "yes"; 62% on the full validation set), so edits that merely
 shift the model's yes/no bias move it by up to ±30 points and dominate a seven-task
 average. The binomial standard error of each average (dense accuracies,
-`gradmap.compare_report.accuracy_standard_errors`) is printed under the table.
+`gradmap.experiments.compare_report.accuracy_standard_errors`) is printed under the table.
 Not collected by pytest (no test_ prefix).
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import json
 import math
 from pathlib import Path
 
-from gradmap.compare_report import accuracy_standard_errors
+from gradmap.experiments.compare_report import accuracy_standard_errors
 
 EXCLUDED = "boolq"
 

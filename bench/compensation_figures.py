@@ -27,11 +27,11 @@ from typing import ClassVar
 import torch
 
 from gradmap import load_model
-from gradmap.calibration import calibration_data
-from gradmap.compensation import get_compensator
+from gradmap.core.calibration import calibration_data
+from gradmap.prune.compensation import get_compensator
 from gradmap.evaluate import perplexity
-from gradmap.metrics.base import Metric, ScoringRun
-from gradmap.prune import fast_prune
+from gradmap.prune.metrics.base import Metric, ScoringRun
+from gradmap.prune.driver import fast_prune
 
 # row name -> fast_prune(compensation=...) value (built fresh for every run)
 COMPENSATIONS = {

@@ -22,7 +22,7 @@ NPRUNE = int(os.environ.get("GRADMAP_BENCH_NPRUNE", "8"))
 @pytest.fixture(scope="session")
 def prune_setup(request):
     """(model, calib, n_prune, batch_size): SmolLM2 when timing, a tiny model under --benchmark-disable."""
-    from gradmap.metrics.capture import default_batch_size
+    from gradmap.runtime.capture import default_batch_size
 
     torch.set_num_threads(THREADS)
     if request.config.getoption("benchmark_disable", False):
@@ -30,7 +30,7 @@ def prune_setup(request):
         from tiny import random_ids, tiny_model
         return tiny_model("llama", n_layers=6), random_ids(4, 16), 2, 2
     from gradmap import load_model
-    from gradmap.calibration import calibration_data
+    from gradmap.core.calibration import calibration_data
     model, tok = load_model("smollm2-135m")
     calib = calibration_data(tok, "c4", NCAL, SEQ, seed=0)
     return model, calib, NPRUNE, default_batch_size(SEQ)

@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from gradmap import distributed
-from gradmap.prune import fast_prune
+from gradmap.core import distributed
+from gradmap.prune.driver import fast_prune
 
 
 def _tiny_model(seed: int = 0):
@@ -43,7 +43,7 @@ def _calibration(model, tokenizer, args) -> torch.Tensor:
     if tokenizer is None:  # --tiny: random ids, identical on every rank
         g = torch.Generator().manual_seed(args.seed)
         return torch.randint(3, model.config.vocab_size, (args.n_calib, args.seq_len), generator=g)
-    from gradmap.calibration import calibration_data
+    from gradmap.core.calibration import calibration_data
     return calibration_data(tokenizer, args.calib, args.n_calib, args.seq_len, args.seed)
 
 
@@ -71,7 +71,7 @@ def main() -> None:
             model, tokenizer = _tiny_model()
             model.to(device)
         else:
-            from gradmap.models import load_model
+            from gradmap.core.models import load_model
             model, tokenizer = load_model(args.model, device=device)
         calib = _calibration(model, tokenizer, args)
         for metric in [m.strip() for m in args.metrics.split(",") if m.strip()]:

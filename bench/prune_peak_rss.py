@@ -29,7 +29,7 @@ def main() -> None:
 
     import gradmap
     from gradmap import fast_prune, load_model
-    from gradmap.calibration import calibration_data
+    from gradmap.core.calibration import calibration_data
 
     model, tok = load_model(args.model)
     calib = calibration_data(tok, "c4", args.n_calib, args.seq_len, 0)

@@ -44,9 +44,10 @@ def main() -> None:
         return print(table(Path(args.out)))
     torch.set_num_threads(args.threads)
 
-    from gradmap import load_model, sparsify
-    from gradmap.calibration import calibration_data
-    from gradmap.cli_sparsify import plot_sparsity
+    from gradmap import load_model
+    from gradmap.sparsity import sparsify
+    from gradmap.core.calibration import calibration_data
+    from gradmap.cli.sparsify import plot_sparsity
     from gradmap.evaluate import perplexity_report
 
     out = Path(args.out)
@@ -125,8 +126,8 @@ def table(out: Path) -> str:
 
 def replot(out: Path, sparsity: float) -> None:
     """Redraw the MRP per-layer figures from the recorded JSONL (no model is loaded)."""
-    from gradmap.cli_sparsify import plot_sparsity
-    from gradmap.sparsify import SparsifyResult
+    from gradmap.cli.sparsify import plot_sparsity
+    from gradmap.sparsity.sparsify import SparsifyResult
 
     for line in out.read_text().splitlines():
         row = json.loads(line)

@@ -27,8 +27,8 @@ import pytest
 import torch
 
 from gradmap import fast_prune, get_adapter
-from gradmap.metrics import GradMAP, ScoringRun
-from gradmap.streaming import layer_offload
+from gradmap.prune.metrics import GradMAP, ScoringRun
+from gradmap.runtime.streaming import layer_offload
 
 from .harness import measure
 

@@ -25,8 +25,8 @@ import pytest
 import torch
 from .harness import measure
 
-from gradmap import _ext, ops
-from gradmap.ops import Moments
+from gradmap.ops import extension as _ext, dispatch as ops
+from gradmap.ops.dispatch import Moments
 
 CUDA = torch.cuda.is_available()
 needs_cuda = pytest.mark.skipif(not CUDA, reason="no CUDA device: GPU kernel benchmarks need one "

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gradmap.errors import GradmapError
+from gradmap.core.errors import GradmapError
 
 from .utils import cdiv, check_inputs, empty, interpreting, on_device
 

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gradmap.errors import GradmapError
+from gradmap.core.errors import GradmapError
 
 from .utils import cdiv, check_inputs, device_table, interpreting, on_device, upcast_dots
 

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from gradmap.errors import GradmapError
+from gradmap.core.errors import GradmapError
 
 __all__ = [
     "SUPPORTED_DTYPES", "TL_DTYPES", "check_inputs", "interpreting", "empty", "device_table",

@@ -115,7 +115,7 @@ def tiny_prune_cases():
                 yield f"{family}/gradmap-{variant}/{schedule}/projection", family, dict(
                     metric="gradmap", schedule=schedule, compensation="projection", **opts)
         for per_gap in ("per_gap", "top2"):
-            from gradmap.compensation import ProjectionCompensation
+            from gradmap.prune.compensation import ProjectionCompensation
             comp = (lambda: ProjectionCompensation(per_gap=True)) if per_gap == "per_gap" else \
                 (lambda: ProjectionCompensation(top_m=2))
             yield f"{family}/gradmap/one-shot/projection-{per_gap}", family, dict(
@@ -131,8 +131,8 @@ def _tiny_calib():
 
 
 def run_tiny(select=None) -> dict:
-    from gradmap.prune import fast_prune
-    from gradmap.sparsify import sparsify
+    from gradmap.prune.driver import fast_prune
+    from gradmap.sparsity.sparsify import sparsify
     out = {}
     for name, family, cfg in tiny_prune_cases():
         if select and not select(name):
@@ -166,10 +166,10 @@ SMOL_PRUNE = {
 
 
 def run_smollm2(select=None) -> dict:
-    from gradmap.calibration import calibration_data
-    from gradmap.models import load_model
-    from gradmap.prune import fast_prune
-    from gradmap.sparsify import sparsify
+    from gradmap.core.calibration import calibration_data
+    from gradmap.core.models import load_model
+    from gradmap.prune.driver import fast_prune
+    from gradmap.sparsity.sparsify import sparsify
     out = {}
     model, tok = load_model("smollm2-135m")
     dense = {k: v.clone() for k, v in model.state_dict().items()}

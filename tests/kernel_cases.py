@@ -19,10 +19,9 @@ if os.environ.get("TRITON_INTERPRET") != "1":
     pytest.skip("run through tests/test_kernels.py (needs TRITON_INTERPRET=1 before triton is imported)",
                 allow_module_level=True)
 
-from gradmap.errors import GradmapError  # noqa: E402
+from gradmap.core.errors import GradmapError  # noqa: E402
 from gradmap.kernels import accumulate_moments, gate_reduction, layer_grad_reductions  # noqa: E402
-from gradmap.ops import (Moments, accumulate_moments_reference, gate_reduction_reference,  # noqa: E402
-                         layer_grad_reductions_reference)
+from gradmap.ops.dispatch import Moments, accumulate_moments_reference, gate_reduction_reference, layer_grad_reductions_reference
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 RTOL = {torch.float32: 1e-5, torch.bfloat16: 1e-3, torch.float16: 1e-3}
@@ -225,9 +224,9 @@ def test_launchers_reject_bad_input():
 def test_end_to_end_fast_prune_through_kernels(variant, monkeypatch):
     """fast_prune with every Triton kernel routed in (CPU tensors, interpreter) vs forced reference."""
     import gradmap.kernels as kernels
-    from gradmap import ops
-    from gradmap.compensation import get_compensator
-    from gradmap.prune import fast_prune
+    from gradmap.ops import dispatch as ops
+    from gradmap.prune.compensation import get_compensator
+    from gradmap.prune.driver import fast_prune
     from tiny import random_ids, tiny_model
     used = set()
 

@@ -5,9 +5,9 @@ import random
 import pytest
 import torch
 
-from gradmap import calibration as calib
-from gradmap.calibration import DATA_ENV, calibration_data, load_documents
-from gradmap.errors import GradmapError
+from gradmap.core import calibration as calib
+from gradmap.core.calibration import DATA_ENV, calibration_data, load_documents
+from gradmap.core.errors import GradmapError
 from tiny_tokenizer import tiny_tokenizer
 
 WORDS = "the cat sat on a mat then ran to the park and home again with every dog".split()

@@ -6,7 +6,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from gradmap import GradmapError, load_model, save_pretrained
-from gradmap import models as gm_models
+from gradmap.core import models as gm_models
 from tiny import random_ids, tiny_model
 
 

@@ -3,8 +3,8 @@ import json
 
 import pytest
 
-import gradmap.cli_eval as cli_eval
-from gradmap.cli import main
+import gradmap.cli.eval as cli_eval
+from gradmap.cli.app import main
 from gradmap.evaluate import perplexity, zero_shot
 from tiny import tiny_model
 from tiny_tokenizer import tiny_tokenizer

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from gradmap.cli import limit_heap_fragmentation
+from gradmap.cli.app import limit_heap_fragmentation
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",

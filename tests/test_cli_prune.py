@@ -9,9 +9,9 @@ from tiny import tiny_model
 from tiny_tokenizer import TRAIN_TEXT, tiny_tokenizer
 from transformers import AutoModelForCausalLM
 
-from gradmap.cli import main
-from gradmap.cli_prune import parse_options
-from gradmap.errors import GradmapError
+from gradmap.cli.app import main
+from gradmap.cli.prune import parse_options
+from gradmap.core.errors import GradmapError
 
 
 @pytest.fixture(scope="module")

@@ -8,17 +8,17 @@ import pytest
 import torch
 
 import gradmap.evaluate
-import gradmap.models
-import gradmap.prune
-from gradmap import cli, remove_layers
-from gradmap.compare import (CompareConfig, DenseSource, forward_backward_seconds, run_compare,
-                             weights_fingerprint)
-from gradmap.compensation import COMPENSATORS
-from gradmap.compare_report import accuracy_standard_errors
-from gradmap.errors import GradmapError
-from gradmap.methods import MethodSpec, parse_method, parse_methods
-from gradmap.metrics import METRICS
-from gradmap.result import PruneResult
+import gradmap.core.models
+import gradmap.prune.driver
+from gradmap.cli import app as cli
+from gradmap import remove_layers
+from gradmap.experiments.compare import CompareConfig, DenseSource, forward_backward_seconds, run_compare, weights_fingerprint
+from gradmap.prune.compensation import COMPENSATORS
+from gradmap.experiments.compare_report import accuracy_standard_errors
+from gradmap.core.errors import GradmapError
+from gradmap.experiments.methods import MethodSpec, parse_method, parse_methods
+from gradmap.prune.metrics import METRICS
+from gradmap.core.result import PruneResult
 from tiny import tiny_model
 from tiny_tokenizer import tiny_tokenizer
 
@@ -306,7 +306,7 @@ def test_cli_end_to_end_saves_checkpoint_and_generates(tmp_path, text_file, monk
 
     from gradmap.evaluate import perplexity
 
-    monkeypatch.setattr(gradmap.models, "load_model", tiny_loader())
+    monkeypatch.setattr(gradmap.core.models, "load_model", tiny_loader())
     out, ckpt = tmp_path / "o", tmp_path / "ckpt"
     rc = cli.main(["compare", "--model", "tiny", "--n-prune", "2",
                    "--methods", "gradmap+projection", "--tasks", "piqa,winogrande",
@@ -335,12 +335,12 @@ def test_cli_end_to_end_saves_checkpoint_and_generates(tmp_path, text_file, monk
 
 
 def test_cli_reports_failures_with_exit_code(tmp_path, text_file, monkeypatch, capsys):
-    monkeypatch.setattr(gradmap.models, "load_model", tiny_loader())
+    monkeypatch.setattr(gradmap.core.models, "load_model", tiny_loader())
     monkeypatch.setattr(gradmap.evaluate, "zero_shot", fake_zero_shot)
 
     def broken(*a, **kw):
         raise GradmapError("nothing works")
-    monkeypatch.setattr(gradmap.prune, "fast_prune", broken)
+    monkeypatch.setattr(gradmap.prune.driver, "fast_prune", broken)
     rc = cli.main(["compare", "--model", "tiny", "--n-prune", "1", "--methods", "taylor",
                    "--tasks", "none", "--calib", text_file, "--n-calib", "2", "--seq-len", "16",
                    "--ppl-data", text_file, "--ppl-seq-len", "64", "--ppl-windows", "1",

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from gradmap import GradmapError, get_adapter, original_layer_ids, remove_layers
-from gradmap.compensation import COMPENSATORS, NoCompensation, PruneContext, get_compensator
-from gradmap.compensation import projection as projection_mod
-from gradmap.compensation.magnitude import MagnitudeCompensation
-from gradmap.compensation.projection import ProjectionCompensation, regression_loss, removed_blocks, solve_sites
-from gradmap.compensation.replaceme import ReplaceMeCompensation
-from gradmap.compensation.stats import DenseSnapshot, Site, SiteMoments, dense_view, stream_statistics
-from gradmap.ops import Moments, accumulate_moments
-from gradmap.result import PruneResult
+from gradmap.prune.compensation import COMPENSATORS, NoCompensation, PruneContext, get_compensator
+from gradmap.prune.compensation import projection as projection_mod
+from gradmap.prune.compensation.magnitude import MagnitudeCompensation
+from gradmap.prune.compensation.projection import ProjectionCompensation, regression_loss, removed_blocks, solve_sites
+from gradmap.prune.compensation.replaceme import ReplaceMeCompensation
+from gradmap.prune.compensation.stats import DenseSnapshot, Site, SiteMoments, dense_view, stream_statistics
+from gradmap.ops.dispatch import Moments, accumulate_moments
+from gradmap.core.result import PruneResult
 from tiny import VOCAB, random_ids, tiny_model
 
 
@@ -447,7 +447,7 @@ def test_projection_on_smollm2(smollm2):
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_shared_prefix_shortcut_is_exact(family, monkeypatch):
     """Starting the dense path from the pruned path's state gives the same statistics as a full dense pass."""
-    from gradmap.compensation import stats as stats_mod
+    from gradmap.prune.compensation import stats as stats_mod
     model = tiny_model(family, 6, dtype=torch.float64)
     calib = random_ids(3, 9, seed=6)
     ctx = drive(model, calib, [3, 5], [])
@@ -464,7 +464,7 @@ def test_shared_prefix_shortcut_is_exact(family, monkeypatch):
 
 
 def test_shared_prefix_is_empty_after_an_embedding_edit():
-    from gradmap.compensation import stats as stats_mod
+    from gradmap.prune.compensation import stats as stats_mod
     model = tiny_model("llama", 6, dtype=torch.float64)
     ctx = drive(model, random_ids(2, 9), [4], [MagnitudeCompensation()])
     assert "model.embed_tokens.weight" in ctx.original_params
@@ -489,7 +489,7 @@ def test_per_gap_only_placement(trained):
 
 @pytest.mark.parametrize("schedule", ["one-shot", "iterative"])
 def test_every_compensation_through_fast_prune(trained, schedule):
-    from gradmap.prune import fast_prune
+    from gradmap.prune.driver import fast_prune
     calib = markov_ids(6, 24, seed=16)
     for comp in ["none", "projection", "magnitude", "replaceme", ["magnitude", "projection"]]:
         model = copy.deepcopy(trained["llama"])

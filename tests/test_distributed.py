@@ -17,11 +17,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gradmap import distributed
-from gradmap.checkpoint import save_pretrained
-from gradmap.compensation import MagnitudeCompensation
-from gradmap.prune import fast_prune
-from gradmap.sparsify import sparsify
+from gradmap.core import distributed
+from gradmap.core.checkpoint import save_pretrained
+from gradmap.prune.compensation import MagnitudeCompensation
+from gradmap.prune.driver import fast_prune
+from gradmap.sparsity.sparsify import sparsify
 from tiny import paired_leaves, random_ids, tiny_model
 
 WORLD = 2

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from gradmap.calibration import DATA_ENV
-from gradmap.errors import GradmapError
+from gradmap.core.calibration import DATA_ENV
+from gradmap.core.errors import GradmapError
 from gradmap.evaluate import TASK_NAMES, perplexity, perplexity_report, zero_shot
 from gradmap.evaluate.tasks import build_examples, hellaswag_preprocess
 from gradmap.evaluate.zero_shot import encode_request, loglikelihoods

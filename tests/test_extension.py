@@ -5,8 +5,8 @@ import shutil
 import pytest
 import torch
 
-from gradmap import _ext, ops
-from gradmap.errors import GradmapError
+from gradmap.ops import extension as _ext, dispatch as ops
+from gradmap.core.errors import GradmapError
 
 BUILD_EXPECTED = os.environ.get("GRADMAP_BUILD_EXT", "1") != "0" and shutil.which("c++") is not None
 

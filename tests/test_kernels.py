@@ -58,7 +58,7 @@ def test_launchers_refuse_cpu_tensors_without_the_interpreter(monkeypatch):
     pytest.importorskip("triton", reason="triton is not installed")
     import torch
 
-    from gradmap.errors import GradmapError
+    from gradmap.core.errors import GradmapError
     from gradmap.kernels.utils import check_inputs
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(GradmapError, match="needs CUDA tensors"):

@@ -6,9 +6,9 @@ import sys
 import pytest
 import torch
 
-from gradmap import _ext, ops
-from gradmap.errors import GradmapError
-from gradmap.ops import Moments
+from gradmap.ops import extension as _ext, dispatch as ops
+from gradmap.core.errors import GradmapError
+from gradmap.ops.dispatch import Moments
 
 
 def _spd(n, d, seed=0, dtype=torch.float64):
@@ -201,8 +201,8 @@ def test_importing_gradmap_does_not_initialise_cuda_or_import_kernels():
 
 def test_fast_prune_same_with_backends_and_forced_reference(monkeypatch):
     """Backends on (on CPU: the C++ solve) vs GRADMAP_FORCE_REFERENCE=1: same layers, same weights."""
-    from gradmap.compensation import get_compensator
-    from gradmap.prune import fast_prune
+    from gradmap.prune.compensation import get_compensator
+    from gradmap.prune.driver import fast_prune
     from tiny import random_ids, tiny_model
     runs = {}
     for forced in ("0", "1"):

@@ -8,8 +8,8 @@ import torch
 from tiny import random_ids, tiny_model
 
 from gradmap import GradmapError, PruneResult, fast_prune, get_adapter, original_layer_ids
-from gradmap.compensation.base import Compensator
-from gradmap.metrics.capture import layer_io
+from gradmap.prune.compensation.base import Compensator
+from gradmap.runtime.capture import layer_io
 
 
 class Recorder(Compensator):

@@ -3,8 +3,8 @@ import pytest
 import torch
 
 from gradmap import GradmapError, get_adapter
-from gradmap.sequential import capture_block_inputs, sequential_blocks
-from gradmap.sparsify import magnitude_scores, prune_rows_
+from gradmap.runtime.sequential import capture_block_inputs, sequential_blocks
+from gradmap.sparsity.sparsify import magnitude_scores, prune_rows_
 from tiny import random_ids, tiny_model
 
 N = 5

@@ -6,10 +6,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config
 
-from gradmap import GradmapError, SparsifyResult, get_adapter, sparsify
-from gradmap.mrp import mrp_allocate
-from gradmap.owl import outlier_ratio, owl_allocation
-from gradmap.sparsify import magnitude_scores, prune_rows_, wanda_scores
+from gradmap import GradmapError, SparsifyResult, get_adapter
+from gradmap.sparsity import sparsify
+from gradmap.sparsity.mrp import mrp_allocate
+from gradmap.sparsity.owl import outlier_ratio, owl_allocation
+from gradmap.sparsity.sparsify import magnitude_scores, prune_rows_, wanda_scores
 from tiny import random_ids, tiny_model
 
 N = 5
@@ -258,7 +259,8 @@ class _CharTokenizer:
 
 
 def _cli(monkeypatch, argv, loaded):
-    from gradmap import cli, models
+    from gradmap.cli import app as cli
+    from gradmap.core import models
 
     def fake_load(name, dtype=None, device="cpu"):
         loaded.append(name)

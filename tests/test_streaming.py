@@ -1,7 +1,7 @@
 """Models larger than one device: layer streaming (offload="layer") and accelerate device maps.
 
 The compute device is the CPU here; the memory bound is checked by tracking which module
-groups `gradmap.streaming.on_device` has placed on the compute device whenever a module runs.
+groups `gradmap.runtime.streaming.on_device` has placed on the compute device whenever a module runs.
 """
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ import pytest
 import torch
 from tiny import paired_leaves, random_ids, tiny_model
 
-from gradmap import GradmapError, fast_prune, get_adapter, streaming
-from gradmap.compensation.base import Compensator
-from gradmap.metrics import ScoringRun, gate_statistics, get_metric
-from gradmap.metrics.capture import MeanSink, calibration_losses, forward_pass
+from gradmap import GradmapError, fast_prune, get_adapter
+from gradmap.runtime import streaming
+from gradmap.prune.compensation.base import Compensator
+from gradmap.prune.metrics import ScoringRun, gate_statistics, get_metric
+from gradmap.runtime.capture import MeanSink, calibration_losses, forward_pass
 
 FAMILIES = ["llama", "gemma2", "qwen2"]
 REL = 1e-8
@@ -121,8 +122,8 @@ def _close_tree(a, b, what: str) -> None:
 
 
 def _compensators(spec):
-    from gradmap.compensation.projection import ProjectionCompensation
-    from gradmap.compensation.replaceme import ReplaceMeCompensation
+    from gradmap.prune.compensation.projection import ProjectionCompensation
+    from gradmap.prune.compensation.replaceme import ReplaceMeCompensation
     return {"projection-folds": lambda: ProjectionCompensation(top_m=2, per_gap=True, safeguards=False),
             "replaceme-folds": lambda: ReplaceMeCompensation(safeguards=False),
             "projection-two-pass": lambda: ProjectionCompensation(top_m=1, max_stat_bytes=1),
@@ -159,7 +160,7 @@ def test_compensation_streamed_matches_in_memory(family, metric, compensation, s
 @pytest.mark.parametrize("allocation,score", [("uniform", "wanda"), ("owl", "wanda"), ("mrp", "wanda"),
                                               ("uniform", "magnitude")])
 def test_sparsify_streamed_gives_the_same_masks(family, allocation, score):
-    from gradmap import sparsify
+    from gradmap.sparsity import sparsify
     base = tiny_model(family, n_layers=4, dtype=torch.float64, seed=31)
     calib = random_ids(5, 20, seed=32)
     ref_model, model = copy.deepcopy(base), copy.deepcopy(base)
@@ -178,7 +179,7 @@ def test_sparsify_streamed_gives_the_same_masks(family, allocation, score):
 @pytest.mark.parametrize("kwargs,match", [(dict(offload="disk"), "offload='disk' is not valid"),
                                           (dict(offload="layer", compute_device="meta"), "cannot compute")])
 def test_sparsify_bad_offload_is_rejected_untouched(kwargs, match):
-    from gradmap import sparsify
+    from gradmap.sparsity import sparsify
     model = tiny_model("llama", n_layers=3, seed=33)
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(GradmapError, match=match):
@@ -226,7 +227,7 @@ def _prune_job(metric, compensation):
 
 def _sparsify_job(allocation):
     def job(model):
-        from gradmap import sparsify
+        from gradmap.sparsity import sparsify
         sparsify(model, random_ids(4, 10, seed=8), 0.5, allocation, batch_size=2, progress=False,
                  offload="layer", compute_device="cpu")
     return job
@@ -371,7 +372,7 @@ def test_device_map_rejects_compensation_on_offloaded_weights_and_streaming(tmp_
 
 @pytest.mark.filterwarnings("ignore")
 def test_device_map_sparsify_matches_plain_model(tmp_path):
-    from gradmap import sparsify
+    from gradmap.sparsity import sparsify
     base = tiny_model("qwen2", n_layers=4, seed=14)
     calib = random_ids(4, 12, seed=15)
     ref = copy.deepcopy(base)

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..calibration import NAMED_SOURCES, load_documents
-from ..errors import GradmapError
+from gradmap.core.calibration import NAMED_SOURCES, load_documents
+from gradmap.core.errors import GradmapError
 
 __all__ = ["PerplexityReport", "perplexity", "perplexity_report", "load_text", "window_nll", "input_device"]
 

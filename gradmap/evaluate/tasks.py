@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from ..calibration import DATA_ENV, data_dir
-from ..errors import GradmapError
+from gradmap.core.calibration import DATA_ENV, data_dir
+from gradmap.core.errors import GradmapError
 
 __all__ = ["Example", "TaskSpec", "TASKS", "TASK_NAMES", "build_examples", "resolve_tasks",
            "hellaswag_preprocess"]

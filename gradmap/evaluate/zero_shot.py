@@ -22,9 +22,9 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from ..errors import GradmapError
-from .perplexity import input_device
-from .tasks import TASKS, Example, build_examples, resolve_tasks
+from gradmap.core.errors import GradmapError
+from gradmap.evaluate.perplexity import input_device
+from gradmap.evaluate.tasks import TASKS, Example, build_examples, resolve_tasks
 
 __all__ = ["zero_shot", "loglikelihoods", "encode_request", "max_length", "PAD_SLACK"]
 

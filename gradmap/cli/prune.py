@@ -1,0 +1,130 @@
+"""`gradmap prune`: remove decoder layers with a metric and save a plain HF checkpoint.
+
+Writes to --out: the checkpoint (safetensors, config, tokenizer), report.json
+(the PruneResult plus the command line) and scores.png (one line of layer
+scores per decision). --out is validated before the model is loaded.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import time
+
+from gradmap.core.errors import GradmapError
+
+__all__ = ["add_parser", "run", "parse_options"]
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "prune", help="remove decoder layers chosen by a layer-importance metric",
+        description="Score layers on calibration text, remove the n least important ones (in place), "
+                    "optionally compensate, and save a plain Hugging Face checkpoint.")
+    p.add_argument("--model", required=True, help="hub id, local HF directory, .gguf file or alias "
+                                                  "(e.g. smollm2-135m)")
+    p.add_argument("--n-prune", type=int, required=True, help="number of decoder layers to remove")
+    p.add_argument("--metric", default="gradmap", help="layer metric (default: gradmap)")
+    p.add_argument("--metric-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="metric option, repeatable (e.g. gradient=token, verify=4)")
+    p.add_argument("--schedule", default=None, choices=("iterative", "one-shot"),
+                   help="re-score after every removal (iterative) or score once (one-shot); "
+                        "default: the metric's own (one-shot for gradmap, iterative for the others "
+                        "that support it)")
+    p.add_argument("--compensation", default="projection",
+                   help="comma-separated compensators, or 'none' (default: projection)")
+    p.add_argument("--calib", default="c4", help="calibration data: c4, wikitext2 or a .jsonl/.txt path")
+    p.add_argument("--n-calib", type=int, default=128, help="calibration sequences (128)")
+    p.add_argument("--seq-len", type=int, default=2048, help="calibration sequence length (2048)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (0)")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="calibration micro-batch (default: about 2048 tokens)")
+    p.add_argument("--protect-first", type=int, default=1, help="never remove the first N layers (1)")
+    p.add_argument("--protect-last", type=int, default=1, help="never remove the last N layers (1)")
+    p.add_argument("--dtype", choices=DTYPES, default=None, help="load dtype (default: checkpoint's)")
+    p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
+    p.add_argument("--offload", choices=("layer",), default=None,
+                   help="'layer': keep the weights in host memory and bring one decoder layer at a "
+                        "time to --device (models larger than the device; see README)")
+    p.add_argument("--out", required=True, help="output directory for the pruned checkpoint")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def parse_options(items: list[str]) -> dict:
+    """KEY=VALUE strings -> dict; values are Python literals when they parse as one, else strings."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise GradmapError(f"--metric-option {item!r} is not KEY=VALUE (e.g. --metric-option verify=4)")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    """Under `torchrun` every rank runs this; calibration is data-parallel and rank 0 writes --out."""
+    from gradmap.core.distributed import process_group
+    with process_group(args.device) as device:
+        return _run(args, device)
+
+
+def _run(args: argparse.Namespace, device: str) -> int:
+    from gradmap.core import distributed
+    from gradmap.runtime import streaming
+    from gradmap.core.calibration import calibration_data
+    from gradmap.core.checkpoint import prepare_output_dir, save_pretrained
+    from gradmap.prune.metrics import get_metric
+    from gradmap.core.models import load_model
+    from gradmap.experiments.plots import plot_scores
+    from gradmap.prune.driver import fast_prune, resolve_compensation
+
+    # every cheap check before the model is loaded
+    prepare_output_dir(args.out, args.overwrite)
+    options = parse_options(args.metric_option)
+    metric = get_metric(args.metric, **options)
+    compensation = [c.strip() for c in args.compensation.split(",") if c.strip()]
+    compensators = resolve_compensation(compensation)
+    if args.offload:
+        streaming.check_prune_support(metric, compensators)
+    if args.n_prune <= 0:
+        raise GradmapError(f"--n-prune must be a positive integer, got {args.n_prune}")
+
+    main = distributed.is_main()
+    say = print if main else (lambda *a, **k: None)
+    t0 = time.perf_counter()
+    say(f"loading {args.model} ...", flush=True)
+    # offloaded weights stay on the host; fast_prune moves one layer at a time to the device
+    model, tokenizer = load_model(args.model, dtype=args.dtype,
+                                  device="cpu" if args.offload else device)
+    say(f"drawing {args.n_calib} x {args.seq_len} calibration tokens from {args.calib} "
+          f"(seed {args.seed}) ...", flush=True)
+    calib = calibration_data(tokenizer, args.calib, args.n_calib, args.seq_len, args.seed)
+    result = fast_prune(model, calib, args.n_prune, metric=args.metric, compensation=compensation,
+                        schedule=args.schedule, protect_first=args.protect_first,
+                        protect_last=args.protect_last, batch_size=args.batch_size,
+                        progress=not args.no_progress and main, offload=args.offload,
+                        compute_device=device if args.offload else None, **options)
+    if not main:  # identical result on every rank; rank 0 writes, the others wait for it
+        distributed.barrier()
+        return 0
+    report = result.to_dict()
+    report["world_size"] = distributed.world_size()
+    report["command"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    png = plot_scores(result)
+    out = save_pretrained(model, tokenizer, args.out, report=report, overwrite=args.overwrite,
+                          extra_files={"scores.png": png})
+    t = result.timings
+    print(f"removed layers (original indices, in order): {result.removed_layers}")
+    print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()) +
+          f"; wall incl. loading {time.perf_counter() - t0:.1f}s")
+    print(f"saved to {out} (report.json, scores.png)")
+    if args.verbose:
+        print(json.dumps(report["scores"][-1], indent=None))
+    return 0

@@ -1,0 +1,115 @@
+"""`gradmap sparsify`: unstructured (Wanda/magnitude) pruning with uniform, OWL or MRP allocation.
+
+The checkpoint is saved dense with zeros (a standard HF checkpoint) together with
+`report.json` (the SparsifyResult plus the calibration settings) and `sparsity.png`
+(achieved sparsity per decoder layer).
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import time
+
+from gradmap.core.errors import GradmapError
+from gradmap.sparsity.sparsify import ALLOCATIONS, OPTION_DEFAULTS, SCORES, SparsifyResult
+
+__all__ = ["add_parser", "run", "plot_sparsity"]
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("sparsify", help="zero a fraction of the decoder's linear weights",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True, help="HF directory, hub id, .gguf file or alias (smollm2-135m)")
+    p.add_argument("--sparsity", type=float, default=0.7,
+                   help="overall fraction of weights zeroed, in (0, 1)")
+    p.add_argument("--allocation", default="mrp", help=f"one of {', '.join(ALLOCATIONS)} (default mrp)")
+    p.add_argument("--score", default="wanda", help=f"one of {', '.join(SCORES)} (default wanda)")
+    p.add_argument("--out", required=True, help="output directory (must be new or empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--calib-source", default="c4",
+                   help="calibration text: c4, wikitext2 or a .jsonl/.txt path")
+    p.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128, as Wanda)")
+    p.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration sample (default 2048)")
+    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
+    p.add_argument("--batch-size", type=int, default=8, help="calibration micro-batch (samples)")
+    p.add_argument("--dtype", default=None, help="load dtype (float32, bfloat16, ...); default: checkpoint's")
+    p.add_argument("--device", default="cpu", help="device to run on (cpu, cuda, cuda:1, ...)")
+    for key, default in OPTION_DEFAULTS.items():
+        p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float, default=default,
+                       help=f"{key} (default {default}; see gradmap.sparsify)")
+    p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    return p
+
+
+def plot_sparsity(result: SparsifyResult, title: str | None = None) -> bytes:
+    """PNG bytes: achieved sparsity per decoder layer (bars), allocated target (dots, if any), S (line)."""
+    from matplotlib.figure import Figure  # no pyplot: no global backend state is touched
+
+    fig = Figure(figsize=(9, 3.2), dpi=120)
+    ax = fig.add_subplot(1, 1, 1)
+    x = list(range(len(result.block_sparsity)))
+    ax.bar(x, result.block_sparsity, color="#4c72b0", label="achieved")
+    values = list(result.block_sparsity)
+    if result.block_targets:
+        ax.plot(x, result.block_targets, "o", color="#dd8452", markersize=3, label="allocated")
+        values += list(result.block_targets)
+    ax.axhline(result.target_sparsity, color="k", lw=0.8, ls="--", label=f"S = {result.target_sparsity:g}")
+    ax.set_xticks(x, [str(i) for i in result.layer_ids], fontsize=6)
+    ax.set_xlabel("decoder layer (original index)")
+    ax.set_ylabel("sparsity")
+    ax.set_ylim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.05))
+    ax.set_title(title or f"{result.allocation} / {result.score}: overall {result.overall_sparsity:.4f}",
+                 fontsize=9)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def run(args: argparse.Namespace) -> int:
+    """Under `torchrun` every rank runs this; calibration is data-parallel and rank 0 writes --out."""
+    from gradmap.core.distributed import process_group
+    with process_group(args.device) as device:
+        return _run(args, device)
+
+
+def _run(args: argparse.Namespace, device: str) -> int:
+    from gradmap.core import distributed
+    from gradmap.core.calibration import calibration_data
+    from gradmap.core.checkpoint import prepare_output_dir, save_pretrained
+    from gradmap.core.models import load_model
+    from gradmap.sparsity.sparsify import check_options, sparsify
+
+    # everything checkable without the model is checked before any work
+    prepare_output_dir(args.out, args.overwrite)
+    options = {k: getattr(args, k) for k in OPTION_DEFAULTS}
+    check_options(args.sparsity, args.allocation, args.score, args.batch_size, options)
+    for name in ("n_samples", "seq_len"):
+        if getattr(args, name) < 1:
+            raise GradmapError(f"--{name.replace('_', '-')} must be a positive integer, "
+                               f"got {getattr(args, name)}")
+
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
+    needs_calib = args.score == "wanda" or args.allocation != "uniform"
+    calib = (calibration_data(tokenizer, args.calib_source, args.n_samples, args.seq_len, args.seed)
+             if needs_calib else None)
+    result = sparsify(model, calib, args.sparsity, args.allocation, args.score,
+                      batch_size=args.batch_size, progress=not args.no_progress, **options)
+    if not distributed.is_main():  # identical weights on every rank; rank 0 writes, the others wait
+        distributed.barrier()
+        return 0
+    report = {"command": "sparsify", "model": args.model, **result.to_dict(),
+              "calibration": ({"source": str(args.calib_source), "n_samples": args.n_samples,
+                               "seq_len": args.seq_len, "seed": args.seed} if needs_calib else None),
+              "wall_seconds": time.perf_counter() - start, "world_size": distributed.world_size()}
+    png = plot_sparsity(result, f"{args.model}: {args.allocation}/{args.score}, "
+                                f"overall sparsity {result.overall_sparsity:.4f}")
+    out = save_pretrained(model, tokenizer, args.out, report=report, overwrite=args.overwrite,
+                          extra_files={"sparsity.png": png})
+    print(f"overall sparsity {result.overall_sparsity:.4f} (target {args.sparsity}) over "
+          f"{sum(result.block_params)} weights; saved to {out}")
+    per_layer = zip(result.layer_ids, result.block_sparsity)
+    print("per-layer sparsity: " + " ".join(f"{i}:{s:.3f}" for i, s in per_layer))
+    return 0

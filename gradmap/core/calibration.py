@@ -1,0 +1,172 @@
+"""Calibration data: random token windows from random documents, as SparseGPT/Wanda sample C4.
+
+SparseGPT (Frantar & Alistarh, 2023, `datautils.get_c4`) and Wanda (Sun et al., 2023) draw each
+calibration sample by picking a random document, retrying until its tokenisation is longer than
+`seq_len`, and cutting a random window of `seq_len` tokens out of it.  A single text stream
+(WikiText-2) is tokenised once and windows are cut at random offsets.  With the same tokenizer
+and seed this module reproduces their draws exactly (same `random.Random` call sequence), but
+it uses a local generator and never touches global RNG state.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from pathlib import Path
+
+import torch
+
+from gradmap.core.errors import GradmapError
+
+__all__ = ["calibration_data", "data_dir", "load_documents", "DATA_ENV", "NAMED_SOURCES"]
+
+log = logging.getLogger(__name__)
+
+# Environment variable that overrides the shared data directory.
+DATA_ENV = "GRADMAP_DATA_DIR"
+
+# name -> file under the data dir; with no data dir the hub is used (see `_hub_documents`).
+NAMED_SOURCES = {
+    "c4": "c4/validation_2k.jsonl",
+    "wikitext2": "wikitext2/test.txt",
+}
+
+
+def data_dir() -> Path | None:
+    """The offline evaluation-data directory, or None when there is none.
+
+    `$GRADMAP_DATA_DIR` wins when set; otherwise `<project root>/../shared/data`, the layout
+    the project's tests, CI and benchmarks use.  Returns None when the directory is absent
+    (callers then fall back to the Hugging Face hub).
+    """
+    env = os.environ.get(DATA_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not path.is_dir():
+            raise GradmapError(f"${DATA_ENV} points to {str(path)!r}, which is not a directory; "
+                               "set it to the folder holding c4/, wikitext2/ and tasks/, or unset it")
+        return path
+    path = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+    return path if path.is_dir() else None
+
+
+def _read_file(path: Path) -> tuple[list[str], bool]:
+    """Documents of a `.jsonl` (field `text`) or `.txt` file; the bool says 'one stream'."""
+    if path.suffix == ".jsonl":
+        docs = []
+        with path.open(encoding="utf-8") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise GradmapError(f"{path}:{line_no} is not valid JSON ({exc}); a .jsonl "
+                                       "source needs one JSON object per line") from None
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise GradmapError(f"{path}:{line_no} has no string field 'text'; a .jsonl "
+                                       'source needs {"text": ...} on every line')
+                docs.append(row["text"])
+        return docs, False
+    if path.suffix == ".txt":
+        return [path.read_text(encoding="utf-8")], True
+    raise GradmapError(f"calibration file {str(path)!r} has suffix {path.suffix!r}; use a .jsonl "
+                       "file (one {\"text\": ...} per line) or a .txt file")
+
+
+def _hub_documents(name: str, split: str) -> tuple[list[str], bool]:
+    """The named corpus from the Hugging Face hub, as the SparseGPT/Wanda code loads it."""
+    from datasets import load_dataset  # imported lazily: only online users reach this
+
+    log.info("no local data dir; loading %s (%s) from the Hugging Face hub", name, split)
+    if name == "c4":
+        shard = ("en/c4-train.00000-of-01024.json.gz" if split == "train"
+                 else "en/c4-validation.00000-of-00008.json.gz")
+        ds = load_dataset("allenai/c4", data_files={split: shard}, split=split)
+        return list(ds["text"]), False
+    ds = load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+    return ["\n\n".join(ds["text"])], True
+
+
+def load_documents(source: str | os.PathLike, split: str = "train") -> tuple[list[str], bool]:
+    """Resolve `source` to `(documents, is_stream)`.
+
+    `source` is a `.jsonl`/`.txt` path or a name in `NAMED_SOURCES`; a name reads the local data
+    dir when present, else the hub (`split` picks the hub split; the local files hold only the
+    C4 validation subset and the WikiText-2 test split).
+    """
+    text = os.fspath(source)
+    if text in NAMED_SOURCES:
+        root = data_dir()
+        if root is not None:
+            path = root / NAMED_SOURCES[text]
+            if not path.is_file():
+                raise GradmapError(f"data file {str(path)!r} for {text!r} is missing; restore the "
+                                   f"shared data dir or set ${DATA_ENV} to a copy of it")
+            if text == "wikitext2" and split == "train":
+                log.warning("the local wikitext2 file is the TEST split; calibrating on it and "
+                            "evaluating on it mixes the two")
+            return _read_file(path)
+        return _hub_documents(text, split)
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise GradmapError(f"calibration source {text!r} is neither a file nor one of the names "
+                           f"{sorted(NAMED_SOURCES)}; pass an existing .jsonl/.txt path or a name")
+    return _read_file(path)
+
+
+def _token_ids(tokenizer, text: str) -> list[int]:
+    # default special tokens, exactly as `tokenizer(text)` in the SparseGPT/Wanda loaders
+    return tokenizer(text, verbose=False)["input_ids"]
+
+
+def calibration_data(tokenizer, source: str | os.PathLike = "c4", n_samples: int = 128,
+                     seq_len: int = 2048, seed: int = 0) -> torch.Tensor:
+    """Draw `n_samples` random windows of `seq_len` tokens: LongTensor[n_samples, seq_len].
+
+    Documents (C4, .jsonl): for each sample pick a uniformly random document, retry until its
+    token count exceeds `seq_len`, then take the window starting at a uniform offset in
+    `[0, len - seq_len - 1]` (SparseGPT `get_c4`).  A single stream (.txt, WikiText-2) is
+    tokenised once and each window starts at a uniform offset in `[0, len - seq_len - 1]`
+    (SparseGPT `get_wikitext2`).  Deterministic for a given `seed` and tokenizer.
+    """
+    if not isinstance(n_samples, int) or n_samples < 1:
+        raise GradmapError(f"n_samples must be a positive integer, got {n_samples!r}")
+    if not isinstance(seq_len, int) or seq_len < 1:
+        raise GradmapError(f"seq_len must be a positive integer, got {seq_len!r}")
+    docs, is_stream = load_documents(source, split="train")
+    rng = random.Random(seed)
+    samples = []
+    if is_stream:
+        ids = _token_ids(tokenizer, docs[0])
+        if len(ids) <= seq_len:
+            raise GradmapError(f"calibration text {os.fspath(source)!r} has {len(ids)} tokens, too "
+                               f"few for windows of seq_len={seq_len}; use a longer text or a "
+                               "smaller seq_len")
+        for _ in range(n_samples):
+            start = rng.randint(0, len(ids) - seq_len - 1)
+            samples.append(ids[start:start + seq_len])
+        return torch.tensor(samples, dtype=torch.long)
+    if not docs:
+        raise GradmapError(f"calibration source {os.fspath(source)!r} holds no documents")
+    cache: dict[int, list[int]] = {}
+    long_enough = None  # counted only once every document has been tokenised
+    for _ in range(n_samples):
+        while True:
+            i = rng.randint(0, len(docs) - 1)
+            if i not in cache:
+                cache[i] = _token_ids(tokenizer, docs[i])
+                if len(cache) == len(docs):
+                    long_enough = sum(len(v) > seq_len for v in cache.values())
+            if len(cache[i]) > seq_len:
+                break
+            if long_enough == 0:
+                longest = max(len(v) for v in cache.values())
+                raise GradmapError(
+                    f"no document in {os.fspath(source)!r} is longer than seq_len={seq_len} tokens "
+                    f"(longest: {longest}); use a smaller seq_len or a source with longer documents")
+        ids = cache[i]
+        start = rng.randint(0, len(ids) - seq_len - 1)
+        samples.append(ids[start:start + seq_len])
+    return torch.tensor(samples, dtype=torch.long)

@@ -1,0 +1,87 @@
+"""Removing decoder layers in place, with ORIGINAL layer numbering kept on the config."""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from torch import nn
+
+from gradmap.core.adapter import LAYER_IDS_KEY, get_adapter
+from gradmap.core.errors import GradmapError
+
+__all__ = ["remove_layers", "original_layer_ids"]
+
+log = logging.getLogger(__name__)
+
+# list-valued config entries that are never per-layer, whatever their length
+_NOT_PER_LAYER = {"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens"}
+
+
+def original_layer_ids(model: nn.Module) -> list[int]:
+    """ORIGINAL index of every current decoder layer of `model`."""
+    return get_adapter(model).original_ids
+
+
+def _validate(indices: Iterable[int], current: list[int]) -> list[int]:
+    try:
+        wanted = [int(i) for i in indices]
+    except (TypeError, ValueError):
+        raise GradmapError(f"layer indices must be integers, got {indices!r}") from None
+    if len(set(wanted)) != len(wanted):
+        dup = sorted({i for i in wanted if wanted.count(i) > 1})
+        raise GradmapError(f"layer indices {dup} are given more than once; pass each layer once")
+    missing = [i for i in wanted if i not in current]
+    if missing:
+        raise GradmapError(
+            f"layers {missing} are not in the model; indices are ORIGINAL layer numbers and the "
+            f"model currently holds original layers {current}")
+    if len(wanted) >= len(current):
+        raise GradmapError(f"removing {len(wanted)} of {len(current)} layers would leave none; "
+                           "keep at least one layer")
+    return wanted
+
+
+def _renumber(layer: nn.Module, new_idx: int) -> None:
+    """Point every module that indexes the KV cache at the layer's new position."""
+    for module in layer.modules():
+        if hasattr(module, "layer_idx"):
+            module.layer_idx = new_idx
+
+
+def _trim_config(config, keep: list[int], n_old: int) -> None:
+    for key, value in list(vars(config).items()):
+        if key in _NOT_PER_LAYER or key == LAYER_IDS_KEY:
+            continue
+        if isinstance(value, (list, tuple)) and len(value) == n_old:
+            setattr(config, key, type(value)(value[i] for i in keep))
+    config.num_hidden_layers = len(keep)
+
+
+def remove_layers(model: nn.Module, indices: Iterable[int]) -> list[int]:
+    """Delete the decoder layers with ORIGINAL indices `indices` from `model`, in place.
+
+    Renumbers every module's `layer_idx` (KV-cache slot), trims every per-layer
+    list in the config (e.g. `layer_types`), sets `config.num_hidden_layers`,
+    and records the surviving ORIGINAL indices in `config.gradmap_layer_ids`,
+    so successive calls keep using the original numbering.
+    Returns the ORIGINAL indices of the layers that remain.
+    """
+    adapter = get_adapter(model)
+    current = adapter.original_ids
+    wanted = set(_validate(indices, current))
+    if not wanted:
+        return current
+    keep_pos = [p for p, orig in enumerate(current) if orig not in wanted]
+    n_old = len(current)
+    kept_layers = [adapter.layers[p] for p in keep_pos]
+    for new_idx, layer in enumerate(kept_layers):
+        _renumber(layer, new_idx)
+    adapter.decoder.layers = nn.ModuleList(kept_layers)
+    _trim_config(model.config, keep_pos, n_old)
+    kept_ids = [current[p] for p in keep_pos]
+    setattr(model.config, LAYER_IDS_KEY, kept_ids)
+    layer_types = getattr(model.config, "layer_types", None)
+    if hasattr(adapter.decoder, "has_sliding_layers") and layer_types is not None:
+        adapter.decoder.has_sliding_layers = "sliding_attention" in layer_types
+    log.info("removed original layers %s; %d layers remain", sorted(wanted), len(kept_ids))
+    return kept_ids

@@ -1,0 +1,84 @@
+"""The interface between the pruning driver and compensators.
+
+The driver (`gradmap.prune.fast_prune`) removes layers one at a time, in
+both schedules, and calls every compensator around each removal and once
+at the end:
+
+    for c in compensators: c.begin(ctx)                     # dense model, before any removal
+    for each decision:
+        for c in compensators: c.before_removal(ctx, idx)   # layer idx still in the model
+        remove_layers(model, [idx]); ctx.removed_modules[idx] = <the removed module>
+        for c in compensators: c.after_removal(ctx, idx)
+    for c in compensators: c.finalize(ctx)                  # once, after the last removal
+
+`idx` is always an ORIGINAL layer index. Compensators add their time to
+`ctx.result` phases "compensation_statistics" and "solve", and describe what
+they did in `ctx.result.compensation_report[self.name]`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from gradmap.core.adapter import ModelAdapter, get_adapter
+from gradmap.core.result import PruneResult
+
+__all__ = ["Compensator", "PruneContext", "NoCompensation"]
+
+
+@dataclass
+class PruneContext:
+    """State shared by the driver and the compensators during one `fast_prune` call."""
+
+    model: nn.Module
+    calib: torch.Tensor            # LongTensor [n_samples, seq_len]
+    batch_size: int
+    result: PruneResult
+    # ORIGINAL index -> removed decoder layer module, kept until every finalize() has run
+    removed_modules: dict[int, nn.Module] = field(default_factory=dict)
+    # ORIGINAL index -> fp32 mean over calibration tokens of that layer's output hidden state
+    # on the DENSE model; filled during the first scoring pass when the metric runs a plain
+    # forward of the dense model, else None (compensators then compute it themselves)
+    dense_means: dict[int, torch.Tensor] | None = None
+    # parameter name (as in the ORIGINAL model's named_parameters) -> its value before any
+    # compensation changed it; compensators call remember_original() before editing a weight
+    original_params: dict[str, torch.Tensor] = field(default_factory=dict)
+    # ORIGINAL layer ids of the dense model, in order
+    dense_layer_ids: list[int] = field(default_factory=list)
+
+    @property
+    def adapter(self) -> ModelAdapter:
+        return get_adapter(self.model)
+
+    def remember_original(self, name: str, param: torch.Tensor) -> None:
+        """Keep a copy of `param` before its first change, so the dense path can be rebuilt."""
+        if name not in self.original_params:
+            self.original_params[name] = param.detach().clone()
+
+
+class Compensator:
+    """Base class: every hook is a no-op. Subclasses override what they need."""
+
+    name = "none"
+    # True when the compensator needs ctx.dense_means (the driver then records them if it can)
+    needs_dense_means = False
+
+    def begin(self, ctx: PruneContext) -> None:
+        pass
+
+    def before_removal(self, ctx: PruneContext, idx: int) -> None:
+        pass
+
+    def after_removal(self, ctx: PruneContext, idx: int) -> None:
+        pass
+
+    def finalize(self, ctx: PruneContext) -> None:
+        pass
+
+
+class NoCompensation(Compensator):
+    """`compensation="none"`: leave the weights as they are."""
+
+    name = "none"

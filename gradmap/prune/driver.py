@@ -1,0 +1,270 @@
+"""`fast_prune`: remove whole decoder layers chosen by a layer-importance metric, in place.
+
+Schedules (both remove one layer at a time, with the compensator hooks around each):
+
+* ``"one-shot"``: score once, remove the n_prune lowest-scoring removable layers;
+* ``"iterative"``: score, remove the single lowest, re-score the pruned (and
+  possibly compensated) model, repeat — one scoring pass per decision.
+
+The compensator interface is called exactly as `gradmap.prune.compensation.base`
+documents: ``begin`` on the dense model (after the first scoring pass, so
+``ctx.dense_means`` is filled when the metric ran a plain dense forward),
+``before_removal`` / ``after_removal`` around every removal, ``finalize`` once
+after the last one.
+"""
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gradmap.core import distributed
+from gradmap.runtime import streaming
+from gradmap.core.adapter import get_adapter
+from gradmap.prune.compensation.base import Compensator, NoCompensation, PruneContext
+from gradmap.core.errors import GradmapError
+from gradmap.prune.metrics import Metric, ScoringRun, get_metric
+from gradmap.prune.metrics.base import check_choice
+from gradmap.runtime.capture import MeanSink, default_batch_size, model_device, preserved_state
+from gradmap.core.result import PruneResult
+from gradmap.core.surgery import remove_layers
+
+__all__ = ["fast_prune", "check_calibration", "resolve_compensation", "protected_layers", "SCHEDULES"]
+
+log = logging.getLogger(__name__)
+
+SCHEDULES = ("one-shot", "iterative")
+
+
+def check_calibration(model: nn.Module, calib: Any) -> torch.Tensor:
+    """Validate calibration token ids: a non-empty integer tensor [n_samples, seq_len]."""
+    if not torch.is_tensor(calib):
+        raise GradmapError(f"calibration must be a LongTensor [n_samples, seq_len] of token ids, got "
+                           f"{type(calib).__name__}; build one with gradmap.core.calibration.calibration_data")
+    if calib.is_floating_point() or calib.is_complex() or calib.dtype == torch.bool:
+        raise GradmapError(f"calibration must hold integer token ids, got dtype {calib.dtype}")
+    if calib.dim() != 2:
+        raise GradmapError(f"calibration must be 2-D [n_samples, seq_len], got shape {tuple(calib.shape)}; "
+                           "for one sequence pass ids[None]")
+    if calib.numel() == 0:
+        raise GradmapError("calibration set is empty; pass at least one sequence of >= 2 tokens")
+    if calib.shape[1] < 2:
+        raise GradmapError(f"calibration sequences have {calib.shape[1]} token(s); the next-token loss "
+                           "needs at least 2")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and calib.shape[1] > max_pos:
+        raise GradmapError(f"calibration sequences have {calib.shape[1]} tokens, more than the model's "
+                           f"max_position_embeddings={max_pos}; use seq_len <= {max_pos}")
+    vocab = getattr(model.config, "vocab_size", None)
+    lo, hi = int(calib.min()), int(calib.max())
+    if lo < 0 or (vocab is not None and hi >= vocab):
+        raise GradmapError(f"calibration token ids span [{lo}, {hi}], outside the model's vocabulary "
+                           f"[0, {vocab}); tokenize with the model's own tokenizer")
+    return calib.long()
+
+
+def resolve_compensation(spec: Any) -> list[Compensator]:
+    """Compensators from "none", a registered name, a Compensator, or a list of those."""
+    items = [] if spec is None else list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    from gradmap.prune import compensation as registry_module
+    get_compensator = getattr(registry_module, "get_compensator", None)
+    out: list[Compensator] = []
+    for item in items:
+        if isinstance(item, Compensator):
+            out.append(item)
+        elif item == "none":
+            continue
+        elif isinstance(item, str):
+            if get_compensator is None:
+                raise GradmapError(f"compensation {item!r} is not available in this installation (no "
+                                   "compensator registry); pass compensation='none' or a Compensator")
+            out.append(get_compensator(item))
+        else:
+            raise GradmapError(f"compensation must be 'none', a compensator name, a Compensator or a list "
+                               f"of those; got {item!r}")
+    return out or [NoCompensation()]
+
+
+def protected_layers(original_ids: Sequence[int], protect_first: int, protect_last: int) -> set[int]:
+    """ORIGINAL indices of the first `protect_first` and last `protect_last` layers of the original model.
+
+    The original depth is taken as max(original index) + 1.
+    """
+    for name, value in (("protect_first", protect_first), ("protect_last", protect_last)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise GradmapError(f"{name} must be an integer >= 0, got {value!r}")
+    n_orig = max(original_ids) + 1
+    return {i for i in original_ids if i < protect_first or i >= n_orig - protect_last}
+
+
+@contextmanager
+def _peak_memory(model: nn.Module, result: PruneResult):
+    device = model_device(model)
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        yield
+    finally:
+        if cuda:
+            result.peak_memory_bytes = int(torch.cuda.max_memory_allocated(device))
+            result.options["peak_memory"] = "torch.cuda.max_memory_allocated during the call"
+        else:
+            scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss is KiB on Linux
+            result.peak_memory_bytes = int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * scale
+            result.options["peak_memory"] = "process peak RSS (ru_maxrss), not reset per call"
+
+
+def _remove(ctx: PruneContext, compensators: list[Compensator], run: ScoringRun, idx: int) -> None:
+    for c in compensators:
+        c.before_removal(ctx, idx)
+    t = time.perf_counter()
+    adapter = ctx.adapter
+    module = adapter.layers[adapter.position_of(idx)]
+    remove_layers(ctx.model, [idx])
+    ctx.removed_modules[idx] = module
+    ctx.result.removed_layers.append(idx)
+    run.removable.remove(idx)
+    ctx.result.add_time("removal", time.perf_counter() - t)
+    log.info("removed original layer %d (%d layers left)", idx, adapter.num_layers)
+    for c in compensators:
+        c.after_removal(ctx, idx)
+
+
+def _timed_score(metric: Metric, run: ScoringRun, result: PruneResult) -> dict[int, float]:
+    t = time.perf_counter()
+    scores = metric.score(run)
+    result.add_time("scoring", time.perf_counter() - t)
+    result.scores.append(dict(scores))
+    return scores
+
+
+def _next_choice(plan, result: PruneResult) -> int:
+    t = time.perf_counter()
+    idx = next(plan)
+    result.add_time("scoring", time.perf_counter() - t)
+    return idx
+
+
+def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str | Metric = "gradmap",
+               compensation: Any = "projection", schedule: str | None = None, protect_first: int = 1,
+               protect_last: int = 1, batch_size: int | None = None, progress: bool = False,
+               offload: str | None = None, compute_device: str | torch.device | None = None,
+               **metric_options) -> PruneResult:
+    """Remove `n_prune` decoder layers of `model` in place and return what was done.
+
+    `metric` is a name from `gradmap.prune.metrics.available_metrics()` (configured by
+    `metric_options`) or a Metric instance; lowest score is removed first.
+    `schedule=None` takes the metric's `default_schedule`: one-shot for GradMAP (measured
+    better than iterative on SmolLM2, bench/RESULTS.md "Stage 1"), iterative for the other
+    metrics that support it, else the metric's only schedule.
+    `compensation` is "none", a registered compensator name, a Compensator or a
+    list. Layers among the first `protect_first` / last `protect_last` of the
+    ORIGINAL model are never removed. `batch_size=None` picks micro-batches of
+    about 2048 tokens. All inputs are validated before the model is touched; the
+    model leaves in eval mode with its `requires_grad` flags and `.grad` as they
+    came in, also on error (layers removed before an error stay removed).
+
+    Data-parallel under `torchrun` (an initialised torch.distributed group): call it on every
+    rank with the same model and the same GLOBAL `calib`; each calibration pass runs the
+    rank's contiguous share of the rows it needs and sums its statistics over ranks, so all
+    ranks remove the same layers and fold the same weights as one process would (up to
+    floating-point summation order). Subsets of rows (GradMAP verification, the projection
+    held-out slice, magnitude `max_samples`) are chosen on the global rows first.
+
+    Models larger than one device: a model loaded with `device_map="auto"` works as is
+    (statistics stay on each layer's device). `offload="layer"` keeps the weights on the
+    host and brings one decoder layer at a time to `compute_device` (default CUDA when
+    available), see `gradmap.runtime.streaming`; it supports the compensators in
+    `gradmap.runtime.streaming.STREAMING_COMPENSATORS` (and "none") and the metrics in
+    `gradmap.runtime.streaming.STREAMING_METRICS`, and raises GradmapError for the others.
+    """
+    adapter = get_adapter(model)
+    metric_obj = get_metric(metric, **metric_options)
+    if schedule is None:
+        schedule = metric_obj.resolved_default_schedule()
+    check_choice("schedule", schedule, SCHEDULES)
+    if schedule not in metric_obj.schedules:
+        alt = {"ppl": " (its iterative form is metric='sleb')", "sleb": " (its one-shot form is metric='ppl')"}
+        raise GradmapError(f"metric {metric_obj.name!r} supports schedule {metric_obj.schedules[0]!r} only"
+                           f"{alt.get(metric_obj.name, '')}; pass schedule={metric_obj.schedules[0]!r}")
+    calib = check_calibration(model, calib)
+    distributed.shard_bounds(calib.shape[0])  # every rank needs at least one calibration row
+    progress = progress and distributed.is_main()
+    ids = adapter.original_ids
+    protected = protected_layers(ids, protect_first, protect_last)
+    removable = [i for i in ids if i not in protected]
+    if not isinstance(n_prune, int) or isinstance(n_prune, bool) or n_prune <= 0:
+        raise GradmapError(f"n_prune must be a positive integer, got {n_prune!r}")
+    if n_prune >= len(removable):
+        raise GradmapError(f"n_prune={n_prune} but only {len(removable)} of {len(ids)} layers are removable "
+                           f"(protect_first={protect_first}, protect_last={protect_last}); use n_prune <= "
+                           f"{len(removable) - 1} or protect fewer layers")
+    if batch_size is None:
+        batch_size = default_batch_size(calib.shape[1])
+    elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+        raise GradmapError(f"batch_size must be a positive integer or None, got {batch_size!r}")
+    compensators = resolve_compensation(compensation)
+    check_choice("offload", offload, streaming.OFFLOAD_MODES)
+    if offload == "layer":
+        streaming.check_prune_support(metric_obj, compensators)
+    streaming.check_dispatch_support(model, metric_obj, compensators)
+
+    result = PruneResult(metric=metric_obj.name, schedule=schedule,
+                         compensation=[c.name for c in compensators])
+    result.options.update(metric_obj.options(), n_prune=n_prune, protect_first=protect_first,
+                          protect_last=protect_last, batch_size=batch_size,
+                          n_calib=int(calib.shape[0]), seq_len=int(calib.shape[1]),
+                          protected_layers=sorted(protected))
+    ctx = PruneContext(model=model, calib=calib, batch_size=batch_size, result=result,
+                       dense_layer_ids=list(ids))
+    want_means = metric_obj.plain_forward and any(c.needs_dense_means for c in compensators)
+    run = ScoringRun(model=model, adapter=adapter, calib=calib, batch_size=batch_size,
+                     removable=list(removable), n_prune=n_prune,
+                     dense_sink=MeanSink() if want_means else None, progress=progress)
+    start = time.perf_counter()
+    plan = None
+    offloaded = streaming.layer_offload(model, compute_device) if offload else nullcontext()
+    with offloaded, _peak_memory(model, result), preserved_state(model):
+        try:
+            scores = _timed_score(metric_obj, run, result)
+            if run.dense_sink is not None:
+                ctx.dense_means = run.dense_sink.means()
+                run.dense_sink = None
+            for c in compensators:
+                c.begin(ctx)
+            bar = tqdm(total=n_prune, desc=f"prune ({metric_obj.name}, {schedule})", unit="layer",
+                       disable=not progress)
+            with bar:
+                if schedule == "one-shot":
+                    plan = metric_obj.plan(run, scores, n_prune)
+                    for _ in range(n_prune):
+                        _remove(ctx, compensators, run, _next_choice(plan, result))
+                        bar.update(1)
+                else:
+                    for decision in range(n_prune):
+                        if decision > 0:
+                            scores = _timed_score(metric_obj, run, result)
+                        plan = metric_obj.plan(run, scores, 1)
+                        _remove(ctx, compensators, run, _next_choice(plan, result))
+                        plan.close()
+                        bar.update(1)
+            for c in compensators:
+                c.finalize(ctx)
+        finally:
+            if plan is not None:
+                plan.close()
+            if run.notes:
+                result.options["decisions"] = run.notes
+            result.timings["total"] = time.perf_counter() - start
+    log.info("fast_prune: removed %s with %s (%s) in %.1fs", result.removed_layers, metric_obj.name,
+             schedule, result.timings["total"])
+    return result
