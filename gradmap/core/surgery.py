@@ -9,7 +9,7 @@ from torch import nn
 from gradmap.core.adapter import LAYER_IDS_KEY, get_adapter
 from gradmap.core.errors import GradmapError
 
-__all__ = ["remove_layers", "original_layer_ids"]
+__all__ = ["remove_layers", "original_layer_ids", "per_layer_config", "renumber_layer"]
 
 log = logging.getLogger(__name__)
 
@@ -41,19 +41,23 @@ def _validate(indices: Iterable[int], current: list[int]) -> list[int]:
     return wanted
 
 
-def _renumber(layer: nn.Module, new_idx: int) -> None:
+def renumber_layer(layer: nn.Module, new_idx: int) -> None:
     """Point every module that indexes the KV cache at the layer's new position."""
     for module in layer.modules():
         if hasattr(module, "layer_idx"):
             module.layer_idx = new_idx
 
 
+def per_layer_config(config, n_layers: int) -> dict:
+    """The config entries that hold one value per decoder layer (the ones layer removal trims)."""
+    return {key: value for key, value in vars(config).items()
+            if key not in _NOT_PER_LAYER and key != LAYER_IDS_KEY
+            and isinstance(value, (list, tuple)) and len(value) == n_layers}
+
+
 def _trim_config(config, keep: list[int], n_old: int) -> None:
-    for key, value in list(vars(config).items()):
-        if key in _NOT_PER_LAYER or key == LAYER_IDS_KEY:
-            continue
-        if isinstance(value, (list, tuple)) and len(value) == n_old:
-            setattr(config, key, type(value)(value[i] for i in keep))
+    for key, value in per_layer_config(config, n_old).items():
+        setattr(config, key, type(value)(value[i] for i in keep))
     config.num_hidden_layers = len(keep)
 
 
@@ -75,7 +79,7 @@ def remove_layers(model: nn.Module, indices: Iterable[int]) -> list[int]:
     n_old = len(current)
     kept_layers = [adapter.layers[p] for p in keep_pos]
     for new_idx, layer in enumerate(kept_layers):
-        _renumber(layer, new_idx)
+        renumber_layer(layer, new_idx)
     adapter.decoder.layers = nn.ModuleList(kept_layers)
     _trim_config(model.config, keep_pos, n_old)
     kept_ids = [current[p] for p in keep_pos]

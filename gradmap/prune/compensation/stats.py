@@ -32,7 +32,7 @@ from gradmap.core.adapter import LAYER_IDS_KEY, ModelAdapter, get_adapter
 from gradmap.core.errors import GradmapError
 from gradmap.runtime.capture import micro_batches, model_device
 from gradmap.ops.dispatch import Moments, accumulate_moments
-from gradmap.core.surgery import _NOT_PER_LAYER, _renumber
+from gradmap.core.surgery import per_layer_config, renumber_layer
 from gradmap.prune.compensation.base import PruneContext
 
 __all__ = [
@@ -140,9 +140,8 @@ class DenseSnapshot:
                 f"compensators must begin on the dense model (layers {ids}) but it holds layers "
                 f"{adapter.original_ids}; call begin() before removing any layer")
         config = ctx.model.config
-        per_layer = {k: list(v) if isinstance(v, list) else v for k, v in vars(config).items()
-                     if isinstance(v, (list, tuple)) and len(v) == len(ids)
-                     and k not in _NOT_PER_LAYER and k != LAYER_IDS_KEY}
+        per_layer = {k: list(v) if isinstance(v, list) else v
+                     for k, v in per_layer_config(config, len(ids)).items()}
         return cls(ids, per_layer, config.num_hidden_layers, getattr(adapter.decoder, "has_sliding_layers", None))
 
     def dense_position(self, original_id: int) -> int:
@@ -199,7 +198,7 @@ def dense_view(ctx: PruneContext, snap: DenseSnapshot) -> Iterator[nn.Module]:
         if snap.has_sliding is not None:
             adapter.decoder.has_sliding_layers = snap.has_sliding
         for pos, layer in enumerate(dense_layers):
-            _renumber(layer, pos)
+            renumber_layer(layer, pos)
         for name, p in model.named_parameters():
             if name in ctx.original_params:
                 swapped.append((p, p.data))
@@ -219,7 +218,7 @@ def dense_view(ctx: PruneContext, snap: DenseSnapshot) -> Iterator[nn.Module]:
         if saved_sliding is not None:
             adapter.decoder.has_sliding_layers = saved_sliding
         for pos, layer in enumerate(current_layers):
-            _renumber(layer, pos)
+            renumber_layer(layer, pos)
 
 
 class _Passthrough(nn.Module):
