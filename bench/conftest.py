@@ -22,7 +22,7 @@ NPRUNE = int(os.environ.get("GRADMAP_BENCH_NPRUNE", "8"))
 @pytest.fixture(scope="session")
 def prune_setup(request):
     """(model, calib, n_prune, batch_size): SmolLM2 when timing, a tiny model under --benchmark-disable."""
-    from gradmap.runtime.capture import default_batch_size
+    from gradmap.runtime.batching import default_batch_size
 
     torch.set_num_threads(THREADS)
     if request.config.getoption("benchmark_disable", False):

@@ -23,6 +23,14 @@ def _modules() -> dict[str, Path]:
     return out
 
 
+def _is_extension(module: str) -> bool:
+    """A compiled extension module of the package (e.g. gradmap._C built by setup.py)."""
+    folder = PACKAGE.parent.joinpath(*module.split(".")[:-1])
+    leaf = module.split(".")[-1]
+    # gradmap._C is declared in setup.py; it may be absent where no compiler was found
+    return module == "gradmap._C" or any(folder.glob(leaf + ".*.so")) or any(folder.glob(leaf + ".*.pyd"))
+
+
 def _type_checking_nodes(tree: ast.AST) -> set[int]:
     skip = set()
     for node in ast.walk(tree):
@@ -53,7 +61,7 @@ def _imports(name: str, path: Path, modules: dict[str, Path]):
                 continue
             for a in node.names:
                 sub = f"{base}.{a.name}"
-                if sub in modules:
+                if sub in modules or _is_extension(sub):
                     yield sub, None, node.lineno
                 else:
                     yield base, a.name, node.lineno

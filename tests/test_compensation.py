@@ -10,7 +10,9 @@ from gradmap.prune.compensation import projection as projection_mod
 from gradmap.prune.compensation.magnitude import MagnitudeCompensation
 from gradmap.prune.compensation.projection import ProjectionCompensation, regression_loss, removed_blocks, solve_sites
 from gradmap.prune.compensation.replaceme import ReplaceMeCompensation
-from gradmap.prune.compensation.stats import DenseSnapshot, Site, SiteMoments, dense_view, stream_statistics
+from gradmap.prune.compensation.dense import DenseSnapshot, dense_view
+from gradmap.prune.compensation.sites import Site, SiteMoments
+from gradmap.prune.compensation.stats import stream_statistics
 from gradmap.ops.dispatch import Moments, accumulate_moments
 from gradmap.core.result import PruneResult
 from tiny import VOCAB, random_ids, tiny_model
@@ -447,14 +449,15 @@ def test_projection_on_smollm2(smollm2):
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_shared_prefix_shortcut_is_exact(family, monkeypatch):
     """Starting the dense path from the pruned path's state gives the same statistics as a full dense pass."""
-    from gradmap.prune.compensation import stats as stats_mod
+    from gradmap.prune.compensation import dense as stats_mod
+    from gradmap.prune.compensation import sites as sites_mod
     model = tiny_model(family, 6, dtype=torch.float64)
     calib = random_ids(3, 9, seed=6)
     ctx = drive(model, calib, [3, 5], [])
     assert stats_mod.shared_prefix(ctx, ctx.snap) == 3
     sites = [Site(2, 2), Site(4, 5), Site(1, 1)]
     fast = stream_statistics(ctx, ctx.snap, calib, [0, 4], [0, 4], sites)
-    monkeypatch.setattr(stats_mod, "shared_prefix", lambda ctx, snap: 0)
+    monkeypatch.setattr(sites_mod, "shared_prefix", lambda ctx, snap: 0)
     full = stream_statistics(ctx, ctx.snap, calib, [0, 4], [0, 4], sites)
     for s in sites:
         for a, b in ((fast.sites[s].mr.xtx, full.sites[s].mr.xtx), (fast.sites[s].mr.xty, full.sites[s].mr.xty)):
@@ -464,7 +467,7 @@ def test_shared_prefix_shortcut_is_exact(family, monkeypatch):
 
 
 def test_shared_prefix_is_empty_after_an_embedding_edit():
-    from gradmap.prune.compensation import stats as stats_mod
+    from gradmap.prune.compensation import dense as stats_mod
     model = tiny_model("llama", 6, dtype=torch.float64)
     ctx = drive(model, random_ids(2, 9), [4], [MagnitudeCompensation()])
     assert "model.embed_tokens.weight" in ctx.original_params

@@ -6,7 +6,7 @@ import torch
 
 from gradmap import GradmapError, get_adapter, remove_layers
 from gradmap.prune.compensation.fold import diagonal_only, fold_projection_, fold_residual_scale_
-from gradmap.prune.compensation.stats import mlp_output_module
+from gradmap.prune.compensation.sites import mlp_output_module
 from tiny import FAMILIES, random_ids, tiny_model
 
 N = 5

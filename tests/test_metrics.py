@@ -9,7 +9,9 @@ from tiny import random_ids, tiny_model
 
 from gradmap import GradmapError, get_adapter, remove_layers
 from gradmap.prune.metrics import ScoringRun, available_metrics, gate_statistics, get_metric
-from gradmap.runtime.capture import calibration_loss, layer_io, next_token_loss_sum
+from gradmap.runtime.passes import calibration_loss
+from gradmap.runtime.hooks import layer_io
+from gradmap.runtime.loss import next_token_loss_sum
 
 ALL = [("gradmap", {"gradient": "token", "verify": 0}), ("gradmap", {"gradient": "gate", "verify": 0}),
        ("gradmap", {"gradient": "fisher", "verify": 0}), ("gradmap", {"gradient": "param", "verify": 0}),

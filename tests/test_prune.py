@@ -9,7 +9,7 @@ from tiny import random_ids, tiny_model
 
 from gradmap import GradmapError, PruneResult, fast_prune, get_adapter, original_layer_ids
 from gradmap.prune.compensation.base import Compensator
-from gradmap.runtime.capture import layer_io
+from gradmap.runtime.hooks import layer_io
 
 
 class Recorder(Compensator):

@@ -1,7 +1,7 @@
 """Models larger than one device: layer streaming (offload="layer") and accelerate device maps.
 
 The compute device is the CPU here; the memory bound is checked by tracking which module
-groups `gradmap.runtime.streaming.on_device` has placed on the compute device whenever a module runs.
+groups `gradmap.runtime.placement.on_device` has placed on the compute device whenever a module runs.
 """
 from __future__ import annotations
 
@@ -13,10 +13,12 @@ import torch
 from tiny import paired_leaves, random_ids, tiny_model
 
 from gradmap import GradmapError, fast_prune, get_adapter
-from gradmap.runtime import streaming
+from gradmap.runtime import placement
+from gradmap.runtime import placement as streaming
 from gradmap.prune.compensation.base import Compensator
 from gradmap.prune.metrics import ScoringRun, gate_statistics, get_metric
-from gradmap.runtime.capture import MeanSink, calibration_losses, forward_pass
+from gradmap.runtime.batching import MeanSink
+from gradmap.runtime.passes import calibration_losses, forward_pass
 
 FAMILIES = ["llama", "gemma2", "qwen2"]
 REL = 1e-8
@@ -196,7 +198,7 @@ class _Residency:
         self.peak = 0
         self.max_layers = 0
         self.layer_ids: set[int] = set()
-        original = streaming.on_device
+        original = placement.on_device
 
         @contextmanager
         def tracking(modules, device, write_back=False):
@@ -212,7 +214,7 @@ class _Residency:
                     yield
             finally:
                 self.placed.remove(entry)
-        monkeypatch.setattr(streaming, "on_device", tracking)
+        monkeypatch.setattr(placement, "on_device", tracking)
 
     def is_placed(self, module) -> bool:
         return any(id(module) in ids for ids, _ in self.placed)

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, device: str) -> int:
     from gradmap.core import distributed
-    from gradmap.runtime import streaming
+    from gradmap.prune.support import check_prune_support
     from gradmap.core.calibration import calibration_data
     from gradmap.core.checkpoint import prepare_output_dir, save_pretrained
     from gradmap.prune.metrics import get_metric
@@ -92,7 +92,7 @@ def _run(args: argparse.Namespace, device: str) -> int:
     compensation = [c.strip() for c in args.compensation.split(",") if c.strip()]
     compensators = resolve_compensation(compensation)
     if args.offload:
-        streaming.check_prune_support(metric, compensators)
+        check_prune_support(metric, compensators)
     if args.n_prune <= 0:
         raise GradmapError(f"--n-prune must be a positive integer, got {args.n_prune}")
 

@@ -8,7 +8,7 @@ process group every function here is a no-op, so single-process code paths
 are unchanged. Works with NCCL (GPUs) and gloo (CPU) under `torchrun`.
 
 Where rows are split: `fast_prune` keeps the GLOBAL calibration set everywhere and every
-calibration pass (gradmap.runtime.capture, compensation.stats / magnitude / projection)
+calibration pass (gradmap.runtime.passes, compensation.stats / magnitude / projection)
 shards the rows it is given and reduces what it returns. Subsets of rows (GradMAP
 verification rows, the projection held-out slice, magnitude `max_samples`) are therefore
 picked exactly as in one process; a subset smaller than the world leaves some ranks with

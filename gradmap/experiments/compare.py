@@ -322,7 +322,7 @@ def _run_all(cfg: CompareConfig, specs: list[MethodSpec], tasks: list[str] | Non
     calib_copy = calib.clone()
     results["settings"]["calib_shape"] = list(calib.shape)
     if cfg.batch_size is None:  # resolve fast_prune's default once, so the floor uses it too
-        from gradmap.runtime.capture import default_batch_size
+        from gradmap.runtime.batching import default_batch_size
         cfg = replace(cfg, batch_size=default_batch_size(cfg.seq_len))
     results["settings"]["batch_size"] = cfg.batch_size
 

@@ -27,13 +27,15 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from gradmap.core import distributed
-from gradmap.runtime import streaming
+from gradmap.prune.support import check_model_support, check_prune_support
+from gradmap.runtime.placement import OFFLOAD_MODES, layer_offload
 from gradmap.core.adapter import get_adapter
 from gradmap.prune.compensation.base import Compensator, NoCompensation, PruneContext
 from gradmap.core.errors import GradmapError
 from gradmap.prune.metrics import Metric, ScoringRun, get_metric
 from gradmap.prune.metrics.base import check_choice
-from gradmap.runtime.capture import MeanSink, default_batch_size, model_device, preserved_state
+from gradmap.runtime.batching import MeanSink, default_batch_size, preserved_state
+from gradmap.runtime.placement import model_device
 from gradmap.core.result import PruneResult
 from gradmap.core.surgery import remove_layers
 
@@ -183,9 +185,9 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     Models larger than one device: a model loaded with `device_map="auto"` works as is
     (statistics stay on each layer's device). `offload="layer"` keeps the weights on the
     host and brings one decoder layer at a time to `compute_device` (default CUDA when
-    available), see `gradmap.runtime.streaming`; it supports the compensators in
-    `gradmap.runtime.streaming.STREAMING_COMPENSATORS` (and "none") and the metrics in
-    `gradmap.runtime.streaming.STREAMING_METRICS`, and raises GradmapError for the others.
+    available), see `gradmap.runtime.streaming`; it supports every metric and compensator whose
+    declared `needs` the streaming runtime can execute (`gradmap.runtime.support.STREAMABLE`),
+    and raises GradmapError for the others before any work.
     """
     adapter = get_adapter(model)
     metric_obj = get_metric(metric, **metric_options)
@@ -213,10 +215,10 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise GradmapError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     compensators = resolve_compensation(compensation)
-    check_choice("offload", offload, streaming.OFFLOAD_MODES)
+    check_choice("offload", offload, OFFLOAD_MODES)
     if offload == "layer":
-        streaming.check_prune_support(metric_obj, compensators)
-    streaming.check_dispatch_support(model, metric_obj, compensators)
+        check_prune_support(metric_obj, compensators)
+    check_model_support(model, metric_obj, compensators)
 
     result = PruneResult(metric=metric_obj.name, schedule=schedule,
                          compensation=[c.name for c in compensators])
@@ -232,7 +234,7 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
                      dense_sink=MeanSink() if want_means else None, progress=progress)
     start = time.perf_counter()
     plan = None
-    offloaded = streaming.layer_offload(model, compute_device) if offload else nullcontext()
+    offloaded = layer_offload(model, compute_device) if offload else nullcontext()
     with offloaded, _peak_memory(model, result), preserved_state(model):
         try:
             scores = _timed_score(metric_obj, run, result)

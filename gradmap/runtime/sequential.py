@@ -50,15 +50,14 @@ from tqdm.auto import tqdm
 
 from gradmap.core.adapter import get_adapter
 from gradmap.core.errors import GradmapError
+from gradmap.runtime.hooks import StopForward, hidden_in
+from gradmap.runtime import placement
+from gradmap.runtime.placement import embedding_modules, host_device, model_device, offload_of, to_device
 
 __all__ = ["Block", "BlockInputs", "capture_block_inputs", "run_layer", "sequential_blocks",
            "check_calibration"]
 
 log = logging.getLogger(__name__)
-
-
-class _StopForward(Exception):
-    """Raised by the last recorder so the decoder skips its final norm."""
 
 
 @dataclass
@@ -87,17 +86,6 @@ def check_calibration(calib: Any, vocab_size: int | None = None) -> torch.Tensor
     return calib.long()
 
 
-def _device(model: nn.Module) -> torch.device:
-    # not simply the first parameter: under accelerate offload it may sit on "meta", and under
-    # layer streaming the embedding is on the compute device
-    from gradmap.runtime.capture import model_device
-    return model_device(model)
-
-
-def _hidden_of(args: tuple, kwargs: dict) -> torch.Tensor:
-    return args[0] if args else kwargs["hidden_states"]
-
-
 @torch.no_grad()
 def capture_block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int = 8) -> BlockInputs:
     """Record block 0's input hidden states and every block's kwargs, without computing any block.
@@ -111,13 +99,15 @@ def capture_block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise GradmapError(f"batch_size must be a positive integer, got {batch_size!r}")
     layers = list(adapter.layers)
-    device = _device(model)
+    # not simply the first parameter: under accelerate offload it may sit on "meta", and under
+    # layer streaming the embedding is on the compute device
+    device = model_device(model)
     out = BlockInputs(hidden=[], layer_kwargs=[[] for _ in layers])
     saved = [layer.__dict__.get("forward") for layer in layers]
 
     def recorder(pos: int):
         def forward(*args, **kwargs):
-            hidden = _hidden_of(args, kwargs)
+            hidden = hidden_in(args, kwargs)
             if pos == 0:
                 out.hidden.append(hidden)
             kw = {k: v for k, v in kwargs.items() if k != "hidden_states"}
@@ -126,7 +116,7 @@ def capture_block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int 
                                    "arguments; sequential calibration supports hidden states only")
             out.layer_kwargs[pos].append(kw)
             if pos == len(layers) - 1:
-                raise _StopForward
+                raise StopForward  # the decoder then skips its final norm
             return hidden
         return forward
 
@@ -137,7 +127,7 @@ def capture_block_inputs(model: nn.Module, calib: torch.Tensor, batch_size: int 
             batch = calib[start:start + batch_size].to(device)
             try:
                 adapter.decoder(input_ids=batch, use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         for layer, fwd in zip(layers, saved):
@@ -175,8 +165,7 @@ class Block:
     def forward(self, collect: bool = False) -> list[torch.Tensor] | None:
         """Run the layer on every stored micro-batch (hooks on it fire); outputs if `collect`."""
         if self.device is not None:
-            from gradmap.runtime.streaming import _to
-            outs = [run_layer(self.layer, h.to(self.device), _to(kw, self.device, {}))
+            outs = [run_layer(self.layer, h.to(self.device), to_device(kw, self.device, {}))
                     for h, kw in zip(self.hidden, self.kwargs)]
         else:
             outs = [run_layer(self.layer, h, kw) for h, kw in zip(self.hidden, self.kwargs)]
@@ -192,7 +181,7 @@ def sequential_blocks(model: nn.Module, calib: torch.Tensor, batch_size: int = 8
     only one block's inputs are alive at a time. A progress bar counts blocks.
     """
     adapter = get_adapter(model)
-    if model.__dict__.get("_gradmap_layer_offload") is not None:  # offload="layer"
+    if offload_of(model) is not None:
         yield from _streamed_blocks(model, calib, batch_size, progress, desc)
         return
     captured = capture_block_inputs(model, calib, batch_size)
@@ -221,25 +210,24 @@ def _streamed_blocks(model: nn.Module, calib: torch.Tensor, batch_size: int, pro
     are device copies, written back to the host weights when the consumer asks for the next
     block (so edits such as pruning land in the real weights; none if the consumer fails).
     """
-    from gradmap.runtime import streaming
     adapter = get_adapter(model)
-    device, host = streaming.offload_of(model).compute_device, streaming._host_device(model)
-    with streaming.on_device(streaming._embedding_modules(adapter), device):
+    device, host = offload_of(model).compute_device, host_device(model)
+    with placement.on_device(embedding_modules(adapter), device):
         captured = capture_block_inputs(model, calib, batch_size)
     memo: dict[int, Any] = {}
     hidden = [h.to(host) for h in captured.hidden]
-    layer_kwargs = [[streaming._to(kw, host, memo) for kw in per] for per in captured.layer_kwargs]
+    layer_kwargs = [[to_device(kw, host, memo) for kw in per] for per in captured.layer_kwargs]
     del captured, memo
     ids, n = adapter.original_ids, adapter.num_layers
     with tqdm(total=n, desc=desc, unit="block", disable=not progress) as bar:
         for pos in range(n):
             layer, kwargs = adapter.layers[pos], layer_kwargs[pos]
-            with streaming.on_device([layer], device, write_back=True):
+            with placement.on_device([layer], device, write_back=True):
                 yield Block(position=pos, original_id=ids[pos], layer=layer, hidden=hidden, kwargs=kwargs,
                             device=device)
                 if pos < n - 1:
                     for i in range(len(hidden)):
-                        out = run_layer(layer, hidden[i].to(device), streaming._to(kwargs[i], device, {}))
+                        out = run_layer(layer, hidden[i].to(device), to_device(kwargs[i], device, {}))
                         hidden[i] = out.to(host)
             layer_kwargs[pos] = []
             bar.update(1)

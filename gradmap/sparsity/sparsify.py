@@ -49,6 +49,7 @@ from gradmap.core.errors import GradmapError
 from gradmap.sparsity.mrp import DEFAULT_CAP, DEFAULT_DELTA, DEFAULT_STEP, mrp_allocate
 from gradmap.ops.dispatch import Moments, accumulate_moments
 from gradmap.sparsity.owl import DEFAULT_LAMBDA, DEFAULT_M, outlier_ratio, owl_allocation
+from gradmap.runtime import placement
 from gradmap.runtime.sequential import Block, check_calibration, sequential_blocks
 
 __all__ = ["sparsify", "SparsifyResult", "ALLOCATIONS", "SCORES", "OPTION_DEFAULTS", "wanda_scores",
@@ -211,8 +212,7 @@ def _validate(model: nn.Module, calib: Any, sparsity: Any, allocation: Any, scor
               batch_size: Any, options: dict[str, Any]) -> dict[str, float]:
     get_adapter(model)  # raises UnsupportedModelError naming the supported families
     opts = check_options(sparsity, allocation, score, batch_size, options)
-    from gradmap.runtime.streaming import check_weights_editable
-    check_weights_editable(model, "sparsify")  # device_map: offloaded weights cannot be edited
+    placement.check_weights_editable(model, "sparsify")  # device_map: offloaded weights cannot be edited
     if score == "wanda" or allocation != "uniform":
         if calib is None:
             raise GradmapError(f"score={score!r} with allocation={allocation!r} needs calibration data; "
@@ -237,25 +237,23 @@ def sparsify(model: nn.Module, calib: torch.Tensor | None, sparsity: float = 0.7
     its contiguous share of the rows and the activation statistics are summed over ranks, so
     every rank prunes the same weights.
 
-    `offload="layer"` (`gradmap.runtime.streaming`): the weights stay on the host; each block is
+    `offload="layer"` (`gradmap.runtime.placement`): the weights stay on the host; each block is
     copied to `compute_device` (default CUDA when available), its norms measured and its
     weights pruned there, and the pruned weights are written back to the host weights.
     """
-    from gradmap.runtime import streaming
-    if offload not in streaming.OFFLOAD_MODES:
-        raise GradmapError(f"offload={offload!r} is not valid; choose one of {streaming.OFFLOAD_MODES}")
+    if offload not in placement.OFFLOAD_MODES:
+        raise GradmapError(f"offload={offload!r} is not valid; choose one of {placement.OFFLOAD_MODES}")
     opts = _validate(model, calib, sparsity, allocation, score, batch_size, options)
-    with streaming.layer_offload(model, compute_device) if offload else nullcontext():
+    with placement.layer_offload(model, compute_device) if offload else nullcontext():
         return _sparsify(model, calib, sparsity, allocation, score, batch_size, progress, opts)
 
 
 def _on_block(model: nn.Module, position: int, write_back: bool = True):
     """Under layer streaming: block `position` on the compute device (edits written back); else nothing."""
-    from gradmap.runtime import streaming
-    offload = streaming.offload_of(model)
+    offload = placement.offload_of(model)
     if offload is None:
         return nullcontext()
-    return streaming.on_device([get_adapter(model).layers[position]], offload.compute_device, write_back)
+    return placement.on_device([get_adapter(model).layers[position]], offload.compute_device, write_back)
 
 
 def _sparsify(model: nn.Module, calib: torch.Tensor | None, sparsity: float, allocation: str, score: str,

@@ -64,6 +64,9 @@ class Compensator:
     name = "none"
     # True when the compensator needs ctx.dense_means (the driver then records them if it can)
     needs_dense_means = False
+    # the calibration passes it uses (gradmap.runtime.support.PASS_KINDS); a compensator that
+    # runs forwards of its own cannot be streamed or sharded by the runtime
+    needs: frozenset[str] = frozenset({"own_passes"})
 
     def begin(self, ctx: PruneContext) -> None:
         pass
@@ -82,3 +85,4 @@ class NoCompensation(Compensator):
     """`compensation="none"`: leave the weights as they are."""
 
     name = "none"
+    needs: frozenset[str] = frozenset()

@@ -17,11 +17,12 @@ import torch
 
 from gradmap.core import distributed
 from gradmap.core.errors import GradmapError
-from gradmap.runtime.capture import micro_batches, model_device
-from gradmap.ops.dispatch import Moments, accumulate_moments
+from gradmap.ops.dispatch import Moments
 from gradmap.prune.compensation.base import Compensator, PruneContext
 from gradmap.prune.compensation.fold import fold_residual_scale_
-from gradmap.prune.compensation.stats import DenseSnapshot, capture, run_decoder
+from gradmap.prune.compensation.dense import DenseSnapshot
+from gradmap.prune.compensation.stats import layer_abs_moments
+from gradmap.runtime.placement import model_device
 
 __all__ = ["MagnitudeCompensation", "residual_gain"]
 
@@ -36,19 +37,10 @@ def residual_gain(ctx: PruneContext, idx: int, calib: torch.Tensor) -> tuple[flo
     the GLOBAL slice; each rank streams its share and the sums are added over ranks.
     """
     adapter = ctx.adapter
-    layer = adapter.layers[adapter.position_of(idx)]
     d = ctx.model.config.hidden_size
     dev = model_device(ctx.model)
     abs_in, abs_out = Moments(d, want_xtx=False, device=dev), Moments(d, want_xtx=False, device=dev)
-    if ctx.model.__dict__.get("_gradmap_layer_offload") is not None:  # offload="layer"
-        from gradmap.prune.compensation.streamed import streamed_layer_abs
-        streamed_layer_abs(ctx, adapter.position_of(idx), calib, abs_in, abs_out)
-    else:
-        for _, ids in micro_batches(distributed.shard_rows(calib, allow_empty=True), ctx.batch_size):
-            with capture({"out": layer}, stop_at=layer, inputs={"in": layer}) as got:
-                run_decoder(ctx.model, ids)
-            accumulate_moments(abs_in, got["in"].abs())
-            accumulate_moments(abs_out, got["out"].abs())
+    layer_abs_moments(ctx, adapter.position_of(idx), calib, abs_in, abs_out)
     distributed.all_reduce_moments_([abs_in, abs_out])
     e_in, e_out = abs_in.mean.double(), abs_out.mean.double()
     if not (torch.isfinite(e_in).all() and torch.isfinite(e_out).all()):
@@ -68,6 +60,7 @@ class MagnitudeCompensation(Compensator):
     """
 
     name = "magnitude"
+    needs = frozenset({"layer_io", "weights"})
 
     def __init__(self, max_samples: int | None = None):
         if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):

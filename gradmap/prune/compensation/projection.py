@@ -33,11 +33,12 @@ import torch
 
 from gradmap.core import distributed
 from gradmap.core.errors import GradmapError
-from gradmap.runtime.capture import micro_batches
 from gradmap.ops.dispatch import projection_solve
 from gradmap.prune.compensation.base import Compensator, PruneContext
 from gradmap.prune.compensation.fold import diagonal_only, fold_projection_
-from gradmap.prune.compensation.stats import DenseSnapshot, Site, SiteMoments, StreamStats, lm_loss, merge_means, stream_statistics
+from gradmap.prune.compensation.dense import DenseSnapshot
+from gradmap.prune.compensation.sites import Site, SiteMoments, StreamStats, merge_means
+from gradmap.prune.compensation.stats import lm_loss_sum, stream_statistics
 
 __all__ = ["ProjectionCompensation", "solve_sites", "regression_loss", "removed_blocks", "mean_shifts",
            "DEFAULT_RIDGE", "DEFAULT_RIDGE_GRID"]
@@ -104,6 +105,7 @@ class ProjectionCompensation(Compensator):
     """`compensation="projection"`: GradMAP Stage 2 (see the module docstring)."""
 
     name = "projection"
+    needs = frozenset({"layer_io", "weights"})
     needs_dense_means = True
     uses_shifts = True
 
@@ -283,14 +285,7 @@ class ProjectionCompensation(Compensator):
         for site, p, e in chosen:
             backups = self._fold(ctx, site, p)
             t0 = time.perf_counter()
-            nll, tokens = 0.0, 0
-            if ctx.model.__dict__.get("_gradmap_layer_offload") is not None:  # offload="layer"
-                from gradmap.prune.compensation.streamed import streamed_lm_loss
-                nll, tokens = streamed_lm_loss(ctx.model, hold, ctx.batch_size)
-            else:
-                for _, ids in micro_batches(distributed.shard_rows(hold, allow_empty=True), ctx.batch_size):
-                    a, b = lm_loss(ctx.model, ids)
-                    nll, tokens = nll + a, tokens + b
+            nll, tokens = lm_loss_sum(ctx.model, hold, ctx.batch_size)
             nll, tokens = distributed.all_reduce_moments_([], [nll, tokens])
             ctx.result.add_time("compensation_statistics", time.perf_counter() - t0)
             e["holdout_lm_loss_with_fold"] = loss = nll / tokens

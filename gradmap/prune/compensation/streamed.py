@@ -22,14 +22,18 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
-from transformers.modeling_outputs import BaseModelOutputWithPast
 
-from gradmap.runtime import streaming
-from gradmap.core.adapter import ModelAdapter
-from gradmap.runtime.capture import _patched_forward
+from gradmap.core.adapter import ModelAdapter, get_adapter
 from gradmap.ops.dispatch import Moments, accumulate_moments
 from gradmap.prune.compensation.base import PruneContext
-from gradmap.prune.compensation.stats import DenseSnapshot, Site, SiteMoments, StreamStats, _all_reduce_stats_, _moments, capture, dense_view, lm_loss, mlp_output_module, stream_plan
+from gradmap.prune.compensation.dense import DenseSnapshot, dense_view
+from gradmap.prune.compensation.sites import (Site, SiteMoments, StreamStats, all_reduce_stats_, mlp_output_module,
+                                              moments_in, stream_plan)
+from gradmap.runtime.hooks import capture
+from gradmap.runtime.loss import head_loss_sum
+from gradmap.runtime import placement
+from gradmap.runtime.placement import head_modules, host_device, offload_of
+from gradmap.runtime.streaming import StreamInputs, layer_out
 
 __all__ = ["streamed_statistics", "streamed_layer_abs", "streamed_lm_loss"]
 
@@ -38,20 +42,20 @@ Step = Callable[[int, int, torch.Tensor, torch.Tensor, dict], None]
 
 
 def _device(model: nn.Module) -> torch.device:
-    return streaming.offload_of(model).compute_device
+    return offload_of(model).compute_device
 
 
-def _run(adapter: ModelAdapter, inputs: "streaming._Inputs", hidden: list[torch.Tensor], positions: Iterable[int],
+def _run(adapter: ModelAdapter, inputs: StreamInputs, hidden: list[torch.Tensor], positions: Iterable[int],
          device: torch.device, host: torch.device, step: Step | None = None,
          watch: Callable[[int], dict] = lambda pos: {}) -> None:
     """Layers `positions` over every micro-batch of `hidden` (host, replaced by the outputs)."""
     for pos in positions:
         layer = adapter.layers[pos]
-        with streaming.on_device([layer], device), torch.no_grad():
+        with placement.on_device([layer], device), torch.no_grad():
             for j in range(len(hidden)):
                 h_in = hidden[j].to(device)
                 with capture(watch(pos)) as got:
-                    h_out = streaming._layer_out(layer, h_in, inputs.kw(pos, j, device))
+                    h_out = layer_out(layer, h_in, inputs.kw(pos, j, device))
                 if step is not None:
                     step(pos, j, h_in, h_out, got)
                 hidden[j] = h_out.to(host)
@@ -59,14 +63,12 @@ def _run(adapter: ModelAdapter, inputs: "streaming._Inputs", hidden: list[torch.
 
 def _head_nll(model: nn.Module, adapter: ModelAdapter, h: torch.Tensor, ids: torch.Tensor) -> tuple[float, int]:
     """`stats.lm_loss` from the last layer's output `h`: the model's own head on norm(h)."""
-    normed = adapter.final_norm(h)
-    with _patched_forward(adapter.decoder, lambda *a, **k: BaseModelOutputWithPast(last_hidden_state=normed)):
-        return lm_loss(model, ids)
+    return float(head_loss_sum(model, adapter, h, ids)), ids[:, 1:].numel()
 
 
-def _add_head_nll(model: nn.Module, adapter: ModelAdapter, inputs: "streaming._Inputs",
+def _add_head_nll(model: nn.Module, adapter: ModelAdapter, inputs: StreamInputs,
                   hidden: list[torch.Tensor], device: torch.device, stats: StreamStats) -> None:
-    with streaming.on_device(streaming._head_modules(model, adapter), device), torch.no_grad():
+    with placement.on_device(head_modules(adapter), device), torch.no_grad():
         for j in range(len(hidden)):
             nll, n = _head_nll(model, adapter, hidden[j].to(device), inputs.ids(j).to(device))
             stats.nll += nll
@@ -76,11 +78,10 @@ def _add_head_nll(model: nn.Module, adapter: ModelAdapter, inputs: "streaming._I
 @torch.no_grad()
 def streamed_lm_loss(model: nn.Module, calib: torch.Tensor, batch_size: int) -> tuple[float, int]:
     """(Σ next-token NLL, tokens) of this rank's share of `calib`, as `stats.lm_loss` per micro-batch."""
-    from gradmap.core.adapter import get_adapter
     adapter, device = get_adapter(model), _device(model)
-    host = streaming._host_device(model)
+    host = host_device(model)
     stats = StreamStats()
-    inputs = streaming._Inputs(model, adapter, calib, batch_size, device)
+    inputs = StreamInputs(model, adapter, calib, batch_size, device)
     hidden = list(inputs.hidden)
     _run(adapter, inputs, hidden, range(adapter.num_layers), device, host)
     _add_head_nll(model, adapter, inputs, hidden, device, stats)
@@ -92,13 +93,13 @@ def streamed_layer_abs(ctx: PruneContext, position: int, calib: torch.Tensor,
                        abs_in: Moments, abs_out: Moments) -> None:
     """Accumulate |h_in| and |h_out| of the layer at current `position` over this rank's share of `calib`."""
     model, adapter, device = ctx.model, ctx.adapter, _device(ctx.model)
-    inputs = streaming._Inputs(model, adapter, calib, ctx.batch_size, device)
+    inputs = StreamInputs(model, adapter, calib, ctx.batch_size, device)
 
     def step(pos, j, h_in, h_out, got):
         if pos == position:
             accumulate_moments(abs_in, h_in.abs())
             accumulate_moments(abs_out, h_out.abs())
-    _run(adapter, inputs, list(inputs.hidden), range(position + 1), device, streaming._host_device(model), step)
+    _run(adapter, inputs, list(inputs.hidden), range(position + 1), device, host_device(model), step)
 
 
 class _Pairs:
@@ -145,7 +146,7 @@ def streamed_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Ten
                         dense_mean_layers: list[int], sites: list[Site], with_lm_loss: bool) -> StreamStats:
     """`stats.stream_statistics` with layer streaming (see the module docstring); same sums, over ranks."""
     model, device = ctx.model, _device(ctx.model)
-    host = streaming._host_device(model)
+    host = host_device(model)
     d = model.config.hidden_size
     stats = StreamStats()
     # the same plan as the in-memory pass: which dense layers the pruned pass can provide
@@ -155,7 +156,7 @@ def streamed_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Ten
 
     def dense_out(o, j, h):
         if o in dense_mean_layers:
-            accumulate_moments(_moments(stats.dense_means, o, d, h.device, want_xtx=False), h)
+            accumulate_moments(moments_in(stats.dense_means, o, d, h.device, want_xtx=False), h)
         pairs.target(o, j, h)
 
     adapter = ctx.adapter
@@ -165,14 +166,14 @@ def streamed_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Ten
     def pruned_step(pos, j, h_in, h_out, got):
         o = ids[pos]
         if o in mean_layers:
-            accumulate_moments(_moments(stats.pruned_means, o, d, h_out.device, want_xtx=False), h_out)
+            accumulate_moments(moments_in(stats.pruned_means, o, d, h_out.device, want_xtx=False), h_out)
         if o in from_pruned:
             dense_out(o, j, h_out)
         if o in site_layers:
             m = got[o].float()
             pairs.site(o, j, m, h_out.float() - m)
 
-    inputs = streaming._Inputs(model, adapter, calib, ctx.batch_size, device)
+    inputs = StreamInputs(model, adapter, calib, ctx.batch_size, device)
     hidden = list(inputs.hidden)
     last = max((ids.index(o) for o in pruned_wanted), default=-1)
     split = k if dense_run else 0  # the dense path starts from the pruned state after the shared prefix
@@ -182,7 +183,7 @@ def streamed_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Ten
     if dense_run and inputs.starts:
         with dense_view(ctx, snap):
             dense = ctx.adapter
-            d_inputs = streaming._Inputs(model, dense, calib, ctx.batch_size, device)
+            d_inputs = StreamInputs(model, dense, calib, ctx.batch_size, device)
             d_hidden = list(hidden) if k > 0 else d_inputs.hidden
             d_ids = snap.layer_ids
             d_stop = max(snap.dense_position(o) for o in dense_run) + 1
@@ -197,5 +198,5 @@ def streamed_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Ten
         _add_head_nll(model, adapter, inputs, hidden, device, stats)
     if pairs.waiting_my or pairs.waiting_t:  # a target that never ran: a planning bug, not user input
         raise RuntimeError(f"streamed statistics left sites unjoined: {sorted({s for s, _ in pairs.waiting_my})}")
-    _all_reduce_stats_(stats, model, d, mean_layers, dense_mean_layers, sites)
+    all_reduce_stats_(stats, model, d, mean_layers, dense_mean_layers, sites)
     return stats

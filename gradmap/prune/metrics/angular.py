@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from gradmap.core import distributed
 from gradmap.core.errors import GradmapError
 from gradmap.prune.metrics.base import Metric, ScoringRun, check_choice
-from gradmap.runtime.capture import check_finite, forward_pass, model_device
+from gradmap.runtime.batching import check_finite
+from gradmap.runtime.passes import forward_pass
+from gradmap.runtime.placement import model_device
 
 __all__ = ["Angular"]
 
@@ -34,6 +36,7 @@ class Angular(Metric):
     tokens: str = "last"
 
     name: ClassVar[str] = "angular"
+    needs: ClassVar[frozenset[str]] = frozenset({"layer_io"})
     schedules: ClassVar[tuple[str, ...]] = ("one-shot",)
     plain_forward: ClassVar[bool] = True
 

@@ -23,7 +23,7 @@ from torch import nn
 
 from gradmap.core.adapter import ModelAdapter
 from gradmap.core.errors import GradmapError
-from gradmap.runtime.capture import MeanSink
+from gradmap.runtime.batching import MeanSink
 
 __all__ = ["Metric", "ScoringRun", "lowest_first", "check_choice"]
 
@@ -74,6 +74,10 @@ class Metric:
     default_schedule: ClassVar[str] = "iterative"
     # True when score() runs a plain forward of the current model (it can then feed dense means)
     plain_forward: ClassVar[bool] = False
+    # the calibration passes score() uses (gradmap.runtime.support.PASS_KINDS); the runtime
+    # decides from them whether the metric can run streamed or on offloaded weights. A metric
+    # that runs forwards of its own declares "own_passes" (the conservative default).
+    needs: ClassVar[frozenset[str]] = frozenset({"own_passes"})
 
     def score(self, run: ScoringRun) -> dict[int, float]:
         raise NotImplementedError
@@ -86,6 +90,10 @@ class Metric:
     def plan(self, run: ScoringRun, scores: dict[int, float], n: int) -> Iterator[int]:
         """Yield `n` ORIGINAL indices to remove, lowest score first (default)."""
         yield from lowest_first(scores, run.removable)[:n]
+
+    def requirements(self) -> frozenset[str]:
+        """The pass kinds this configured metric needs (`needs`, refined by options in subclasses)."""
+        return self.needs
 
     def options(self) -> dict[str, Any]:
         return dataclasses.asdict(self) if dataclasses.is_dataclass(self) else {}

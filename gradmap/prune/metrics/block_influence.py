@@ -16,7 +16,9 @@ import torch.nn.functional as F
 
 from gradmap.core import distributed
 from gradmap.prune.metrics.base import Metric, ScoringRun
-from gradmap.runtime.capture import check_finite, forward_pass, model_device
+from gradmap.runtime.batching import check_finite
+from gradmap.runtime.passes import forward_pass
+from gradmap.runtime.placement import model_device
 
 __all__ = ["BlockInfluence"]
 
@@ -26,6 +28,7 @@ class BlockInfluence(Metric):
     """ShortGPT block influence; no options."""
 
     name: ClassVar[str] = "block-influence"
+    needs: ClassVar[frozenset[str]] = frozenset({"layer_io"})
     plain_forward: ClassVar[bool] = True
 
     def score(self, run: ScoringRun) -> dict[int, float]:

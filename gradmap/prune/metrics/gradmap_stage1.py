@@ -39,7 +39,9 @@ from gradmap.core import distributed
 from gradmap.core.errors import GradmapError
 from gradmap.ops.dispatch import gate_reduction
 from gradmap.prune.metrics.base import Metric, ScoringRun, check_choice, lowest_first
-from gradmap.runtime.capture import backward_pass, calibration_losses, check_finite, model_device, param_grad_reductions
+from gradmap.runtime.passes import backward_pass, calibration_losses, param_grad_reductions
+from gradmap.runtime.batching import check_finite
+from gradmap.runtime.placement import model_device
 
 __all__ = ["GradMAP", "gate_statistics", "GRADIENTS", "NORMALIZATIONS"]
 
@@ -116,11 +118,16 @@ class GradMAP(Metric):
     gradient_checkpointing: bool = False
 
     name: ClassVar[str] = "gradmap"
+    needs: ClassVar[frozenset[str]] = frozenset({"layer_io", "activation_grads"})
     plain_forward: ClassVar[bool] = True
     # one-shot beat iterative on the largest calibration measured on SmolLM2 (RESULTS.md
     # "Quality at 8 of 30 layers"; the order flips on a smaller one), and costs one backward
     # instead of one per decision
     default_schedule: ClassVar[str] = "one-shot"
+
+    def requirements(self) -> frozenset[str]:
+        needs = frozenset({"weight_grads", "weights"}) if self.gradient == "param" else self.needs
+        return needs | ({"skip_losses"} if self.verify else set())
 
     def __post_init__(self) -> None:
         check_choice("gradient", self.gradient, GRADIENTS)

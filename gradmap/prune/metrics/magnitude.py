@@ -21,6 +21,7 @@ class Magnitude(Metric):
     """Per-layer weight norm; no options."""
 
     name: ClassVar[str] = "magnitude"
+    needs: ClassVar[frozenset[str]] = frozenset({"weights"})
 
     @torch.no_grad()
     def score(self, run: ScoringRun) -> dict[int, float]:

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from gradmap.prune.metrics.base import Metric, ScoringRun
-from gradmap.runtime.capture import calibration_losses
+from gradmap.runtime.passes import calibration_losses
 
 __all__ = ["PPL", "skip_losses"]
 
@@ -32,6 +32,7 @@ class PPL(Metric):
     """Loss with each layer removed alone; one-shot only."""
 
     name: ClassVar[str] = "ppl"
+    needs: ClassVar[frozenset[str]] = frozenset({"skip_losses"})
     schedules: ClassVar[tuple[str, ...]] = ("one-shot",)
 
     def score(self, run: ScoringRun) -> dict[int, float]:

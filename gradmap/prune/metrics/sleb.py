@@ -25,6 +25,7 @@ class SLEB(Metric):
     """SLEB greedy block elimination; iterative only."""
 
     name: ClassVar[str] = "sleb"
+    needs: ClassVar[frozenset[str]] = frozenset({"skip_losses"})
     schedules: ClassVar[tuple[str, ...]] = ("iterative",)
 
     def score(self, run: ScoringRun) -> dict[int, float]:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from gradmap.prune.metrics.base import Metric, ScoringRun
-from gradmap.runtime.capture import param_grad_reductions
+from gradmap.runtime.passes import param_grad_reductions
 
 __all__ = ["Taylor"]
 
@@ -24,6 +24,7 @@ class Taylor(Metric):
     gradient_checkpointing: bool = False
 
     name: ClassVar[str] = "taylor"
+    needs: ClassVar[frozenset[str]] = frozenset({"weight_grads", "weights"})
     plain_forward: ClassVar[bool] = True
 
     def score(self, run: ScoringRun) -> dict[int, float]:

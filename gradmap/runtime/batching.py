@@ -1,0 +1,120 @@
+"""Calibration rows: micro-batches, this rank's shard, running means, and the guard that puts a
+model's mode, `requires_grad` flags and `.grad` back as they came in.
+
+Data parallelism (`gradmap.core.distributed`): passes take the GLOBAL calibration rows and run
+only this rank's contiguous share (`shard`); what they return is summed over the ranks."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from gradmap.core import distributed
+from gradmap.core.errors import GradmapError
+
+__all__ = ["TOKENS_PER_BATCH", "MeanSink", "default_batch_size", "micro_batches", "shard", "check_finite",
+           "preserved_state"]
+
+# default micro-batch size in tokens: keeps fp32 logits (tokens x vocab) and their gradient modest
+TOKENS_PER_BATCH = 2048
+
+
+class MeanSink:
+    """Running fp32 sum of every layer's output hidden state over calibration tokens."""
+
+    def __init__(self) -> None:
+        self.sums: dict[int, torch.Tensor] = {}
+        self.counts: dict[int, int] = {}
+
+    def add(self, layer_id: int, h_out: torch.Tensor) -> None:
+        flat = h_out.detach().reshape(-1, h_out.shape[-1])
+        s = flat.float().sum(0)
+        if layer_id in self.sums:
+            self.sums[layer_id] += s
+            self.counts[layer_id] += flat.shape[0]
+        else:
+            self.sums[layer_id] = s
+            self.counts[layer_id] = flat.shape[0]
+
+    def means(self) -> dict[int, torch.Tensor]:
+        """ORIGINAL layer index -> mean output hidden state (fp32), sums and counts over all ranks.
+
+        The reduction works on copies, so calling it twice gives the same means.
+        """
+        keys = sorted(self.sums)
+        if not distributed.is_distributed():
+            return {i: self.sums[i] / self.counts[i] for i in keys}
+        sums = torch.stack([self.sums[i] for i in keys])
+        counts = torch.tensor([float(self.counts[i]) for i in keys], dtype=torch.float64,
+                              device=sums.device)
+        distributed.all_reduce_sums_([sums, counts])
+        return {i: sums[k] / counts[k].item() for k, i in enumerate(keys)}
+
+
+def default_batch_size(seq_len: int, tokens: int = TOKENS_PER_BATCH) -> int:
+    """Micro-batch size holding about `tokens` tokens (at least one sequence)."""
+    return max(1, tokens // max(int(seq_len), 1))
+
+
+def micro_batches(calib: torch.Tensor, batch_size: int, progress: bool = False,
+                  desc: str = "", offset: int = 0) -> Iterator[tuple[int, torch.Tensor]]:
+    """(first row + `offset`, rows) of consecutive slices of `calib` [n, L], at most `batch_size` rows.
+
+    `offset` is the index of calib's first row in a larger set (a rank's shard), so error
+    messages name global rows. Progress bars show on the main rank only.
+    """
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise GradmapError(f"batch_size must be a positive integer, got {batch_size!r}")
+    starts = range(0, calib.shape[0], batch_size)
+    bar = tqdm(starts, desc=desc, unit="batch", disable=not progress or not distributed.is_main(),
+               leave=False)
+    for start in bar:
+        yield offset + start, calib[start:start + batch_size]
+
+
+def shard(calib: torch.Tensor) -> tuple[int, torch.Tensor]:
+    """(index of the first row, rows) of this rank's share of `calib`; may be empty for small subsets."""
+    lo, hi = distributed.shard_bounds(calib.shape[0], allow_empty=True)
+    return lo, calib[lo:hi]
+
+
+def check_finite(value: torch.Tensor, what: str, start: int, stop: int, model: nn.Module) -> None:
+    """Raise a clear error when `value` holds NaN/inf for calibration rows [start, stop)."""
+    if not bool(torch.isfinite(value).all()):
+        dtype = next(model.parameters()).dtype
+        raise GradmapError(
+            f"non-finite {what} on calibration batch rows {start}..{stop - 1} (model dtype {dtype}); "
+            "the forward or backward overflowed — load the model in bfloat16 or float32 "
+            "(not float16), or check the calibration tokens")
+
+
+@contextmanager
+def preserved_state(model: nn.Module) -> Iterator[list[nn.Parameter]]:
+    """Restore every parameter's `requires_grad` and `.grad` (the same objects) on exit.
+
+    The model is put in eval mode on entry and left in eval mode on exit.
+    Yields the parameter list (tied weights once).
+    """
+    params = list(model.parameters())
+    flags = [p.requires_grad for p in params]
+    grads = [p.grad for p in params]
+    # accelerate's offload hooks (device_map with "cpu"/"disk") put a NEW Parameter object in
+    # the module on every forward: remember each slot too, to restore flags on whatever is there
+    slots = [(m, k, p, p.requires_grad) for m in model.modules() for k, p in m._parameters.items()
+             if p is not None]
+    model.eval()
+    try:
+        yield params
+    finally:
+        for p, flag, grad in zip(params, flags, grads):
+            p.requires_grad_(flag)
+            p.grad = grad
+        for m, k, p, flag in slots:
+            now = m._parameters.get(k)
+            if now is not None and now is not p:
+                now.requires_grad_(flag)
+        model.eval()
+
