@@ -24,6 +24,7 @@ def main() -> None:
     p.add_argument("--n-calib", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch-size", type=int, default=None, help="micro-batch (default: fast_prune's)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -31,14 +32,24 @@ def main() -> None:
     from gradmap import fast_prune, load_model
     from gradmap.core.calibration import calibration_data
 
+    # breakdown: the process peak after each phase (ru_maxrss never decreases, so each figure
+    # is the peak up to that point; the phase that raised it is the one that owns the peak)
+    peaks = {"import": _peak_gib()}
     model, tok = load_model(args.model)
+    peaks["load"] = _peak_gib()
     calib = calibration_data(tok, "c4", args.n_calib, args.seq_len, 0)
-    res = fast_prune(model, calib, args.n_prune, metric=args.metric,
+    peaks["calibration data"] = _peak_gib()
+    res = fast_prune(model, calib, args.n_prune, metric=args.metric, batch_size=args.batch_size,
                      compensation=args.compensation.split(","))
-    peak_gib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # Linux: KiB
+    peaks["prune"] = _peak_gib()
     print(json.dumps({"gradmap": gradmap.__file__, "removed": res.removed_layers,
+                      "batch_size": res.options["batch_size"], "calib": list(calib.shape),
                       "timings": {k: round(v, 1) for k, v in res.timings.items()},
-                      "peak_rss_gib": round(peak_gib, 2)}))
+                      "peak_rss_gib_after": peaks, "peak_rss_gib": peaks["prune"]}))
+
+
+def _peak_gib() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20, 2)  # Linux: KiB
 
 
 if __name__ == "__main__":

@@ -321,12 +321,13 @@ def _run_all(cfg: CompareConfig, specs: list[MethodSpec], tasks: list[str] | Non
                              seed=cfg.seed)
     calib_copy = calib.clone()
     results["settings"]["calib_shape"] = list(calib.shape)
-    if cfg.batch_size is None:  # resolve fast_prune's default once, so the floor uses it too
-        from gradmap.runtime.batching import default_batch_size
-        cfg = replace(cfg, batch_size=default_batch_size(cfg.seq_len))
+    # resolve fast_prune's default batch size once, so the floor uses it too
+    from gradmap.runtime.batching import default_batch_size
+    model = source.fresh()
+    if cfg.batch_size is None:
+        cfg = replace(cfg, batch_size=default_batch_size(cfg.seq_len, config=model.config))
     results["settings"]["batch_size"] = cfg.batch_size
 
-    model = source.fresh()
     results["dense"] = _evaluate(model, tokenizer, cfg, tasks, progress)
     results["floor"]["seconds"] = forward_backward_seconds(model, calib, cfg.batch_size)
     source.check(model)  # the floor measurement must leave the weights as they were

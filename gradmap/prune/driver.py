@@ -170,8 +170,9 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     metrics that support it, else the metric's only schedule.
     `compensation` is "none", a registered compensator name, a Compensator or a
     list. Layers among the first `protect_first` / last `protect_last` of the
-    ORIGINAL model are never removed. `batch_size=None` picks micro-batches of
-    about 2048 tokens. All inputs are validated before the model is touched; the
+    ORIGINAL model are never removed. `batch_size=None` picks the largest micro-batch
+    whose forward + backward activations fit 512 MiB (at most 2048 tokens; see
+    `gradmap.runtime.batching.default_batch_size`). All inputs are validated before the model is touched; the
     model leaves in eval mode with its `requires_grad` flags and `.grad` as they
     came in, also on error (layers removed before an error stay removed).
 
@@ -211,7 +212,7 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
                            f"(protect_first={protect_first}, protect_last={protect_last}); use n_prune <= "
                            f"{len(removable) - 1} or protect fewer layers")
     if batch_size is None:
-        batch_size = default_batch_size(calib.shape[1])
+        batch_size = default_batch_size(calib.shape[1], config=model.config)
     elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise GradmapError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     compensators = resolve_compensation(compensation)

@@ -15,11 +15,13 @@ from tqdm.auto import tqdm
 from gradmap.core import distributed
 from gradmap.core.errors import GradmapError
 
-__all__ = ["TOKENS_PER_BATCH", "MeanSink", "default_batch_size", "micro_batches", "shard", "check_finite",
+__all__ = ["TOKENS_PER_BATCH", "ACTIVATION_BUDGET", "MeanSink", "default_batch_size", "activation_bytes_per_token", "micro_batches", "shard", "check_finite",
            "preserved_state"]
 
 # default micro-batch size in tokens: keeps fp32 logits (tokens x vocab) and their gradient modest
 TOKENS_PER_BATCH = 2048
+# activations one micro-batch may keep alive through a backward (default_batch_size)
+ACTIVATION_BUDGET = 512 * 2 ** 20
 
 
 class MeanSink:
@@ -54,9 +56,36 @@ class MeanSink:
         return {i: sums[k] / counts[k].item() for k, i in enumerate(keys)}
 
 
-def default_batch_size(seq_len: int, tokens: int = TOKENS_PER_BATCH) -> int:
-    """Micro-batch size holding about `tokens` tokens (at least one sequence)."""
-    return max(1, tokens // max(int(seq_len), 1))
+def activation_bytes_per_token(config) -> int:
+    """Bytes one calibration token keeps alive through a forward + backward of the whole model.
+
+    Per decoder layer, autograd saves about six hidden-size and four intermediate-size vectors
+    per token (norm outputs, q/k/v, attention output, gate, up, act(gate), their product); the
+    loss holds the logits, their log-softmax and their gradient (3 x vocab). fp32 throughout,
+    the dtype the loss and the statistics run in.
+    """
+    d = int(getattr(config, "hidden_size", 0) or 0)
+    ffn = int(getattr(config, "intermediate_size", 0) or 4 * d)
+    layers = int(getattr(config, "num_hidden_layers", 0) or 0)
+    vocab = int(getattr(config, "vocab_size", 0) or 0)
+    return 4 * (layers * (6 * d + 4 * ffn) + 3 * vocab)
+
+
+def default_batch_size(seq_len: int, tokens: int = TOKENS_PER_BATCH, config=None,
+                       budget_bytes: int = ACTIVATION_BUDGET) -> int:
+    """Micro-batch size (sequences, at least one) for the calibration passes.
+
+    With a model `config`: the most sequences whose forward + backward activations fit
+    `budget_bytes` (`activation_bytes_per_token`), capped at `tokens` tokens. The activations
+    of one micro-batch, not the model, set the peak memory of a pruning run: on SmolLM2-135M a
+    2048-token micro-batch keeps ~3.5 GB alive. Without a config: about `tokens` tokens.
+    """
+    seq_len = max(int(seq_len), 1)
+    by_tokens = max(1, tokens // seq_len)
+    if config is None:
+        return by_tokens
+    per_seq = activation_bytes_per_token(config) * seq_len
+    return max(1, min(by_tokens, budget_bytes // max(per_seq, 1)))
 
 
 def micro_batches(calib: torch.Tensor, batch_size: int, progress: bool = False,
