@@ -24,7 +24,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="hub id, local HF directory, .gguf file or alias (e.g. smollm2-135m)")
     p.add_argument("--ppl", metavar="DATA",
-                   help="perplexity data: wikitext2 (test split), c4, or a .txt/.jsonl path")
+                   help="perplexity data: wikitext2 (test split), c4, a .txt/.jsonl path, or "
+                        "text:<literal text>")
     p.add_argument("--seq-len", type=int, default=2048, help="perplexity window length L (2048)")
     p.add_argument("--max-windows", type=int, default=None,
                    help="score only the first N perplexity windows (default: all)")

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PruneResult"]
+__all__ = ["PruneResult", "json_text", "finite_json"]
 
 # phases every driver reports, in seconds (compensators add to the last three)
 TIMING_PHASES = ("scoring", "removal", "compensation_statistics", "solve", "total")
@@ -37,3 +39,19 @@ class PruneResult:
         d["scores"] = [{str(k): v for k, v in s.items()} for s in self.scores]
         d["shifts"] = {str(k): v for k, v in self.shifts.items()}
         return d
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every NaN / infinity replaced by None, so json.dumps writes valid JSON (null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def json_text(value: Any, indent: int | None = 2) -> str:
+    """Strict JSON text of `value`: NaN / infinity become null, unknown objects their str()."""
+    return json.dumps(finite_json(value), indent=indent, default=str, allow_nan=False)
