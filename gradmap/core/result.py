@@ -34,8 +34,32 @@ class PruneResult:
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
 
+    def compensation_summary(self) -> list[str]:
+        """One plain line per compensator: what was applied and what was reverted or skipped."""
+        lines = []
+        for name in self.compensation:
+            rep = self.compensation_report.get(name)
+            if name == "none":
+                continue
+            if not isinstance(rep, dict):
+                lines.append(f"{name}: applied")
+            elif rep.get("skipped"):
+                lines.append(f"{name}: skipped ({rep['skipped']})")
+            elif isinstance(rep.get("sites"), list):
+                sites = rep["sites"]
+                kept = [e.get("layer") for e in sites if e.get("folded")]
+                line = f"{name}: applied at {len(kept)} of {len(sites)} site(s) {kept}"
+                for e in sites:
+                    if not e.get("folded"):
+                        line += f"; NOT applied at layer {e.get('layer')} ({e.get('reason', 'reverted')})"
+                lines.append(line)
+            else:
+                lines.append(f"{name}: applied")
+        return lines
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["compensation_summary"] = self.compensation_summary()
         d["scores"] = [{str(k): v for k, v in s.items()} for s in self.scores]
         d["shifts"] = {str(k): v for k, v in self.shifts.items()}
         return d
