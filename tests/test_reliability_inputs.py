@@ -56,3 +56,12 @@ def test_literal_text_must_be_asked_for(tmp_path):
     f = tmp_path / "t.txt"
     f.write_text("hello")
     assert load_text(str(f)) == ("hello", str(f))
+
+
+def test_non_utf8_calibration_text_is_one_clear_error(tmp_path):
+    from gradmap.core.calibration import calibration_data
+    from tiny_tokenizer import tiny_tokenizer
+    f = tmp_path / "latin1.txt"
+    f.write_bytes("caf\xe9 au lait ".encode("latin-1") * 50)
+    with pytest.raises(GradmapError, match="is not UTF-8 text"):
+        calibration_data(tiny_tokenizer(), str(f), 2, 8)
