@@ -85,7 +85,7 @@ def test_perplexity_bf16_scored_in_fp32(tok):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(data="too short"), r"fewer than one window of seq_len=64"),
+    (dict(data="text:too short"), r"fewer than one window of seq_len=64"),
     (dict(data="missing_file.txt"), r"'missing_file.txt' does not exist"),
     (dict(data=TEXT, seq_len=1), "seq_len must be an integer >= 2"),
     (dict(data=TEXT, seq_len=512), r"exceeds the model's max_position_embeddings=256"),

@@ -404,7 +404,7 @@ def test_evaluation_feeds_the_embedding_device(tmp_path):
                   "lm_head": "cpu", **{f"model.layers.{i}": "cpu" for i in range(3)}}
     model = dispatch_model(base, device_map=device_map, offload_dir=str(tmp_path), force_hooks=True)
     assert next(model.parameters()).device.type == "meta"
-    text = "the cat sat on the mat. question: what is the answer? answer: yes, and then no. " * 8
+    text = "text:" + "the cat sat on the mat. question: what is the answer? answer: yes, and then no. " * 8
     assert perplexity(model, tok, text, seq_len=16, progress=False) == pytest.approx(
         perplexity(ref, tok, text, seq_len=16, progress=False), rel=1e-6)
     reqs = [encode_request(tok, c, t, False, 64) for c, t in

@@ -1,6 +1,8 @@
 """`gradmap` command line: one module per subcommand in gradmap/cli.
 
-A subcommand module exposes `add_parser(subparsers)` and `run(args) -> int`.
+A subcommand module exposes `add_parser(subparsers)` and `run(args) -> int`. Building the
+parser imports neither torch nor transformers (they load only once a command runs), so
+`gradmap --help` answers at once.
 """
 from __future__ import annotations
 
@@ -13,6 +15,13 @@ import os
 import sys
 
 from gradmap.core.errors import GradmapError
+from gradmap.version import __version__
+
+DESCRIPTION = ("Remove whole decoder layers from Hugging Face causal LMs and repair the damage "
+               "(prune), zero individual weights (sparsify), measure perplexity and zero-shot "
+               "accuracy (eval), and compare pruning methods side by side (compare). Every "
+               "command checks its inputs before loading the model.")
+VERBOSE_HELP = "log progress details"
 
 SUBCOMMANDS = ["eval", "prune", "sparsify", "compare"]
 
@@ -27,11 +36,15 @@ def _modules():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gradmap", description=__doc__.splitlines()[0])
-    parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="gradmap", description=DESCRIPTION)
+    parser.add_argument("-v", "--verbose", action="store_true", help=VERBOSE_HELP)
+    parser.add_argument("--version", action="version", version=f"gradmap {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, module in _modules():
         p = module.add_parser(sub)
+        # SUPPRESS: an absent -v after the command must not reset one given before it
+        p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help=VERBOSE_HELP)
         p.set_defaults(_run=module.run)
     return parser
 
@@ -57,7 +70,11 @@ def limit_heap_fragmentation(threshold: int = 128 * 1024) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
     limit_heap_fragmentation()
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")

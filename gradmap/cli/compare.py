@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import re
 
+from gradmap.cli.checks import check_runtime
 from gradmap.core.errors import GradmapError
 
 __all__ = ["add_parser", "run", "DEFAULT_METHODS"]
@@ -33,7 +34,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="first N examples of each zero-shot task (default: all)")
     p.add_argument("--calib", default="c4", help="calibration data: c4, wikitext2 or a .jsonl/.txt")
     p.add_argument("--n-calib", type=int, default=128, help="calibration sequences (128)")
-    p.add_argument("--seq-len", type=int, default=512, help="calibration sequence length (512)")
+    p.add_argument("--seq-len", type=int, default=512,
+                   help="calibration sequence length (512, shorter than prune's 2048 because "
+                        "compare prunes once per method; pass 2048 to match gradmap prune)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (0)")
     p.add_argument("--ppl-data", default="wikitext2",
                    help="perplexity data: wikitext2 (test split), c4, or a .txt/.jsonl path")
@@ -77,6 +80,8 @@ def run(args: argparse.Namespace) -> int:
     """Run the comparison, print the table (and generations); 1 when a method failed."""
     from gradmap.experiments.compare import CompareConfig, run_compare
     from gradmap.experiments.compare_report import markdown_table
+
+    check_runtime(args)
 
     tasks = None if args.tasks.strip().lower() == "none" else args.tasks
     if args.save_method is not None and args.save is None:

@@ -2,12 +2,9 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
-from gradmap.core.errors import GradmapError
-from gradmap.core.models import load_model
+from gradmap.cli.checks import check_json_target, check_runtime, positive, write_json
 
 __all__ = ["add_parser", "run", "format_table"]
 
@@ -24,7 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True,
                    help="hub id, local HF directory, .gguf file or alias (e.g. smollm2-135m)")
     p.add_argument("--ppl", metavar="DATA",
-                   help="perplexity data: wikitext2 (test split), c4, or a .txt/.jsonl path")
+                   help="perplexity data: wikitext2 (test split), c4, a .txt/.jsonl path, or "
+                        "text:<literal text>")
     p.add_argument("--seq-len", type=int, default=2048, help="perplexity window length L (2048)")
     p.add_argument("--max-windows", type=int, default=None,
                    help="score only the first N perplexity windows (default: all)")
@@ -44,9 +42,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _positive(name: str, value: int | None) -> None:
-    if value is not None and value < 1:
-        raise GradmapError(f"--{name} must be a positive integer, got {value}")
+def load_model(*args, **kwargs):
+    """`gradmap.core.models.load_model`, imported on first use so building the parser needs no torch."""
+    from gradmap.core.models import load_model as load
+    return load(*args, **kwargs)
 
 
 def format_table(header: list[str], rows: list[list[str]]) -> str:
@@ -79,17 +78,14 @@ def run(args: argparse.Namespace) -> int:
     from gradmap.evaluate.perplexity import load_text
     from gradmap.evaluate.tasks import resolve_tasks
 
-    for name in ("seq_len", "max_windows", "limit", "batch_size"):
-        _positive(name.replace("_", "-"), getattr(args, name))
+    positive(args, "seq_len", "max_windows", "limit", "batch_size")
     tasks = resolve_tasks(args.tasks) if args.tasks else None  # validate before loading
     ppl_data = args.ppl if args.ppl or tasks else "wikitext2"
     if ppl_data:
         load_text(ppl_data)  # a missing file fails here, before the slow model load
     if args.json:
-        parent = os.path.dirname(os.path.abspath(args.json))
-        if not os.path.isdir(parent):
-            raise GradmapError(f"--json {args.json!r}: folder {parent!r} does not exist; create "
-                               "it or pick another path")
+        check_json_target(args.json)
+    check_runtime(args)
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     out: dict = {"model": args.model, "dtype": str(next(model.parameters()).dtype),
@@ -112,6 +108,5 @@ def run(args: argparse.Namespace) -> int:
     print(f"model: {args.model} ({out['dtype']})\n")
     print("\n\n".join(blocks))
     if args.json:
-        with open(args.json, "w", encoding="utf-8") as f:
-            json.dump(out, f, indent=2)
+        write_json(args.json, out)
     return 0

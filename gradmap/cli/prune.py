@@ -11,6 +11,7 @@ import ast
 import json
 import time
 
+from gradmap.cli.checks import COMPENSATIONS, METRICS, check_runtime, compensation_names, positive
 from gradmap.core.errors import GradmapError
 
 __all__ = ["add_parser", "run", "parse_options"]
@@ -26,7 +27,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="hub id, local HF directory, .gguf file or alias "
                                                   "(e.g. smollm2-135m)")
     p.add_argument("--n-prune", type=int, required=True, help="number of decoder layers to remove")
-    p.add_argument("--metric", default="gradmap", help="layer metric (default: gradmap)")
+    p.add_argument("--metric", default="gradmap",
+                   help=f"layer metric: {', '.join(METRICS)} (default: gradmap)")
     p.add_argument("--metric-option", action="append", default=[], metavar="KEY=VALUE",
                    help="metric option, repeatable (e.g. gradient=token, verify=4)")
     p.add_argument("--schedule", default=None, choices=("iterative", "one-shot"),
@@ -34,10 +36,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "default: the metric's own (one-shot for gradmap, iterative for the others "
                         "that support it)")
     p.add_argument("--compensation", default="projection",
-                   help="comma-separated compensators, or 'none' (default: projection)")
+                   help=f"comma-separated compensators from {', '.join(COMPENSATIONS)} "
+                        "(default: projection)")
     p.add_argument("--calib", default="c4", help="calibration data: c4, wikitext2 or a .jsonl/.txt path")
     p.add_argument("--n-calib", type=int, default=128, help="calibration sequences (128)")
-    p.add_argument("--seq-len", type=int, default=2048, help="calibration sequence length (2048)")
+    p.add_argument("--seq-len", type=int, default=2048,
+                   help="calibration sequence length (2048, as the papers calibrate)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (0)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="calibration micro-batch (default: about 2048 tokens)")
@@ -71,30 +75,37 @@ def parse_options(items: list[str]) -> dict:
 def run(args: argparse.Namespace) -> int:
     """Under `torchrun` every rank runs this; calibration is data-parallel and rank 0 writes --out."""
     from gradmap.core.distributed import process_group
+    check_runtime(args)  # before process_group, which would set a CUDA device that may not exist
     with process_group(args.device) as device:
         return _run(args, device)
 
 
 def _run(args: argparse.Namespace, device: str) -> int:
     from gradmap.core import distributed
+    from gradmap.core.calibration import calibration_data, check_source
     from gradmap.prune.support import check_prune_support
-    from gradmap.core.calibration import calibration_data
     from gradmap.core.checkpoint import prepare_output_dir, save_pretrained
-    from gradmap.prune.metrics import get_metric
-    from gradmap.core.models import load_model
+    from gradmap.core.models import load_model, model_layer_ids
     from gradmap.experiments.plots import plot_scores
-    from gradmap.prune.driver import fast_prune, resolve_compensation
+    from gradmap.prune.driver import check_prune_plan, check_schedule, fast_prune, resolve_compensation
+    from gradmap.prune.metrics import get_metric
 
     # every cheap check before the model is loaded
     prepare_output_dir(args.out, args.overwrite)
+    positive(args, "n_calib", "seq_len", "batch_size")
+    check_source(args.calib)
     options = parse_options(args.metric_option)
     metric = get_metric(args.metric, **options)
-    compensation = [c.strip() for c in args.compensation.split(",") if c.strip()]
+    check_schedule(metric, args.schedule)
+    compensation = compensation_names(args.compensation)
     compensators = resolve_compensation(compensation)
     if args.offload:
         check_prune_support(metric, compensators)
     if args.n_prune <= 0:
         raise GradmapError(f"--n-prune must be a positive integer, got {args.n_prune}")
+    layer_ids = model_layer_ids(args.model)  # from config.json or the GGUF header: no weights
+    if layer_ids is not None:
+        check_prune_plan(layer_ids, args.n_prune, args.protect_first, args.protect_last)
 
     main = distributed.is_main()
     say = print if main else (lambda *a, **k: None)
@@ -122,6 +133,8 @@ def _run(args: argparse.Namespace, device: str) -> int:
                           extra_files={"scores.png": png})
     t = result.timings
     print(f"removed layers (original indices, in order): {result.removed_layers}")
+    for line in result.compensation_summary() or ["compensation: none"]:
+        print(line)
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()) +
           f"; wall incl. loading {time.perf_counter() - t0:.1f}s")
     print(f"saved to {out} (report.json, scores.png)")

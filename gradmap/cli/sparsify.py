@@ -10,10 +10,22 @@ import argparse
 import io
 import time
 
-from gradmap.core.errors import GradmapError
-from gradmap.sparsity.sparsify import ALLOCATIONS, OPTION_DEFAULTS, SCORES, SparsifyResult
+from typing import TYPE_CHECKING
+
+from gradmap.cli.checks import check_runtime, positive
+from gradmap.core.model_checks import DTYPE_NAMES
+
+if TYPE_CHECKING:
+    from gradmap.sparsity.sparsify import SparsifyResult
 
 __all__ = ["add_parser", "run", "plot_sparsity"]
+
+# copies of gradmap.sparsity.sparsify's names, so `--help` needs no torch import;
+# tests/test_reliability_cli.py checks they match
+ALLOCATIONS = ("uniform", "owl", "mrp")
+SCORES = ("wanda", "magnitude")
+OPTION_DEFAULTS = {"outlier_m": 5.0, "owl_lambda": 0.08, "mrp_delta": 0.1, "mrp_step": 0.01,
+                   "mrp_cap": 0.2}
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -32,7 +44,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=2048, help="tokens per calibration sample (default 2048)")
     p.add_argument("--seed", type=int, default=0, help="calibration sampling seed")
     p.add_argument("--batch-size", type=int, default=8, help="calibration micro-batch (samples)")
-    p.add_argument("--dtype", default=None, help="load dtype (float32, bfloat16, ...); default: checkpoint's")
+    p.add_argument("--dtype", default=None, choices=DTYPE_NAMES,
+                   help="load dtype (default: the checkpoint's)")
     p.add_argument("--device", default="cpu", help="device to run on (cpu, cuda, cuda:1, ...)")
     for key, default in OPTION_DEFAULTS.items():
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float, default=default,
@@ -70,13 +83,14 @@ def plot_sparsity(result: SparsifyResult, title: str | None = None) -> bytes:
 def run(args: argparse.Namespace) -> int:
     """Under `torchrun` every rank runs this; calibration is data-parallel and rank 0 writes --out."""
     from gradmap.core.distributed import process_group
+    check_runtime(args)  # before process_group, which would set a CUDA device that may not exist
     with process_group(args.device) as device:
         return _run(args, device)
 
 
 def _run(args: argparse.Namespace, device: str) -> int:
     from gradmap.core import distributed
-    from gradmap.core.calibration import calibration_data
+    from gradmap.core.calibration import calibration_data, check_source
     from gradmap.core.checkpoint import prepare_output_dir, save_pretrained
     from gradmap.core.models import load_model
     from gradmap.sparsity.sparsify import check_options, sparsify
@@ -85,14 +99,13 @@ def _run(args: argparse.Namespace, device: str) -> int:
     prepare_output_dir(args.out, args.overwrite)
     options = {k: getattr(args, k) for k in OPTION_DEFAULTS}
     check_options(args.sparsity, args.allocation, args.score, args.batch_size, options)
-    for name in ("n_samples", "seq_len"):
-        if getattr(args, name) < 1:
-            raise GradmapError(f"--{name.replace('_', '-')} must be a positive integer, "
-                               f"got {getattr(args, name)}")
+    positive(args, "n_samples", "seq_len")
+    needs_calib = args.score == "wanda" or args.allocation != "uniform"
+    if needs_calib:
+        check_source(args.calib_source, "--calib-source")
 
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
-    needs_calib = args.score == "wanda" or args.allocation != "uniform"
     calib = (calibration_data(tokenizer, args.calib_source, args.n_samples, args.seq_len, args.seed)
              if needs_calib else None)
     result = sparsify(model, calib, args.sparsity, args.allocation, args.score,

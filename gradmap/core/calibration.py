@@ -19,7 +19,7 @@ import torch
 
 from gradmap.core.errors import GradmapError
 
-__all__ = ["calibration_data", "data_dir", "load_documents", "DATA_ENV", "NAMED_SOURCES"]
+__all__ = ["calibration_data", "data_dir", "load_documents", "check_source", "DATA_ENV", "NAMED_SOURCES"]
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,14 @@ def data_dir() -> Path | None:
 
 def _read_file(path: Path) -> tuple[list[str], bool]:
     """Documents of a `.jsonl` (field `text`) or `.txt` file; the bool says 'one stream'."""
+    try:
+        return _parse_file(path)
+    except UnicodeDecodeError as exc:
+        raise GradmapError(f"{str(path)!r} is not UTF-8 text (byte {exc.start} cannot be decoded); "
+                           "convert it to UTF-8, e.g. iconv -f latin1 -t utf-8") from None
+
+
+def _parse_file(path: Path) -> tuple[list[str], bool]:
     if path.suffix == ".jsonl":
         docs = []
         with path.open(encoding="utf-8") as f:
@@ -114,6 +122,24 @@ def load_documents(source: str | os.PathLike, split: str = "train") -> tuple[lis
         raise GradmapError(f"calibration source {text!r} is neither a file nor one of the names "
                            f"{sorted(NAMED_SOURCES)}; pass an existing .jsonl/.txt path or a name")
     return _read_file(path)
+
+
+def check_source(source: str | os.PathLike, option: str = "--calib") -> None:
+    """Cheap check that `source` names data `load_documents` can read (a name or a file)."""
+    text = os.fspath(source)
+    if text in NAMED_SOURCES:
+        root = data_dir()
+        if root is not None and not (root / NAMED_SOURCES[text]).is_file():
+            raise GradmapError(f"data file {str(root / NAMED_SOURCES[text])!r} for {text!r} is "
+                               f"missing; restore the shared data dir or set ${DATA_ENV}")
+        return
+    path = Path(text).expanduser()
+    if not path.is_file():
+        raise GradmapError(f"{option} {text!r} is neither an existing file nor one of "
+                           f"{sorted(NAMED_SOURCES)}; pass an existing .jsonl/.txt path or a name")
+    if path.suffix not in (".jsonl", ".txt"):
+        raise GradmapError(f"{option} {text!r} has suffix {path.suffix!r}; use a .jsonl file (one "
+                           '{"text": ...} per line) or a .txt file')
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:

@@ -1,10 +1,13 @@
 """Saving pruned models as plain Hugging Face checkpoints, atomically."""
 from __future__ import annotations
 
-import json
+import errno
 import os
+import re
+import secrets
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -12,19 +15,52 @@ from torch import nn
 
 from gradmap.core import distributed
 from gradmap.core.errors import GradmapError
+from gradmap.core.result import json_text
 
-__all__ = ["save_pretrained", "prepare_output_dir"]
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; the re-check before the rename still runs
+    fcntl = None
+
+__all__ = ["save_pretrained", "prepare_output_dir", "check_output_path", "write_file_atomic"]
+
+# Work folders are siblings of the target named `.<target>.gradmap-<kind>-<pid>-<random>`, so a
+# later save can tell gradmap's own leftovers from anything else and whether their writer lives.
+_WORK_RE = r"\.{name}\.gradmap-(tmp|old)-(\d+)-[0-9a-f]+$"
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def check_output_path(out_dir: str | os.PathLike, what: str = "output directory") -> Path:
+    """Refuse output paths that would replace the working directory or the filesystem root."""
+    text = os.fspath(out_dir)
+    if not text.strip():
+        raise GradmapError(f"the {what} is empty; pass a folder name, e.g. --out pruned-model")
+    resolved = Path(text).expanduser().resolve()
+    if resolved == Path(resolved.anchor):
+        raise GradmapError(f"the {what} {text!r} is the filesystem root; pass a new sub-folder")
+    cwd = Path.cwd().resolve()
+    if resolved == cwd or resolved in cwd.parents:
+        raise GradmapError(f"the {what} {text!r} is the current directory or one above it, which "
+                           "cannot be replaced; pass a new sub-folder, e.g. --out pruned-model")
+    return Path(text).expanduser()
 
 
 def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Check that `out_dir` may be written; raise a clear error before any work is done."""
-    out = Path(out_dir)
+    """Check that `out_dir` may be written; raise a clear error before any work is done.
+
+    Also removes the work folders a killed gradmap save left next to `out_dir` (see
+    `save_pretrained`), so they neither pile up nor hide a checkpoint that should be back.
+    """
+    out = check_output_path(out_dir)
+    parent = out.resolve().parent
+    if parent.is_dir():
+        with _dir_lock(parent):
+            _clean_stale(out, parent)
     if out.exists() and not out.is_dir():
         raise GradmapError(f"output path {str(out)!r} exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()) and not overwrite:
         raise GradmapError(f"output directory {str(out)!r} exists and is not empty; choose a new "
                            "directory or pass overwrite=True (--overwrite)")
-    parent = out.resolve().parent
     if not parent.exists():
         raise GradmapError(f"parent directory {str(parent)!r} of the output does not exist; create it first")
     try:  # a real write probe: os.access() says yes to root even on read-only mounts
@@ -35,6 +71,21 @@ def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> P
     return out
 
 
+def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` through a temporary sibling, so `path` is never left half-written."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.gradmap-tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, exc) from None
+
+
 def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
                     report: dict[str, Any] | None = None, overwrite: bool = False,
                     extra_files: dict[str, bytes] | None = None) -> Path:
@@ -42,7 +93,11 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
 
     Everything is written into a temporary sibling directory that is renamed
     into place only when complete, so a failure never leaves a half-written
-    output. The result loads with plain `AutoModelForCausalLM.from_pretrained`.
+    output. The final rename holds a lock on the parent directory and re-checks the target,
+    so of two concurrent saves to one new folder without `overwrite` exactly one succeeds.
+    Work folders left by a killed save are removed by the next save to the same target
+    (a replaced checkpoint whose new copy never landed is put back first).
+    The result loads with plain `AutoModelForCausalLM.from_pretrained`.
 
     Under torch.distributed only rank 0 writes; every rank returns the path after a barrier,
     so the checkpoint is complete when any rank returns (identical weights on all ranks are
@@ -57,27 +112,135 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
         distributed.barrier()
 
 
+def _check_extra_files(extra_files: dict[str, bytes] | None) -> None:
+    for name in extra_files or {}:
+        if not isinstance(name, str) or name in ("", ".", "..") or Path(name).name != name \
+                or (os.altsep and os.altsep in name):
+            raise GradmapError(f"extra file name {name!r} is not a plain file name; names must not "
+                               "contain folders or '..' (the files go into the output folder)")
+
+
+@contextmanager
+def _dir_lock(parent: Path):
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _clean_stale(out: Path, parent: Path) -> None:
+    """Remove work folders of dead saves to `out`; call with the parent's lock held."""
+    pattern = re.compile(_WORK_RE.format(name=re.escape(out.name)))
+    for entry in parent.iterdir():
+        m = pattern.match(entry.name)
+        if not m or int(m.group(2)) == os.getpid() or _alive(int(m.group(2))):
+            continue
+        try:
+            if m.group(1) == "old" and not out.exists() and (entry / "old").is_dir():
+                os.rename(entry / "old", out)  # killed between the two renames: restore it
+            shutil.rmtree(entry)
+        except OSError:  # e.g. a read-only parent; the write probe then reports the real problem
+            pass
+
+
+def _work_dir(out: Path, parent: Path, kind: str) -> Path:
+    path = parent / f".{out.name}.gradmap-{kind}-{os.getpid()}-{secrets.token_hex(4)}"
+    os.mkdir(path)  # default mode 0o777 minus the umask, like any folder the user creates
+    return path
+
+
+def _state_bytes(model: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in model.state_dict().values():
+        key = (t.untyped_storage().data_ptr(), t.device)
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _write_error(target: Path, exc: BaseException) -> GradmapError:
+    code = getattr(exc, "errno", None)
+    text = str(exc)
+    if code in _DISK_FULL or "No space left" in text or "StorageFull" in text:
+        return GradmapError(f"the disk holding {str(target)!r} is full; nothing was written. Free "
+                            "some space or choose an output folder on another disk")
+    reason = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__)
+    return GradmapError(f"writing {str(target)!r} failed ({reason}); nothing was written")
+
+
+def _is_write_failure(exc: BaseException) -> bool:
+    # safetensors wraps the OS error of a failed write in its own exception type
+    return isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError"
+
+
 def _save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report: dict[str, Any] | None,
           overwrite: bool, extra_files: dict[str, bytes] | None) -> Path:
+    _check_extra_files(extra_files)
     out = prepare_output_dir(out_dir, overwrite)
     parent = out.resolve().parent
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    need, free = _state_bytes(model), shutil.disk_usage(parent).free
+    if need > free:
+        raise GradmapError(f"the weights need about {need / 2**30:.2f} GiB but only "
+                           f"{free / 2**30:.2f} GiB are free in {str(parent)!r}; free some space or "
+                           "choose an output folder on another disk")
+    tmp = _work_dir(out, parent, "tmp")
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        if report is not None:
-            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str))
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
-        if out.exists():
-            backup = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
-            os.rename(out, backup / "old")
-            os.rename(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            if report is not None:
+                (tmp / "report.json").write_text(json_text(report))
+            for name, data in (extra_files or {}).items():
+                (tmp / name).write_bytes(data)
+        except Exception as exc:
+            if _is_write_failure(exc):
+                raise _write_error(out, exc) from None
+            raise
+        with _dir_lock(parent):
+            _move_into_place(tmp, out, parent, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _move_into_place(tmp: Path, out: Path, parent: Path, overwrite: bool) -> None:
+    """The final rename; the parent's lock is held, so the target cannot change meanwhile."""
+    if out.exists() and not out.is_dir():
+        raise GradmapError(f"output path {str(out)!r} appeared as a file while saving; nothing was "
+                           "replaced. Choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise GradmapError(f"output directory {str(out)!r} was filled by another process while "
+                               "this one was saving; nothing was replaced. Save to a new folder "
+                               "or pass overwrite=True (--overwrite)")
+        backup = _work_dir(out, parent, "old")
+        os.rename(out, backup / "old")
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(backup / "old", out)
+            raise
+        finally:
+            shutil.rmtree(backup, ignore_errors=True)
+        return
+    if out.is_dir():  # rename() silently replaces an empty folder; make that explicit
+        os.rmdir(out)
+    os.rename(tmp, out)

@@ -4,13 +4,16 @@ from __future__ import annotations
 import importlib.metadata
 import logging
 import os
+import struct
 from pathlib import Path
 
 import torch
 
 from gradmap.core.errors import GradmapError
+from gradmap.core.model_checks import (check_device, check_dtype, check_local_model, config_layer_ids,
+                                       gguf_metadata, looks_local)
 
-__all__ = ["load_model", "resolve_model_path", "ALIASES"]
+__all__ = ["load_model", "resolve_model_path", "model_layer_ids", "ALIASES"]
 
 log = logging.getLogger(__name__)
 
@@ -35,23 +38,77 @@ def _alias_path(alias: str) -> Path:
     return Path(dist.locate_file(files[0]))
 
 
-def resolve_model_path(name_or_path: str) -> tuple[str, str | None]:
-    """Return (directory or hub id, gguf file name or None) for `name_or_path`."""
+def resolve_model_path(name_or_path: str, check_hub: bool = False) -> tuple[str, str | None]:
+    """Return (directory or hub id, gguf file name or None) for `name_or_path`.
+
+    Local files are checked here (existence, headers, weights present), and a string that can
+    only be a path never reaches the hub. With `check_hub`, a hub id that is neither cached
+    nor on the hub fails here, in one request, instead of after transformers' retries.
+    """
+    if not isinstance(name_or_path, (str, os.PathLike)) or not os.fspath(name_or_path).strip():
+        raise GradmapError(f"model {name_or_path!r} is empty; pass a hub id, a local HF directory, "
+                           f"a .gguf file, or one of the aliases {sorted(ALIASES)}")
+    name_or_path = os.fspath(name_or_path)
     if name_or_path in ALIASES:
         path = _alias_path(name_or_path)
+        gguf_metadata(path, stop_at="general.architecture")
         return str(path.parent), path.name
-    if name_or_path.endswith(".gguf"):
-        path = Path(name_or_path)
-        if not path.is_file():
+    expanded = os.path.expanduser(name_or_path)
+    if expanded.endswith(".gguf"):
+        if not os.path.isfile(expanded):
             raise GradmapError(f"GGUF file {name_or_path!r} does not exist")
+        gguf_metadata(expanded, stop_at="general.architecture")
+        path = Path(expanded)
         return str(path.resolve().parent), path.name
-    if os.path.isdir(name_or_path):
-        if not os.path.isfile(os.path.join(name_or_path, "config.json")):
-            raise GradmapError(f"directory {name_or_path!r} has no config.json; "
-                               "pass a Hugging Face model directory, a .gguf file, a hub id, "
-                               f"or one of the aliases {sorted(ALIASES)}")
-        return name_or_path, None
-    return name_or_path, None  # a hub id; transformers reports a missing repo itself
+    if os.path.isdir(expanded):
+        check_local_model(expanded)
+        return expanded, None
+    if os.path.exists(expanded):
+        raise GradmapError(f"model path {name_or_path!r} is a file; pass the folder that holds "
+                           "config.json and the weights, or a .gguf file")
+    if looks_local(name_or_path):
+        raise GradmapError(f"model path {name_or_path!r} does not exist; check the path (hub ids "
+                           f"look like owner/name; aliases: {sorted(ALIASES)})")
+    if check_hub:
+        _check_hub_id(name_or_path)
+    return name_or_path, None
+
+
+def _check_hub_id(repo: str) -> None:
+    from huggingface_hub import constants, model_info, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    if isinstance(try_to_load_from_cache(repo, "config.json"), str):
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise GradmapError(f"model {repo!r} is not a local path and not in the hub cache, and "
+                           "HF_HUB_OFFLINE is set; download it first or pass a local folder or .gguf")
+    try:
+        model_info(repo, timeout=10)
+    except RepositoryNotFoundError:
+        raise GradmapError(f"model {repo!r} is not a local path and not a model on the Hugging Face "
+                           "hub; check the spelling (private models need `hf auth login`)") from None
+    except HfHubHTTPError as exc:
+        raise GradmapError(f"the Hugging Face hub refused model {repo!r} "
+                           f"({str(exc).splitlines()[0]}); check the name and your access") from None
+    except Exception as exc:  # transport errors come from whichever HTTP client the hub uses
+        raise GradmapError(f"model {repo!r} is not a local path and the Hugging Face hub cannot be "
+                           f"reached ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                           "check the connection, or pass a local folder or .gguf file") from None
+
+
+def model_layer_ids(name_or_path: str) -> list[int] | None:
+    """ORIGINAL layer indices of a model, read from its config or GGUF header without loading it.
+
+    None for a hub id that is not cached (no request is made here; `load_model` checks the
+    hub, and the driver checks the layer count again once the model is loaded).
+    """
+    source, gguf_file = resolve_model_path(name_or_path)
+    if gguf_file is None and not os.path.isdir(source):
+        from huggingface_hub import try_to_load_from_cache
+        cached = try_to_load_from_cache(source, "config.json")
+        source = os.path.dirname(cached) if isinstance(cached, str) else None
+    return config_layer_ids(source, gguf_file)
 
 
 def _ensure_pad_token(tokenizer) -> None:
@@ -79,6 +136,9 @@ def _drop_gguf_quantizer(model) -> None:
             "gradmap needs dense weights: uninstall the `kernels` package or load with "
             "quantization_config=GgufConfig(dequantize=True)")
     model.hf_quantizer = None
+    # transformers copies the GGUF's free-text general.name here; saved, it means nothing
+    if hasattr(model.config, "_model_name_or_path"):
+        del model.config._model_name_or_path
     model.is_quantized = False
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
@@ -91,15 +151,24 @@ def load_model(name_or_path: str, dtype: torch.dtype | str | None = None, device
     `dtype=None` keeps the checkpoint's dtype (GGUF files are dequantised to fp32).
     The model is returned in eval mode on `device`.
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    source, gguf_file = resolve_model_path(name_or_path)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = check_dtype(dtype)
+    if "device_map" not in kwargs:
+        check_device(device)
+    source, gguf_file = resolve_model_path(name_or_path, check_hub=True)
     extra = {"gguf_file": gguf_file} if gguf_file else {}
-    tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype if dtype is not None else "auto",
-                                                 **extra, **kwargs)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **extra)
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype if dtype is not None else "auto", **extra, **kwargs)
+    except GradmapError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, struct.error, SafetensorError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GradmapError(f"cannot load model {name_or_path!r}: {first[:300]}. If its files are "
+                           "incomplete or corrupt, download them again") from None
     if gguf_file:
         _drop_gguf_quantizer(model)
     if "device_map" not in kwargs:

@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["PruneResult"]
+__all__ = ["PruneResult", "json_text", "finite_json"]
 
 # phases every driver reports, in seconds (compensators add to the last three)
 TIMING_PHASES = ("scoring", "removal", "compensation_statistics", "solve", "total")
@@ -32,8 +34,48 @@ class PruneResult:
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
 
+    def compensation_summary(self) -> list[str]:
+        """One plain line per compensator: what was applied and what was reverted or skipped."""
+        lines = []
+        for name in self.compensation:
+            rep = self.compensation_report.get(name)
+            if name == "none":
+                continue
+            if not isinstance(rep, dict):
+                lines.append(f"{name}: applied")
+            elif rep.get("skipped"):
+                lines.append(f"{name}: skipped ({rep['skipped']})")
+            elif isinstance(rep.get("sites"), list):
+                sites = rep["sites"]
+                kept = [e.get("layer") for e in sites if e.get("folded")]
+                line = f"{name}: applied at {len(kept)} of {len(sites)} site(s) {kept}"
+                for e in sites:
+                    if not e.get("folded"):
+                        line += f"; NOT applied at layer {e.get('layer')} ({e.get('reason', 'reverted')})"
+                lines.append(line)
+            else:
+                lines.append(f"{name}: applied")
+        return lines
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
+        d["compensation_summary"] = self.compensation_summary()
         d["scores"] = [{str(k): v for k, v in s.items()} for s in self.scores]
         d["shifts"] = {str(k): v for k, v in self.shifts.items()}
         return d
+
+
+def finite_json(value: Any) -> Any:
+    """`value` with every NaN / infinity replaced by None, so json.dumps writes valid JSON (null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def json_text(value: Any, indent: int | None = 2) -> str:
+    """Strict JSON text of `value`: NaN / infinity become null, unknown objects their str()."""
+    return json.dumps(finite_json(value), indent=indent, default=str, allow_nan=False)

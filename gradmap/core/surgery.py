@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import operator
 from collections.abc import Iterable
 
 from torch import nn
@@ -13,8 +14,11 @@ __all__ = ["remove_layers", "original_layer_ids", "per_layer_config", "renumber_
 
 log = logging.getLogger(__name__)
 
-# list-valued config entries that are never per-layer, whatever their length
-_NOT_PER_LAYER = {"architectures", "bad_words_ids", "suppress_tokens", "begin_suppress_tokens"}
+# Config entries that hold one value per decoder layer. A list is trimmed only when its name is
+# listed here: a list that merely has as many entries as there are layers (eos_token_id with 4
+# ids on a 4-layer model) is not per-layer and must survive layer removal unchanged.
+PER_LAYER_FIELDS = ("layer_types", "no_rope_layers")  # any family
+FAMILY_PER_LAYER_FIELDS: dict[str, tuple[str, ...]] = {}  # model_type -> extra names
 
 
 def original_layer_ids(model: nn.Module) -> list[int]:
@@ -22,11 +26,24 @@ def original_layer_ids(model: nn.Module) -> list[int]:
     return get_adapter(model).original_ids
 
 
+def _index(i) -> int:
+    # operator.index accepts ints, numpy and 0-d torch integers; int() would truncate 1.7 to 1
+    if isinstance(i, bool):
+        raise TypeError
+    return operator.index(i)
+
+
 def _validate(indices: Iterable[int], current: list[int]) -> list[int]:
+    if isinstance(indices, (str, bytes)) or not isinstance(indices, Iterable):
+        raise GradmapError(f"layer indices must be a list of integers, got {indices!r}; e.g. "
+                           "remove_layers(model, [3, 7])")
+    indices = list(indices)
     try:
-        wanted = [int(i) for i in indices]
-    except (TypeError, ValueError):
-        raise GradmapError(f"layer indices must be integers, got {indices!r}") from None
+        wanted = [_index(i) for i in indices]
+    except TypeError:
+        bad = next(i for i in indices if not _is_index(i))
+        raise GradmapError(f"layer indices must be integers, got {bad!r} in {indices!r}; pass whole "
+                           "numbers such as [3, 7] (not floats, bools or strings)") from None
     if len(set(wanted)) != len(wanted):
         dup = sorted({i for i in wanted if wanted.count(i) > 1})
         raise GradmapError(f"layer indices {dup} are given more than once; pass each layer once")
@@ -41,6 +58,14 @@ def _validate(indices: Iterable[int], current: list[int]) -> list[int]:
     return wanted
 
 
+def _is_index(i) -> bool:
+    try:
+        _index(i)
+    except TypeError:
+        return False
+    return True
+
+
 def renumber_layer(layer: nn.Module, new_idx: int) -> None:
     """Point every module that indexes the KV cache at the layer's new position."""
     for module in layer.modules():
@@ -49,10 +74,23 @@ def renumber_layer(layer: nn.Module, new_idx: int) -> None:
 
 
 def per_layer_config(config, n_layers: int) -> dict:
-    """The config entries that hold one value per decoder layer (the ones layer removal trims)."""
-    return {key: value for key, value in vars(config).items()
-            if key not in _NOT_PER_LAYER and key != LAYER_IDS_KEY
-            and isinstance(value, (list, tuple)) and len(value) == n_layers}
+    """The config entries that hold one value per decoder layer (the ones layer removal trims).
+
+    Only names in PER_LAYER_FIELDS or the family's FAMILY_PER_LAYER_FIELDS count; one whose
+    length is not `n_layers` is left alone (with a warning), as it cannot be trimmed safely.
+    """
+    names = PER_LAYER_FIELDS + FAMILY_PER_LAYER_FIELDS.get(getattr(config, "model_type", None), ())
+    out = {}
+    for key in names:
+        value = getattr(config, key, None)
+        if not isinstance(value, (list, tuple)):
+            continue
+        if len(value) == n_layers:
+            out[key] = value
+        else:
+            log.warning("config.%s has %d entries for %d layers; leaving it unchanged",
+                        key, len(value), n_layers)
+    return out
 
 
 def _trim_config(config, keep: list[int], n_old: int) -> None:

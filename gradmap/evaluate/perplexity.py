@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from gradmap.core.calibration import NAMED_SOURCES, load_documents
 from gradmap.core.errors import GradmapError
 
-__all__ = ["PerplexityReport", "perplexity", "perplexity_report", "load_text", "window_nll", "input_device"]
+__all__ = ["PerplexityReport", "perplexity", "perplexity_report", "load_text", "TEXT_PREFIX", "window_nll", "input_device"]
 
 log = logging.getLogger(__name__)
 
@@ -44,26 +44,35 @@ class PerplexityReport:
         return asdict(self)
 
 
+TEXT_PREFIX = "text:"
+
+
 def load_text(data: str | os.PathLike) -> tuple[str, str]:
-    """Resolve `data` to `(text, label)`: a name (`wikitext2`, `c4`), a file path, or raw text.
+    """Resolve `data` to `(text, label)`: a name (`wikitext2`, `c4`), a file path, or literal text.
 
     Named data reads the *test* split (WikiText-2) from the local data dir, else the hub.  A
-    `.jsonl` file's `text` fields are joined with blank lines.  A string that names no existing
-    file but looks like a path (one line ending in .txt/.jsonl) is an error, not text.
+    `.jsonl` file's `text` fields are joined with blank lines.  Literal text must be asked for:
+    prefix it with ``text:`` (``"text:The cat sat."``), or pass a string of several lines.  A
+    one-line string that is neither a name nor an existing file is an error (a typo such as
+    ``wikitxt2`` must not be scored as an 8-character text).
     """
     text = os.fspath(data)
+    if isinstance(data, str) and text.startswith(TEXT_PREFIX):
+        literal = text[len(TEXT_PREFIX):]
+        if not literal.strip():
+            raise GradmapError("the literal text after 'text:' is empty; pass some text to score")
+        return literal, f"<text: {len(literal)} chars>"
     if text in NAMED_SOURCES:
         docs, _ = load_documents(text, split="test" if text == "wikitext2" else "validation")
         return "\n\n".join(docs), text
-    one_line = "\n" not in text and len(text) < 4096
-    is_file = one_line and os.path.isfile(os.path.expanduser(text))  # never raises
-    if is_file or isinstance(data, os.PathLike) or (one_line and text.endswith((".txt", ".jsonl"))):
-        if not is_file:
-            raise GradmapError(f"perplexity data file {text!r} does not exist; pass an existing "
-                               f".txt/.jsonl path, raw text, or one of {sorted(NAMED_SOURCES)}")
-        docs, _ = load_documents(text)
-        return "\n\n".join(docs), text
-    return text, f"<text: {len(text)} chars>"
+    if isinstance(data, str) and "\n" in text:  # several lines cannot be a name or a path
+        return text, f"<text: {len(text)} chars>"
+    if not os.path.isfile(os.path.expanduser(text)):
+        raise GradmapError(f"perplexity data {text!r} does not exist: it is neither one of "
+                           f"{sorted(NAMED_SOURCES)} nor an existing .txt/.jsonl file; check the spelling, or write "
+                           f"'{TEXT_PREFIX}<your text>' to score literal text")
+    docs, _ = load_documents(os.path.expanduser(text))
+    return "\n\n".join(docs), text
 
 
 def window_nll(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -143,7 +152,8 @@ def perplexity(model, tokenizer, data: str | os.PathLike = "wikitext2", seq_len:
                max_windows: int | None = None, batch_size: int = 1, progress: bool = True) -> float:
     """Paper-style perplexity (float): exp(sum_w mean_nll_w * L / (W * L)); see module docstring.
 
-    `data` is `"wikitext2"` (test split), a `.txt`/`.jsonl` path, or raw text; windows of
+    `data` is `"wikitext2"` (test split), a `.txt`/`.jsonl` path, or literal text (`"text:..."`,
+    see `load_text`); windows of
     `seq_len` tokens, non-overlapping, tail dropped, first `max_windows` if given.
     """
     return perplexity_report(model, tokenizer, data, seq_len, max_windows, batch_size,

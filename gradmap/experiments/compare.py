@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from gradmap.core.checkpoint import prepare_output_dir, save_pretrained
 from gradmap.core.errors import GradmapError
+from gradmap.experiments.compare_checks import check_before_loading, unfinished_run
 from gradmap.experiments.methods import MethodSpec, parse_methods
 
 __all__ = ["CompareConfig", "run_compare", "DenseSource", "weights_fingerprint",
@@ -262,7 +263,8 @@ def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True,
     specs = parse_methods(cfg.methods)
     tasks = resolve_tasks(cfg.tasks) if cfg.tasks else None
     save_method = _save_method(specs, cfg)
-    out = prepare_output_dir(out_dir, cfg.overwrite)
+    check_before_loading(cfg, default_loader=loader is None)
+    out = prepare_output_dir(out_dir, cfg.overwrite or unfinished_run(out_dir))
     out.mkdir(parents=True, exist_ok=True)
     if cfg.save_dir is not None:
         if Path(cfg.save_dir).resolve() == out.resolve():

@@ -5,11 +5,13 @@ leaves a half-written result; `write_results` is called after every method.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 from typing import Any
+
+from gradmap.core.checkpoint import write_file_atomic
+from gradmap.core.result import json_text
 
 __all__ = ["write_results", "markdown_table", "settings_lines", "accuracy_standard_errors",
            "plot_ppl_vs_time", "plot_layer_scores"]
@@ -18,9 +20,7 @@ DASH = "—"
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    write_file_atomic(path, data)
 
 
 def _num(value: Any, fmt: str) -> str:
@@ -251,5 +251,5 @@ def write_results(out: str | os.PathLike, results: dict[str, Any], plots: bool =
             os.replace(tmp, out / name)
             results["plots"][name] = str(out / name)
     _atomic_write(out / "results.json",
-                  json.dumps(results, indent=2, default=str).encode("utf-8"))
+                  json_text(results).encode("utf-8"))
     _atomic_write(out / "results.md", _markdown(results).encode("utf-8"))

@@ -152,7 +152,18 @@ def parse_methods(names: str | Iterable[str], metrics: Iterable[str] | None = No
     compensations = sorted(compensations) if compensations is not None else valid_compensations()
     if not items:
         raise GradmapError("no methods given; " + _grammar(sorted(metrics), compensations))
-    specs = [parse_method(n, metrics, compensations, schedules) for n in items]
+    specs, problems = [], []
+    grammar = "; " + _grammar(sorted(metrics), compensations)
+    for n in items:  # every bad name at once: fixing typos one run at a time is slow
+        try:
+            specs.append(parse_method(n, metrics, compensations, schedules))
+        except GradmapError as exc:
+            problems.append(str(exc).removesuffix(grammar))
+    if len(problems) == 1:
+        raise GradmapError(problems[0] + grammar)
+    if problems:
+        raise GradmapError(f"{len(problems)} method names are invalid: " + "; ".join(problems)
+                           + grammar)
     seen: set[tuple] = set()
     for spec in specs:
         key = (spec.metric, spec.compensation, spec.schedule)

@@ -39,7 +39,8 @@ from gradmap.runtime.placement import model_device
 from gradmap.core.result import PruneResult
 from gradmap.core.surgery import remove_layers
 
-__all__ = ["fast_prune", "check_calibration", "resolve_compensation", "protected_layers", "SCHEDULES"]
+__all__ = ["fast_prune", "check_calibration", "resolve_compensation", "protected_layers", "check_schedule",
+           "check_prune_plan", "SCHEDULES"]
 
 log = logging.getLogger(__name__)
 
@@ -105,6 +106,40 @@ def protected_layers(original_ids: Sequence[int], protect_first: int, protect_la
             raise GradmapError(f"{name} must be an integer >= 0, got {value!r}")
     n_orig = max(original_ids) + 1
     return {i for i in original_ids if i < protect_first or i >= n_orig - protect_last}
+
+
+def check_schedule(metric_obj: Metric, schedule: str | None) -> str:
+    """The schedule to run: `schedule`, or the metric's default; refuse one the metric lacks."""
+    if schedule is None:
+        schedule = metric_obj.resolved_default_schedule()
+    check_choice("schedule", schedule, SCHEDULES)
+    if schedule not in metric_obj.schedules:
+        alt = {"ppl": " (its iterative form is metric='sleb')", "sleb": " (its one-shot form is metric='ppl')"}
+        raise GradmapError(f"metric {metric_obj.name!r} supports schedule {metric_obj.schedules[0]!r} only"
+                           f"{alt.get(metric_obj.name, '')}; pass schedule={metric_obj.schedules[0]!r}")
+    return schedule
+
+
+def check_prune_plan(original_ids: Sequence[int], n_prune: int, protect_first: int,
+                     protect_last: int) -> tuple[set[int], list[int]]:
+    """(protected, removable) ORIGINAL indices; refuse an n_prune the model cannot take.
+
+    Needs only the layer indices, so the CLI runs it on the config before loading the model.
+    """
+    ids = list(original_ids)
+    protected = protected_layers(ids, protect_first, protect_last)
+    removable = [i for i in ids if i not in protected]
+    if not isinstance(n_prune, int) or isinstance(n_prune, bool) or n_prune <= 0:
+        raise GradmapError(f"n_prune must be a positive integer, got {n_prune!r}")
+    if len(removable) < 2:  # at least one removable layer must stay, so n_prune <= removable - 1
+        raise GradmapError(f"protect_first={protect_first} and protect_last={protect_last} leave "
+                           f"{len(removable)} of the model's {len(ids)} layers removable, so none can be "
+                           f"pruned; protect fewer layers (together at most {len(ids) - 2})")
+    if n_prune >= len(removable):
+        raise GradmapError(f"n_prune={n_prune} but only {len(removable)} of {len(ids)} layers are removable "
+                           f"(protect_first={protect_first}, protect_last={protect_last}); use n_prune <= "
+                           f"{len(removable) - 1} or protect fewer layers")
+    return protected, removable
 
 
 @contextmanager
@@ -192,25 +227,12 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     """
     adapter = get_adapter(model)
     metric_obj = get_metric(metric, **metric_options)
-    if schedule is None:
-        schedule = metric_obj.resolved_default_schedule()
-    check_choice("schedule", schedule, SCHEDULES)
-    if schedule not in metric_obj.schedules:
-        alt = {"ppl": " (its iterative form is metric='sleb')", "sleb": " (its one-shot form is metric='ppl')"}
-        raise GradmapError(f"metric {metric_obj.name!r} supports schedule {metric_obj.schedules[0]!r} only"
-                           f"{alt.get(metric_obj.name, '')}; pass schedule={metric_obj.schedules[0]!r}")
+    schedule = check_schedule(metric_obj, schedule)
     calib = check_calibration(model, calib)
     distributed.shard_bounds(calib.shape[0])  # every rank needs at least one calibration row
     progress = progress and distributed.is_main()
     ids = adapter.original_ids
-    protected = protected_layers(ids, protect_first, protect_last)
-    removable = [i for i in ids if i not in protected]
-    if not isinstance(n_prune, int) or isinstance(n_prune, bool) or n_prune <= 0:
-        raise GradmapError(f"n_prune must be a positive integer, got {n_prune!r}")
-    if n_prune >= len(removable):
-        raise GradmapError(f"n_prune={n_prune} but only {len(removable)} of {len(ids)} layers are removable "
-                           f"(protect_first={protect_first}, protect_last={protect_last}); use n_prune <= "
-                           f"{len(removable) - 1} or protect fewer layers")
+    protected, removable = check_prune_plan(ids, n_prune, protect_first, protect_last)
     if batch_size is None:
         batch_size = default_batch_size(calib.shape[1], config=model.config)
     elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:

@@ -1,0 +1,70 @@
+"""Argument checks the subcommands share, all run before the model is loaded.
+
+Loading SmolLM2 takes about a minute; a typo found after it wastes that minute. Each check
+here reads at most a config file or a file header.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+from gradmap.core.errors import GradmapError
+
+__all__ = ["positive", "check_runtime", "compensation_names", "check_json_target", "write_json",
+           "METRICS", "COMPENSATIONS"]
+
+# Listed here so `--help` can show them without importing torch; tests/test_reliability_cli.py
+# checks they equal the registries.
+METRICS = ("gradmap", "block-influence", "angular", "taylor", "ppl", "sleb", "magnitude")
+COMPENSATIONS = ("none", "projection", "magnitude", "replaceme")
+
+
+def positive(args, *names: str) -> None:
+    """Each `args.<name>` must be None or an integer >= 1."""
+    for name in names:
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise GradmapError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+
+
+def check_runtime(args) -> None:
+    """--dtype and --device, checked against this machine."""
+    from gradmap.core.model_checks import check_device, check_dtype
+    check_dtype(getattr(args, "dtype", None))
+    check_device(args.device)
+
+
+def compensation_names(spec: str) -> list[str]:
+    """'a,b' -> ['a', 'b']; an empty item (',,,', 'a,,b') is a typo, not 'none'."""
+    names = [c.strip() for c in spec.split(",")]
+    if not all(names):
+        raise GradmapError(f"--compensation {spec!r} has an empty name; pass a comma-separated list "
+                           f"of {', '.join(COMPENSATIONS)} (e.g. --compensation projection)")
+    return names
+
+
+def check_json_target(path: str) -> None:
+    """--json must be a file path we can create: checked with a real write next to it."""
+    target = Path(path)
+    if target.is_dir():
+        raise GradmapError(f"--json {path!r} is a directory; pass a file path such as results.json")
+    parent = target.resolve().parent
+    if not parent.is_dir():
+        raise GradmapError(f"--json {path!r}: folder {str(parent)!r} does not exist; create it or "
+                           "pick another path")
+    if target.exists() and not os.access(target, os.W_OK):
+        raise GradmapError(f"--json {path!r} exists and is read-only; pick another path")
+    try:  # os.access() says yes to root even on read-only mounts
+        with tempfile.NamedTemporaryFile(dir=parent, prefix=f".{target.name}.probe-"):
+            pass
+    except OSError as exc:
+        raise GradmapError(f"--json {path!r}: cannot write into {str(parent)!r} ({exc.strerror}); "
+                           "pick a writable location") from None
+
+
+def write_json(path: str, value) -> None:
+    """Strict JSON (NaN -> null), written atomically: a full disk leaves no empty file."""
+    from gradmap.core.checkpoint import write_file_atomic
+    from gradmap.core.result import json_text
+    write_file_atomic(path, json_text(value).encode())
