@@ -11,7 +11,7 @@ from gradmap.prune.compensation.magnitude import MagnitudeCompensation
 from gradmap.prune.compensation.projection import ProjectionCompensation, regression_loss, removed_blocks, solve_sites
 from gradmap.prune.compensation.replaceme import ReplaceMeCompensation
 from gradmap.prune.compensation.stats import DenseSnapshot, Site, SiteMoments, dense_view, stream_statistics
-from gradmap.ops.dispatch import Moments, accumulate_moments
+from gradmap.ops import Moments, accumulate_moments
 from gradmap.core.result import PruneResult
 from tiny import VOCAB, random_ids, tiny_model
 

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from gradmap.core import distributed
 from gradmap.core.adapter import ModelAdapter
 from gradmap.core.errors import GradmapError
-from gradmap.ops.dispatch import layer_grad_reductions
+from gradmap.ops import layer_grad_reductions
 
 __all__ = [
     "MeanSink", "model_device", "default_batch_size", "micro_batches", "next_token_loss_sum",

@@ -18,7 +18,7 @@ import torch
 from gradmap.core import distributed
 from gradmap.core.errors import GradmapError
 from gradmap.runtime.capture import micro_batches, model_device
-from gradmap.ops.dispatch import Moments, accumulate_moments
+from gradmap.ops import Moments, accumulate_moments
 from gradmap.prune.compensation.base import Compensator, PruneContext
 from gradmap.prune.compensation.fold import fold_residual_scale_
 from gradmap.prune.compensation.stats import DenseSnapshot, capture, run_decoder

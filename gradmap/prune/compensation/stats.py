@@ -31,7 +31,7 @@ from gradmap.core import distributed
 from gradmap.core.adapter import LAYER_IDS_KEY, ModelAdapter, get_adapter
 from gradmap.core.errors import GradmapError
 from gradmap.runtime.capture import micro_batches, model_device
-from gradmap.ops.dispatch import Moments, accumulate_moments
+from gradmap.ops import Moments, accumulate_moments
 from gradmap.core.surgery import per_layer_config, renumber_layer
 from gradmap.prune.compensation.base import PruneContext
 

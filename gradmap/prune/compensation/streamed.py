@@ -27,7 +27,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast
 from gradmap.runtime import streaming
 from gradmap.core.adapter import ModelAdapter
 from gradmap.runtime.capture import _patched_forward
-from gradmap.ops.dispatch import Moments, accumulate_moments
+from gradmap.ops import Moments, accumulate_moments
 from gradmap.prune.compensation.base import PruneContext
 from gradmap.prune.compensation.stats import DenseSnapshot, Site, SiteMoments, StreamStats, _all_reduce_stats_, _moments, capture, dense_view, lm_loss, mlp_output_module, stream_plan
 
