@@ -8,8 +8,14 @@ compilation fails. gradmap then uses its plain-torch fallbacks
 (``gradmap.ops.backends()`` says which is active).
 
 CUDA sources are added when torch has CUDA and nvcc is found (CUDA_HOME);
-GRADMAP_BUILD_CUDA=0 builds the CPU part only. Set TORCH_CUDA_ARCH_LIST (e.g.
-"9.0") to limit the GPU architectures compiled when no GPU is visible.
+GRADMAP_BUILD_CUDA=0 builds the CPU part only. The GPU architectures are always
+explicit (-gencode per entry of TORCH_CUDA_ARCH_LIST): without the variable,
+torch would compile only for the GPU visible at build time (a wheel built on
+an H100 then fails with "no kernel image" on an A100 or L4), so setup.py sets
+DEFAULT_CUDA_ARCHS: sm_80 (A100), sm_86 (A10), sm_89 (L4, RTX 4090), sm_90 (H100/
+H200) and PTX for sm_90 so newer GPUs JIT it. `.ci/gpu` builds with "9.0".
+Should a CUDA solve still fail at run time, gradmap falls back to the torch
+solve with a warning (GRADMAP_STRICT_KERNELS=1 makes that an error).
 """
 import glob
 import os
@@ -22,6 +28,7 @@ PACKAGES = ["gradmap", "gradmap.core", "gradmap.ops", "gradmap.runtime", "gradma
             "gradmap.prune.metrics", "gradmap.prune.compensation", "gradmap.sparsity", "gradmap.evaluate",
             "gradmap.cli", "gradmap.experiments", "gradmap.kernels"]
 PACKAGE_DIR = {"gradmap.kernels": "kernels"}
+DEFAULT_CUDA_ARCHS = "8.0;8.6;8.9;9.0+PTX"
 
 
 def _say(msg):
@@ -74,7 +81,9 @@ def _extension_kwargs():
                                  define_macros=[("GRADMAP_WITH_CUDA", None)],
                                  extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]})
         attempts = [cuda_ext, cpu_ext]  # a failed CUDA build falls back to the CPU-only one
-        _say(f"building gradmap._C with CUDA {torch.version.cuda} (CUDA_HOME={CUDA_HOME})")
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_CUDA_ARCHS)  # read by BuildExtension
+        _say(f"building gradmap._C with CUDA {torch.version.cuda} (CUDA_HOME={CUDA_HOME}) for "
+             f"TORCH_CUDA_ARCH_LIST={os.environ['TORCH_CUDA_ARCH_LIST']}")
     else:
         _say("building gradmap._C for CPU")
 

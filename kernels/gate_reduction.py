@@ -25,7 +25,7 @@ from .utils import cdiv, check_inputs, empty, interpreting, on_device
 __all__ = ["gate_reduction"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])  # T (tokens) changes with the last micro-batch: no recompiles
 def _gate_kernel(g_ptr, u_ptr, out_ptr, T, D, stride_g, stride_u,
                  BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)

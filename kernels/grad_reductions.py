@@ -5,10 +5,27 @@ fp32 inputs to 1e-5 relative, bf16/fp16 inputs to 1e-3 against the same inputs
 upcast to fp32).
 
 Design. Every gradient is cut into chunks of ``BLOCK * ITERS`` elements. A table
-lists, per chunk, its tensor (raw address, length) and its output slot; one
-launch per *dtype group* (tensors of one dtype and one alignment class) reads
-all chunks of that group with the element type baked in as a constexpr, so no
-tensor is cast or copied. Each chunk writes its two fp32 partial sums to its own
+lists, per chunk, its tensor (offset, length) and its output slot; one launch
+per *dtype group* (tensors of one dtype and one alignment class) reads all
+chunks of that group, so no tensor is cast or copied.
+
+Addressing (issue 18 items 4 and 5). The group's first tensor is passed as a real
+pointer argument (`base_ptr`, so Triton knows its dtype and, for an aligned
+group, its 16-byte alignment from the usual argument specialisation); every
+tensor's address is stored as its distance from that base in units of VEC
+elements (VEC = 16 bytes / element size for aligned groups, else 1) and
+multiplied back by the constexpr VEC in the kernel, so the compiler derives the
+alignment itself: no integer-to-pointer cast and no `multiple_of` on a loaded
+value. The host checks the table before any launch (`_check_table`): every
+tensor is contiguous, on the launch device, of the group's dtype, alive for the
+launch, and its offset converts exactly; an address error would otherwise be an
+illegal-address fault that kills the CUDA context (no fallback possible).
+`.ci/gpu` also runs this kernel under compute-sanitizer memcheck.
+
+Loaded values used as loop bounds or branch conditions (the Triton 3.6
+interpreter needs numpy < 2.3 for them; compiled they are scalar registers):
+``if start + BLOCK * ITERS <= n`` (n loaded) and the segment loop
+``for s in range(lo, hi, BLOCK)`` (lo, hi loaded). Each chunk writes its two fp32 partial sums to its own
 slot. Slots are numbered in (layer, tensor, chunk) order, so each layer owns a
 contiguous slot range; a second tiny kernel sums each range in a fixed order.
 No atomics: results are deterministic run to run. A whole 32-layer 8B model
@@ -24,23 +41,19 @@ import triton.language as tl
 
 from gradmap.core.errors import GradmapError
 
-from .utils import TL_DTYPES, cdiv, check_inputs, empty, interpreting, on_device
+from .utils import cdiv, check_inputs, empty, interpreting, on_device
 
 __all__ = ["layer_grad_reductions"]
 
 
 @triton.jit
-def _chunk_partials_kernel(addr_ptr, numel_ptr, chunk_tensor_ptr, chunk_index_ptr, chunk_slot_ptr,
+def _chunk_partials_kernel(base_ptr, offset_ptr, numel_ptr, chunk_tensor_ptr, chunk_index_ptr, chunk_slot_ptr,
                            part_abs_ptr, part_sq_ptr,
-                           DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
-                           BLOCK: tl.constexpr, ITERS: tl.constexpr):
+                           VEC: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
     c = tl.program_id(0)
     t = tl.load(chunk_tensor_ptr + c)
-    addr = tl.load(addr_ptr + t)
-    if ALIGNED:
-        # true by construction: the launcher puts only 16-byte aligned tensors in ALIGNED groups
-        addr = tl.multiple_of(addr, 16)
-    base = addr.to(tl.pointer_type(DTYPE))
+    # distance from base_ptr in VEC-element units: the product is a multiple of VEC by construction
+    base = base_ptr + tl.load(offset_ptr + t).to(tl.int64) * VEC
     n = tl.load(numel_ptr + t)
     start = tl.load(chunk_index_ptr + c).to(tl.int64) * (BLOCK * ITERS)
     offs = tl.arange(0, BLOCK)
@@ -88,34 +101,56 @@ def _default_block() -> tuple[int, int]:
 
 @functools.lru_cache(maxsize=4)
 def _plan(signature: tuple, n_layers: int, chunk: int, device: str):
-    """Chunk tables for tensors described by (addr, numel, dtype, layer) tuples, cached."""
+    """Chunk tables for tensors described by (addr, numel, dtype, layer, itemsize) tuples, cached.
+
+    Returns ([(group tensor indices, vec, n_chunks, tables)], n_slots, seg_start).
+    """
     order = sorted(range(len(signature)), key=lambda i: signature[i][3])  # stable: layer, then input order
     groups: dict[tuple, dict[str, list]] = {}
     seg_counts = [0] * n_layers
     slot = 0
     for i in order:
-        addr, numel, dtype, layer = signature[i]
-        group = groups.setdefault((dtype, addr % 16 == 0), {"addr": [], "numel": [], "k": [], "base": []})
+        addr, numel, dtype, layer, itemsize = signature[i]
+        aligned = addr % 16 == 0 and itemsize <= 16
+        group = groups.setdefault((dtype, aligned), {"index": [], "numel": [], "k": [], "base": [],
+                                                     "vec": 16 // itemsize if aligned else 1})
         k = cdiv(numel, chunk)
-        group["addr"].append(addr)
+        group["index"].append(i)
         group["numel"].append(numel)
         group["k"].append(k)
         group["base"].append(slot)
         slot += k
         seg_counts[layer] += k
     launches = []
-    for (dtype, aligned), g in groups.items():
+    for g in groups.values():
+        base_addr, itemsize, vec = signature[g["index"][0]][0], signature[g["index"][0]][4], g["vec"]
+        offsets = []
+        for i in g["index"]:
+            delta = signature[i][0] - base_addr
+            if delta % (itemsize * vec):  # never: same-dtype tensors are itemsize-aligned
+                raise RuntimeError(f"layer_grad_reductions: tensor {i} is not {itemsize * vec}-byte aligned "
+                                   "relative to its group")
+            offsets.append(delta // (itemsize * vec))
         k = torch.tensor(g["k"], dtype=torch.int64)
         first = torch.cumsum(k, 0) - k
         chunk_tensor = torch.repeat_interleave(torch.arange(len(k), dtype=torch.int32), k)
         within = torch.arange(int(k.sum())) - torch.repeat_interleave(first, k)
         chunk_slot = torch.repeat_interleave(torch.tensor(g["base"], dtype=torch.int64), k) + within
-        tables = [torch.tensor(g["addr"], dtype=torch.int64), torch.tensor(g["numel"], dtype=torch.int64),
+        tables = [torch.tensor(offsets, dtype=torch.int64), torch.tensor(g["numel"], dtype=torch.int64),
                   chunk_tensor, within.to(torch.int32), chunk_slot.to(torch.int32)]
-        launches.append((TL_DTYPES[dtype], aligned, int(k.sum()), [x.to(device) for x in tables]))
+        launches.append((tuple(g["index"]), vec, int(k.sum()), [x.to(device) for x in tables]))
     seg_start = torch.zeros(n_layers + 1, dtype=torch.int64)
     seg_start[1:] = torch.cumsum(torch.tensor(seg_counts, dtype=torch.int64), 0)
     return launches, slot, seg_start.to(device)
+
+
+def _check_table(flat: list[torch.Tensor], device: torch.device) -> None:
+    """The invariants the raw-offset kernel relies on, checked on the host before any launch."""
+    for i, g in enumerate(flat):
+        if not g.is_contiguous() or g.device != device:
+            raise RuntimeError(f"layer_grad_reductions: tensor {i} is not contiguous on {device}")
+        if g.data_ptr() % g.element_size():
+            raise RuntimeError(f"layer_grad_reductions: tensor {i} is not aligned to its element size")
 
 
 def layer_grad_reductions(grads: list[torch.Tensor], layer_ids: list[int], n_layers: int,
@@ -143,16 +178,19 @@ def layer_grad_reductions(grads: list[torch.Tensor], layer_ids: list[int], n_lay
         raise GradmapError(f"layer_grad_reductions: block must be a power of two, got {block}")
     # contiguous copies (rare: grads are contiguous) must outlive the launches
     flat = [g if g.is_contiguous() else g.contiguous() for g in grads]
-    signature = tuple((g.data_ptr(), g.numel(), g.dtype, int(lid))
-                      for g, lid in zip(flat, layer_ids) if g.numel() > 0)
+    keep = [i for i, g in enumerate(flat) if g.numel() > 0]
+    flat = [flat[i] for i in keep]
+    _check_table(flat, device)
+    signature = tuple((g.data_ptr(), g.numel(), g.dtype, int(layer_ids[i]), g.element_size())
+                      for g, i in zip(flat, keep))
     launches, n_slots, seg_start = _plan(signature, n_layers, block * iters, str(device))
     part_abs = empty((max(n_slots, 1),), device)
     part_sq = empty((max(n_slots, 1),), device)
     out_abs = empty((n_layers,), device)
     out_sq = empty((n_layers,), device)
     with on_device(device):
-        for tl_dtype, aligned, n_chunks, tables in launches:
-            _chunk_partials_kernel[(n_chunks,)](*tables, part_abs, part_sq, DTYPE=tl_dtype, ALIGNED=aligned,
+        for index, vec, n_chunks, tables in launches:
+            _chunk_partials_kernel[(n_chunks,)](flat[index[0]], *tables, part_abs, part_sq, VEC=vec,
                                                 BLOCK=block, ITERS=iters, num_warps=4)
         _segment_sum_kernel[(n_layers,)](part_abs, part_sq, seg_start, out_abs, out_sq,
                                          BLOCK=256 if interpreting() else 1024)

@@ -16,8 +16,39 @@ Design.
 - XᵀY uses the same tile kernel over the full (d, d_y) tile grid.
 - Products of bf16/fp16 values are exact in fp32 and the dot accumulates in
   fp32; fp32 inputs use IEEE (not TF32) dots to meet the fp32 tolerance.
+
+GPU notes (issue 18; unmeasured until `.ci/gpu` runs on a GPU):
+- Dispatch sends only bf16/fp16 here (`gradmap.ops.backend`). fp32 dots are FMA
+  (input_precision="ieee", no tensor cores) and would lose to cuBLAS, so fp32
+  stays on torch with TF32 off (item 6); the fp32 config below is kept for direct
+  callers and the interpreter tests.
+- T is not specialised (`do_not_specialize`): an odd last micro-batch (T % 16 != 0
+  or T == 1) reuses the compiled kernel instead of compiling a variant (item 8).
+- Every pointer offset that can pass 2³¹ is formed in int64: rows x stride_t,
+  columns x stride_d (a column-major view of 128 x 2048 x 8192 elements has
+  stride_d = 2³¹), the C offsets (DA·DB ≥ 2³¹) and cols x stride_d (item 9).
+- `if diag` on a loaded tile index inside the K loop is a uniform per-program
+  branch (scf.if); the pipeliner may keep it outside the async copies or not
+  pipeline the loop, which costs speed, never correctness; `.ci/gpu` checks the
+  diagonal tiles (and their `tl.trans(acc)` epilogue) at production shapes (item 5).
+- Shared memory: 128x128x64 bf16 tiles x 3 stages plus the transposed epilogue
+  need ~160 KiB; devices with less opt-in shared memory per block (L4, A10,
+  RTX 4090: ~100 KiB; A100: 163 KiB) get 64x64x64 tiles instead of a compile
+  failure and a fallback (item 5).
+- Occupancy (item 7): the Gram kernel launches one program per upper-triangle
+  tile (d = 576: 15 tiles at 128²) without split-K, which would need atomics
+  (non-deterministic) or a second reduction pass; at d = 576 the whole update is
+  ~11 GFLOP per 16k-token chunk, so it stays as is until measured. The column
+  kernel (no XᵀX) picks BLOCK_D so that d = 4096 gives 128 programs, not 32.
+- Loaded values used as loop bounds or branch conditions: ``ti``/``tj`` (loaded
+  tile coordinates) drive ``if diag`` and ``if ti != tj``. Triton 3.6's
+  interpreter turns such a value into a one-element array and numpy >= 2.3
+  refuses its ``__index__``/``__bool__`` (hence numpy < 2.3 in `.ci/compat`);
+  compiled, they are ordinary scalar registers.
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
@@ -30,7 +61,7 @@ from .utils import cdiv, check_inputs, device_table, interpreting, on_device, up
 __all__ = ["accumulate_moments", "gram_update", "column_stats_update"]
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _tile_gram_kernel(a_ptr, b_ptr, c_ptr, sum_ptr, sq_ptr, tile_i_ptr, tile_j_ptr,
                       T, DA, DB, stride_at, stride_ad, stride_bt, stride_bd, stride_cm, stride_cn,
                       SYMMETRIC: tl.constexpr, STATS: tl.constexpr, UPCAST: tl.constexpr,
@@ -41,6 +72,8 @@ def _tile_gram_kernel(a_ptr, b_ptr, c_ptr, sum_ptr, sq_ptr, tile_i_ptr, tile_j_p
     tj = tl.load(tile_j_ptr + pid)
     offs_m = ti * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tj * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m64 = offs_m.to(tl.int64)  # int64 before any stride product: offsets may pass 2³¹
+    offs_n64 = offs_n.to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
     m_mask = offs_m < DA
     n_mask = offs_n < DB
@@ -50,9 +83,9 @@ def _tile_gram_kernel(a_ptr, b_ptr, c_ptr, sum_ptr, sq_ptr, tile_i_ptr, tile_j_p
     for k0 in range(0, T, BLOCK_K):
         rows = (k0 + offs_k).to(tl.int64)
         k_mask = rows < T
-        a = tl.load(a_ptr + rows[:, None] * stride_at + offs_m[None, :] * stride_ad,
+        a = tl.load(a_ptr + rows[:, None] * stride_at + offs_m64[None, :] * stride_ad,
                     mask=k_mask[:, None] & m_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + rows[:, None] * stride_bt + offs_n[None, :] * stride_bd,
+        b = tl.load(b_ptr + rows[:, None] * stride_bt + offs_n64[None, :] * stride_bd,
                     mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         if STATS:
             if diag:
@@ -62,7 +95,7 @@ def _tile_gram_kernel(a_ptr, b_ptr, c_ptr, sum_ptr, sq_ptr, tile_i_ptr, tile_j_p
             b = b.to(tl.float32)
         acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
     c_mask = m_mask[:, None] & n_mask[None, :]
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn
+    c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
     if SYMMETRIC:
         if diag:
             acc = (acc + tl.trans(acc)) * 0.5
@@ -71,7 +104,7 @@ def _tile_gram_kernel(a_ptr, b_ptr, c_ptr, sum_ptr, sq_ptr, tile_i_ptr, tile_j_p
     if SYMMETRIC:
         if ti != tj:
             # mirror: element (n, m) of C receives c[m, n]
-            tl.store(c_ptr + offs_n[None, :] * stride_cm + offs_m[:, None] * stride_cn, c, mask=c_mask)
+            tl.store(c_ptr + offs_n64[None, :] * stride_cm + offs_m64[:, None] * stride_cn, c, mask=c_mask)
     if STATS:
         if diag:
             eye = offs_m[:, None] == offs_n[None, :]
@@ -82,17 +115,18 @@ def _tile_gram_kernel(a_ptr, b_ptr, c_ptr, sum_ptr, sq_ptr, tile_i_ptr, tile_j_p
             tl.store(sq_ptr + offs_m, old_sq + sq, mask=m_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _column_stats_kernel(x_ptr, sum_ptr, sq_ptr, T, D, stride_t, stride_d,
                          BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     c_mask = cols < D
+    cols64 = cols.to(tl.int64)
     offs_t = tl.arange(0, BLOCK_T)
     acc_sum = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     acc_sq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         rows = (t0 + offs_t).to(tl.int64)
-        x = tl.load(x_ptr + rows[:, None] * stride_t + cols[None, :] * stride_d,
+        x = tl.load(x_ptr + rows[:, None] * stride_t + cols64[None, :] * stride_d,
                     mask=(rows < T)[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
         acc_sum += x
         acc_sq += x * x
@@ -102,12 +136,23 @@ def _column_stats_kernel(x_ptr, sum_ptr, sq_ptr, T, D, stride_t, stride_d,
              mask=c_mask)
 
 
-def _gram_config(dtype: torch.dtype) -> dict:
+BIG_TILE_SMEM = 200 * 1024  # opt-in shared memory per block the 128x128x64 x 3-stage bf16 tiles need
+
+
+@functools.lru_cache(maxsize=16)
+def _shared_memory(device: torch.device) -> int:
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or 0)
+
+
+def _gram_config(dtype: torch.dtype, device: torch.device) -> dict:
     if interpreting():
         return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1)
     if dtype == torch.float32:
         # IEEE fp32 dots run on CUDA cores: smaller tiles keep the accumulator in registers
         return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+    if _shared_memory(device) < BIG_TILE_SMEM:  # L4, A10, RTX 4090, A100: ~64 KiB config
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
     return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
 
 
@@ -149,7 +194,7 @@ def gram_update(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None,
         return
     if a.dtype != b_.dtype:
         raise GradmapError(f"gram_update: a is {a.dtype} but b is {b_.dtype}; cast one so both match")
-    cfg = _gram_config(a.dtype)
+    cfg = _gram_config(a.dtype, device)
     n_i, n_j = cdiv(DA, cfg["BLOCK_M"]), cdiv(DB, cfg["BLOCK_N"])
     ti, tj = _tiles(n_i, n_j, symmetric, device)
     dummy = c  # never touched when STATS is False
@@ -171,19 +216,21 @@ def column_stats_update(sum_x: torch.Tensor, sq_x: torch.Tensor, x: torch.Tensor
     T, D = x.shape
     if T == 0 or D == 0:
         return
-    block_t, block_d, warps = (16, 16, 1) if interpreting() else (32, 128, 4)
+    if interpreting():
+        block_t, block_d, warps = 16, 16, 1
+    else:  # enough programs to fill the GPU: d = 4096 -> 128 programs of 32 columns
+        block_t, block_d, warps = 64, (32 if D <= 8192 else 128), 4
     with on_device(device):
         _column_stats_kernel[(cdiv(D, block_d),)](x, sum_x, sq_x, T, D, x.stride(0), x.stride(1),
                                                   BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
 
 
-def accumulate_moments(m, x: torch.Tensor, y: torch.Tensor | None = None, done: list | None = None) -> None:
+def accumulate_moments(m, x: torch.Tensor, y: torch.Tensor | None = None) -> None:
     """Update `gradmap.ops.Moments` m in place with x [..., d] (and y [..., d_y]); fp32 accumulation.
 
-    `done`, when given, receives the parts applied so far ("stats", "xtx", "xty"), so a caller
-    can finish the others another way if a launch fails. m.count is updated last.
+    Every part through the kernels, whatever the dtypes (tests and benchmarks; `gradmap.ops`
+    dispatches part by part). m.count is updated last.
     """
-    done = [] if done is None else done
     check_inputs("accumulate_moments", x=x, y=y)
     if x.shape[-1] != m.d:
         raise GradmapError(f"accumulate_moments: x has {x.shape[-1]} features but the moments track "
@@ -199,15 +246,12 @@ def accumulate_moments(m, x: torch.Tensor, y: torch.Tensor | None = None, done: 
         y2 = y.reshape(-1, m.d_y)
     if m.xtx is not None:
         gram_update(m.xtx, x2, None, m.sum_x, m.sq_x)
-        done += ["stats", "xtx"]
     else:
         column_stats_update(m.sum_x, m.sq_x, x2)
-        done.append("stats")
     if y2 is not None:
         if y2.dtype != x2.dtype:
             # mixed input dtypes: fp32 holds every bf16/fp16 value exactly
             gram_update(m.xty, x2.float(), y2.float())
         else:
             gram_update(m.xty, x2, y2)
-        done.append("xty")
     m.count += x2.shape[0]

@@ -13,7 +13,7 @@ from gradmap.prune.compensation.replaceme import ReplaceMeCompensation
 from gradmap.prune.compensation.dense import DenseSnapshot, dense_view
 from gradmap.prune.compensation.sites import Site, SiteMoments
 from gradmap.prune.compensation.stats import stream_statistics
-from gradmap.ops.dispatch import Moments, accumulate_moments
+from gradmap.ops import Moments, accumulate_moments
 from gradmap.core.result import PruneResult
 from tiny import VOCAB, random_ids, tiny_model
 

@@ -5,7 +5,8 @@ import shutil
 import pytest
 import torch
 
-from gradmap.ops import extension as _ext, dispatch as ops
+import gradmap.ops as ops
+from gradmap.ops import extension as _ext
 from gradmap.core.errors import GradmapError
 
 BUILD_EXPECTED = os.environ.get("GRADMAP_BUILD_EXT", "1") != "0" and shutil.which("c++") is not None

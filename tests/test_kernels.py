@@ -59,7 +59,8 @@ def test_launchers_refuse_cpu_tensors_without_the_interpreter(monkeypatch):
     import torch
 
     from gradmap.core.errors import GradmapError
-    from gradmap.kernels.utils import check_inputs
+    from gradmap.ops import backend
+    check_inputs = backend.load_kernels().utils.check_inputs
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(GradmapError, match="needs CUDA tensors"):
         check_inputs("gate_reduction", g=torch.zeros(2, 3), u=torch.zeros(2, 3))

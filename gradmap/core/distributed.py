@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 
 if TYPE_CHECKING:
-    from gradmap.ops.dispatch import Moments
+    from gradmap.ops import Moments
 
 __all__ = ["is_distributed", "rank", "world_size", "is_main", "shard_bounds", "shard_rows",
            "all_reduce_sum_", "all_reduce_sums_", "all_reduce_moments_", "barrier", "process_group"]

@@ -22,7 +22,7 @@ from torch import nn
 from gradmap.core import distributed
 from gradmap.core.adapter import ModelAdapter
 from gradmap.core.errors import GradmapError
-from gradmap.ops.dispatch import layer_grad_reductions
+from gradmap.ops import layer_grad_reductions
 from gradmap.runtime.batching import MeanSink, check_finite, micro_batches, preserved_state, shard
 from gradmap.runtime.hooks import LayerFn, checkpointed, input_requires_grad, layer_io, skip_layer
 from gradmap.runtime.loss import next_token_loss_sum

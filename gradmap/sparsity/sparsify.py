@@ -47,7 +47,7 @@ from gradmap.core import distributed
 from gradmap.core.adapter import get_adapter
 from gradmap.core.errors import GradmapError
 from gradmap.sparsity.mrp import DEFAULT_CAP, DEFAULT_DELTA, DEFAULT_STEP, mrp_allocate
-from gradmap.ops.dispatch import Moments, accumulate_moments
+from gradmap.ops import Moments, accumulate_moments
 from gradmap.sparsity.owl import DEFAULT_LAMBDA, DEFAULT_M, outlier_ratio, owl_allocation
 from gradmap.runtime import placement
 from gradmap.runtime.sequential import Block, check_calibration, sequential_blocks

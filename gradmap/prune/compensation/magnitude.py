@@ -17,7 +17,7 @@ import torch
 
 from gradmap.core import distributed
 from gradmap.core.errors import GradmapError
-from gradmap.ops.dispatch import Moments
+from gradmap.ops import Moments
 from gradmap.prune.compensation.base import Compensator, PruneContext
 from gradmap.prune.compensation.fold import fold_residual_scale_
 from gradmap.prune.compensation.dense import DenseSnapshot

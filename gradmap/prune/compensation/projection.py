@@ -33,7 +33,7 @@ import torch
 
 from gradmap.core import distributed
 from gradmap.core.errors import GradmapError
-from gradmap.ops.dispatch import projection_solve
+from gradmap.ops import projection_solve
 from gradmap.prune.compensation.base import Compensator, PruneContext
 from gradmap.prune.compensation.fold import diagonal_only, fold_projection_
 from gradmap.prune.compensation.dense import DenseSnapshot

@@ -14,7 +14,7 @@ from torch import nn
 
 from gradmap.core import distributed
 from gradmap.core.adapter import ModelAdapter
-from gradmap.ops.dispatch import Moments
+from gradmap.ops import Moments
 from gradmap.prune.compensation.base import PruneContext
 from gradmap.prune.compensation.dense import DenseSnapshot, shared_prefix
 from gradmap.runtime.placement import model_device

@@ -21,7 +21,7 @@ from torch import nn
 
 from gradmap.core import distributed
 from gradmap.core.adapter import get_adapter
-from gradmap.ops.dispatch import Moments, accumulate_moments
+from gradmap.ops import Moments, accumulate_moments
 from gradmap.prune.compensation import streamed
 from gradmap.prune.compensation.base import PruneContext
 from gradmap.prune.compensation.dense import DenseSnapshot, dense_view, start_from

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from gradmap.core.adapter import ModelAdapter, get_adapter
-from gradmap.ops.dispatch import Moments, accumulate_moments
+from gradmap.ops import Moments, accumulate_moments
 from gradmap.prune.compensation.base import PruneContext
 from gradmap.prune.compensation.dense import DenseSnapshot, dense_view
 from gradmap.prune.compensation.sites import (Site, SiteMoments, StreamStats, all_reduce_stats_, mlp_output_module,

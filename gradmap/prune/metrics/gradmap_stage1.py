@@ -37,7 +37,7 @@ import torch
 
 from gradmap.core import distributed
 from gradmap.core.errors import GradmapError
-from gradmap.ops.dispatch import gate_reduction
+from gradmap.ops import gate_reduction
 from gradmap.prune.metrics.base import Metric, ScoringRun, check_choice, lowest_first
 from gradmap.runtime.passes import backward_pass, calibration_losses, param_grad_reductions
 from gradmap.runtime.batching import check_finite
