@@ -323,15 +323,16 @@ def _run_all(cfg: CompareConfig, specs: list[MethodSpec], tasks: list[str] | Non
                              seed=cfg.seed)
     calib_copy = calib.clone()
     results["settings"]["calib_shape"] = list(calib.shape)
-    # resolve fast_prune's default batch size once, so the floor uses it too
+    # the floor runs a backward with fast_prune's default backward micro-batch; with
+    # batch_size None each method keeps fast_prune's per-phase defaults
     from gradmap.runtime.batching import default_batch_size
     model = source.fresh()
-    if cfg.batch_size is None:
-        cfg = replace(cfg, batch_size=default_batch_size(cfg.seq_len, config=model.config))
+    floor_batch = cfg.batch_size or default_batch_size(cfg.seq_len, config=model.config)
     results["settings"]["batch_size"] = cfg.batch_size
+    results["settings"]["floor_batch_size"] = floor_batch
 
     results["dense"] = _evaluate(model, tokenizer, cfg, tasks, progress)
-    results["floor"]["seconds"] = forward_backward_seconds(model, calib, cfg.batch_size)
+    results["floor"]["seconds"] = forward_backward_seconds(model, calib, floor_batch)
     source.check(model)  # the floor measurement must leave the weights as they were
     del model
     write()

@@ -35,6 +35,8 @@ from gradmap.core.errors import GradmapError
 from gradmap.prune.metrics import Metric, ScoringRun, get_metric
 from gradmap.prune.metrics.base import check_choice
 from gradmap.runtime.batching import MeanSink, default_batch_size, preserved_state
+from gradmap.runtime.memory import limit_heap_fragmentation
+from gradmap.runtime.support import requirements_of
 from gradmap.runtime.placement import model_device
 from gradmap.core.result import PruneResult
 from gradmap.core.surgery import remove_layers
@@ -205,9 +207,10 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     metrics that support it, else the metric's only schedule.
     `compensation` is "none", a registered compensator name, a Compensator or a
     list. Layers among the first `protect_first` / last `protect_last` of the
-    ORIGINAL model are never removed. `batch_size=None` picks the largest micro-batch
-    whose forward + backward activations fit 512 MiB (at most 2048 tokens; see
-    `gradmap.runtime.batching.default_batch_size`). All inputs are validated before the model is touched; the
+    ORIGINAL model are never removed. `batch_size=None` picks, for the scoring passes
+    and for the compensators' forward-only passes separately, the largest micro-batch whose
+    activations fit 512 MiB (at most 2048 tokens; `gradmap.runtime.batching.default_batch_size`);
+    an explicit `batch_size` is used for both. All inputs are validated before the model is touched; the
     model leaves in eval mode with its `requires_grad` flags and `.grad` as they
     came in, also on error (layers removed before an error stay removed).
 
@@ -233,8 +236,11 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     progress = progress and distributed.is_main()
     ids = adapter.original_ids
     protected, removable = check_prune_plan(ids, n_prune, protect_first, protect_last)
-    if batch_size is None:
-        batch_size = default_batch_size(calib.shape[1], config=model.config)
+    comp_batch_size = batch_size
+    if batch_size is None:  # backward passes keep every layer's activations: a smaller budget share
+        grads = bool(requirements_of(metric_obj) & {"activation_grads", "weight_grads"})
+        batch_size = default_batch_size(calib.shape[1], config=model.config, backward=grads)
+        comp_batch_size = default_batch_size(calib.shape[1], config=model.config, backward=False)
     elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise GradmapError(f"batch_size must be a positive integer or None, got {batch_size!r}")
     compensators = resolve_compensation(compensation)
@@ -247,14 +253,16 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
                          compensation=[c.name for c in compensators])
     result.options.update(metric_obj.options(), n_prune=n_prune, protect_first=protect_first,
                           protect_last=protect_last, batch_size=batch_size,
+                          compensation_batch_size=comp_batch_size,
                           n_calib=int(calib.shape[0]), seq_len=int(calib.shape[1]),
                           protected_layers=sorted(protected))
-    ctx = PruneContext(model=model, calib=calib, batch_size=batch_size, result=result,
+    ctx = PruneContext(model=model, calib=calib, batch_size=comp_batch_size, result=result,
                        dense_layer_ids=list(ids))
     want_means = metric_obj.plain_forward and any(c.needs_dense_means for c in compensators)
     run = ScoringRun(model=model, adapter=adapter, calib=calib, batch_size=batch_size,
                      removable=list(removable), n_prune=n_prune,
                      dense_sink=MeanSink() if want_means else None, progress=progress)
+    limit_heap_fragmentation()  # freed activations go back to the OS (runtime/memory.py)
     start = time.perf_counter()
     plan = None
     offloaded = layer_offload(model, compute_device) if offload else nullcontext()

@@ -56,35 +56,38 @@ class MeanSink:
         return {i: sums[k] / counts[k].item() for k, i in enumerate(keys)}
 
 
-def activation_bytes_per_token(config) -> int:
-    """Bytes one calibration token keeps alive through a forward + backward of the whole model.
+def activation_bytes_per_token(config, backward: bool = True) -> int:
+    """Bytes one calibration token keeps alive in a pass over the whole model (fp32).
 
-    Per decoder layer, autograd saves about six hidden-size and four intermediate-size vectors
-    per token (norm outputs, q/k/v, attention output, gate, up, act(gate), their product); the
-    loss holds the logits, their log-softmax and their gradient (3 x vocab). fp32 throughout,
-    the dtype the loss and the statistics run in.
+    Backward: per decoder layer autograd saves about six hidden-size and four intermediate-size
+    vectors per token (norm outputs, q/k/v, attention output, gate, up, act(gate), their
+    product), for every layer at once; the loss holds logits, log-softmax and their gradient
+    (3 x vocab). Forward only: one layer's activations at a time, and logits + log-softmax.
     """
     d = int(getattr(config, "hidden_size", 0) or 0)
     ffn = int(getattr(config, "intermediate_size", 0) or 4 * d)
     layers = int(getattr(config, "num_hidden_layers", 0) or 0)
     vocab = int(getattr(config, "vocab_size", 0) or 0)
-    return 4 * (layers * (6 * d + 4 * ffn) + 3 * vocab)
+    if backward:
+        return 4 * (layers * (6 * d + 4 * ffn) + 3 * vocab)
+    return 4 * (6 * d + 4 * ffn + 2 * vocab)
 
 
 def default_batch_size(seq_len: int, tokens: int = TOKENS_PER_BATCH, config=None,
-                       budget_bytes: int = ACTIVATION_BUDGET) -> int:
+                       budget_bytes: int = ACTIVATION_BUDGET, backward: bool = True) -> int:
     """Micro-batch size (sequences, at least one) for the calibration passes.
 
-    With a model `config`: the most sequences whose forward + backward activations fit
-    `budget_bytes` (`activation_bytes_per_token`), capped at `tokens` tokens. The activations
-    of one micro-batch, not the model, set the peak memory of a pruning run: on SmolLM2-135M a
-    2048-token micro-batch keeps ~3.5 GB alive. Without a config: about `tokens` tokens.
+    With a model `config`: the most sequences whose activations (`activation_bytes_per_token`,
+    for a backward or a forward-only pass) fit `budget_bytes`, capped at `tokens` tokens. The
+    activations of one micro-batch, not the model, set the peak memory of a pruning run:
+    on SmolLM2-135M a 2048-token micro-batch keeps ~3.5 GB alive through a backward.
+    Without a config: about `tokens` tokens.
     """
     seq_len = max(int(seq_len), 1)
     by_tokens = max(1, tokens // seq_len)
     if config is None:
         return by_tokens
-    per_seq = activation_bytes_per_token(config) * seq_len
+    per_seq = activation_bytes_per_token(config, backward) * seq_len
     return max(1, min(by_tokens, budget_bytes // max(per_seq, 1)))
 
 

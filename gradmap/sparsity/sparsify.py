@@ -50,6 +50,7 @@ from gradmap.sparsity.mrp import DEFAULT_CAP, DEFAULT_DELTA, DEFAULT_STEP, mrp_a
 from gradmap.ops import Moments, accumulate_moments
 from gradmap.sparsity.owl import DEFAULT_LAMBDA, DEFAULT_M, outlier_ratio, owl_allocation
 from gradmap.runtime import placement
+from gradmap.runtime.memory import limit_heap_fragmentation
 from gradmap.runtime.sequential import Block, check_calibration, sequential_blocks
 
 __all__ = ["sparsify", "SparsifyResult", "ALLOCATIONS", "SCORES", "OPTION_DEFAULTS", "wanda_scores",
@@ -244,6 +245,7 @@ def sparsify(model: nn.Module, calib: torch.Tensor | None, sparsity: float = 0.7
     if offload not in placement.OFFLOAD_MODES:
         raise GradmapError(f"offload={offload!r} is not valid; choose one of {placement.OFFLOAD_MODES}")
     opts = _validate(model, calib, sparsity, allocation, score, batch_size, options)
+    limit_heap_fragmentation()
     with placement.layer_offload(model, compute_device) if offload else nullcontext():
         return _sparsify(model, calib, sparsity, allocation, score, batch_size, progress, opts)
 

@@ -1,10 +1,10 @@
-"""The CLI fixes glibc's mmap threshold (heap fragmentation grew a compare run to 22 GiB)."""
+"""The runtime fixes glibc's mmap threshold (heap fragmentation grew a compare run to 22 GiB)."""
 import platform
 import sys
 
 import pytest
 
-from gradmap.cli.app import limit_heap_fragmentation
+from gradmap.runtime.memory import limit_heap_fragmentation
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
