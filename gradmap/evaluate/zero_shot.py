@@ -15,6 +15,7 @@ to float rounding (tests/test_evaluate.py checks this against such a loop).
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import time
 from dataclasses import dataclass
@@ -90,6 +91,12 @@ def encode_request(tokenizer, context: str, continuation: str, add_bos: bool = F
                                f"max length {max_len}; use a model with longer positions")
         ctx = ctx[-keep:]
     return ctx, cont
+
+
+def _cache_kwarg(model) -> str:
+    """The forward's name for an input KV cache: `cache` from transformers 5.3x (where
+    `past_key_values` warns that it is deprecated), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _device(model) -> torch.device:
@@ -168,7 +175,7 @@ def _score_batch(model, groups: list[_Group], pad_id: int, max_rows: int,
             c_pos[j] = len(groups[k].ctx) + torch.arange(width)
         full_mask = torch.cat([mask[ctx_of], c_mask], dim=1)
         res2 = model(input_ids=c_ids.to(device), attention_mask=full_mask.to(device),
-                     position_ids=c_pos.to(device), past_key_values=cache, use_cache=True)
+                     position_ids=c_pos.to(device), use_cache=True, **{_cache_kwarg(model): cache})
         lp = _pick_logprobs(res2.logits, c_tgt.to(device)).double()
         idx = torch.tensor(sel, device=device)
         scores[idx] += (lp * c_mask.to(device)).sum(dim=1)

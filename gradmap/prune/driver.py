@@ -195,7 +195,7 @@ def _next_choice(plan, result: PruneResult) -> int:
 
 def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str | Metric = "gradmap",
                compensation: Any = "projection", schedule: str | None = None, protect_first: int = 1,
-               protect_last: int = 1, batch_size: int | None = None, progress: bool = False,
+               protect_last: int = 1, batch_size: int | None = None, progress: bool = True,
                offload: str | None = None, compute_device: str | torch.device | None = None,
                **metric_options) -> PruneResult:
     """Remove `n_prune` decoder layers of `model` in place and return what was done.
@@ -256,7 +256,7 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
                           compensation_batch_size=comp_batch_size,
                           n_calib=int(calib.shape[0]), seq_len=int(calib.shape[1]),
                           protected_layers=sorted(protected))
-    ctx = PruneContext(model=model, calib=calib, batch_size=comp_batch_size, result=result,
+    ctx = PruneContext(model=model, calib=calib, batch_size=comp_batch_size, result=result, progress=progress,
                        dense_layer_ids=list(ids))
     want_means = metric_obj.plain_forward and any(c.needs_dense_means for c in compensators)
     run = ScoringRun(model=model, adapter=adapter, calib=calib, batch_size=batch_size,

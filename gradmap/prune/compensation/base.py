@@ -47,6 +47,8 @@ class PruneContext:
     original_params: dict[str, torch.Tensor] = field(default_factory=dict)
     # ORIGINAL layer ids of the dense model, in order
     dense_layer_ids: list[int] = field(default_factory=list)
+    # show tqdm bars for the compensators' calibration passes (fast_prune's `progress`)
+    progress: bool = False
 
     @property
     def adapter(self) -> ModelAdapter:

@@ -99,4 +99,4 @@ class MagnitudeCompensation(Compensator):
         fold_residual_scale_(adapter, n_before, s, lambda params: self.snapshot.remember(ctx, params))
         ctx.result.compensation_report[self.name]["scales"][idx] = s
         ctx.result.add_time("solve", time.perf_counter() - t0)
-        log.info("magnitude: layer %d removed, residual writes before it scaled by %.4f", idx, s)
+        log.info("layer %d removed, residual writes before it scaled by %.4f", idx, s)

@@ -43,7 +43,6 @@ from gradmap.prune.compensation.stats import lm_loss_sum, stream_statistics
 __all__ = ["ProjectionCompensation", "solve_sites", "regression_loss", "removed_blocks", "mean_shifts",
            "DEFAULT_RIDGE", "DEFAULT_RIDGE_GRID"]
 
-log = logging.getLogger(__name__)
 
 DEFAULT_RIDGE = 1e-3
 DEFAULT_RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
@@ -262,8 +261,11 @@ class ProjectionCompensation(Compensator):
                 self._fold(ctx, s, p)
         else:
             self._fold_if_lm_drops(ctx, hold, ho.nll / ho.tokens, chosen, report)
-        log.info("%s: folded %d of %d sites %s", self.name, sum(e["folded"] for e in entries), len(entries),
-                 [(e["layer"], e["target"]) for e in entries if e["folded"]])
+        # one logger per compensator name: "gradmap.replaceme: ..." for the subclass, and no
+        # "projection: projection:" when the CLI prints the logger name before the message
+        logging.getLogger(f"gradmap.{self.name}").info(
+            "folded %d of %d sites %s", sum(e["folded"] for e in entries), len(entries),
+            [(e["layer"], e["target"]) for e in entries if e["folded"]])
 
     def _fold(self, ctx: PruneContext, site: Site, p: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Fold P at `site`; returns (parameter, value before) pairs to revert it."""
@@ -285,7 +287,7 @@ class ProjectionCompensation(Compensator):
         for site, p, e in chosen:
             backups = self._fold(ctx, site, p)
             t0 = time.perf_counter()
-            nll, tokens = lm_loss_sum(ctx.model, hold, ctx.batch_size)
+            nll, tokens = lm_loss_sum(ctx.model, hold, ctx.batch_size, ctx.progress)
             nll, tokens = distributed.all_reduce_moments_([], [nll, tokens])
             ctx.result.add_time("compensation_statistics", time.perf_counter() - t0)
             e["holdout_lm_loss_with_fold"] = loss = nll / tokens
@@ -296,7 +298,7 @@ class ProjectionCompensation(Compensator):
                 t.data.copy_(old)
             e["folded"], e["reason"] = False, "reverted: held-out LM loss did not drop"
             reverted.append(site.layer)
-            log.warning("%s: fold at layer %d reverted (held-out LM loss %.4f -> %.4f)",
-                        self.name, site.layer, best, loss)
+            logging.getLogger(f"gradmap.{self.name}").warning(
+                "fold at layer %d reverted (held-out LM loss %.4f -> %.4f)", site.layer, best, loss)
         report["holdout_lm_loss_after"] = best
         report["reverted"] = reverted

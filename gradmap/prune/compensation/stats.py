@@ -51,12 +51,14 @@ def lm_loss(model: nn.Module, ids: torch.Tensor) -> tuple[float, int]:
     return float(next_token_loss_sum(model, ids)), ids[:, 1:].numel()
 
 
-def lm_loss_sum(model: nn.Module, calib: torch.Tensor, batch_size: int) -> tuple[float, int]:
+def lm_loss_sum(model: nn.Module, calib: torch.Tensor, batch_size: int, progress: bool = False
+                ) -> tuple[float, int]:
     """(Σ NLL, tokens) over this rank's share of `calib`, in memory or streamed (not reduced)."""
     if offload_of(model) is not None:
         return streamed.streamed_lm_loss(model, calib, batch_size)
     nll = tokens = 0
-    for _, ids in micro_batches(distributed.shard_rows(calib, allow_empty=True), batch_size):
+    for _, ids in micro_batches(distributed.shard_rows(calib, allow_empty=True), batch_size, progress,
+                                "held-out loss"):
         s, n = lm_loss(model, ids)
         nll += s
         tokens += n
@@ -71,7 +73,8 @@ def layer_abs_moments(ctx: PruneContext, position: int, calib: torch.Tensor, abs
         streamed.streamed_layer_abs(ctx, position, calib, abs_in, abs_out)
         return
     layer = ctx.adapter.layers[position]
-    for _, ids in micro_batches(distributed.shard_rows(calib, allow_empty=True), ctx.batch_size):
+    for _, ids in micro_batches(distributed.shard_rows(calib, allow_empty=True), ctx.batch_size, ctx.progress,
+                                "magnitude statistics"):
         with capture({"out": layer}, stop_at=layer, inputs={"in": layer}) as got:
             run_decoder(ctx.model, ids)
         accumulate_moments(abs_in, got["in"].abs())
@@ -99,7 +102,8 @@ def stream_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Tenso
     site_layers, dense_wanted, k, from_pruned, dense_run = stream_plan(ctx, snap, dense_mean_layers, sites)
     handoff = snap.layer_ids[k - 1] if k > 0 and dense_run else None
     pruned_wanted = set(mean_layers) | set(site_layers) | from_pruned | ({handoff} - {None})
-    for _, ids in micro_batches(distributed.shard_rows(calib, allow_empty=True), ctx.batch_size):
+    for _, ids in micro_batches(distributed.shard_rows(calib, allow_empty=True), ctx.batch_size, ctx.progress,
+                                "compensation statistics"):
         adapter = ctx.adapter
         pos = {o: p for p, o in enumerate(adapter.original_ids)}
         outs = {("h", o): adapter.layers[pos[o]] for o in pruned_wanted}
