@@ -394,3 +394,12 @@ def test_seed_study_report_reads_the_study_format(tmp_path, capsys):
     assert "×1.500 [1.500, 1.500] **worse**" in b and "0.33 / 0.33" in b
     assert "| 25.00 ± 0.00 |" in b and "-50.00 [" in b
     assert "b: s0 [1, 2], s1 [1, 3]" in text
+
+
+def test_average_without_boolq_is_blank_when_boolq_was_not_evaluated():
+    runs = [SeedRun(m, 0, ppl=10.0, task_values={"piqa": 0.5}, correct={"piqa": [1, 0]})
+            for m in ("a", "b")]
+    rows = summarize(runs)["methods"]
+    assert rows[0]["avg"]["mean"] == 0.5 and rows[0]["avg w/o boolq"] is None
+    assert rows[1]["vs_reference"]["avg w/o boolq"] is None
+    assert rows[1]["vs_reference"]["avg"]["estimate"] == 0.0

@@ -99,8 +99,11 @@ def summarize(runs: list[SeedRun], methods: list[str] | None = None,
             "ratio_to_floor": _level([r.ratio_to_floor for r in ok]),
             "removed_layers": {r.seed: r.removed_layers for r in ok},
             "jaccard": None}
+        present = {t for r in ok for t in r.task_values}
         for label, leave_out in AVERAGES.items():
-            row[label] = _level([_average(r, leave_out) for r in ok])
+            # an average leaving out a task that was not evaluated would repeat "avg"
+            row[label] = (_level([_average(r, leave_out) for r in ok])
+                          if not leave_out or set(leave_out) & present else None)
         sets = [r.removed_layers for r in ok if r.removed_layers is not None]
         overlap = mean_pairwise_jaccard(sets)
         if overlap is not None:
