@@ -21,7 +21,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
         description="Prune the same dense model with every method (same calibration data), "
                     "time each phase, evaluate WikiText-2 perplexity and zero-shot accuracy, "
                     "and write results.md, results.json and plots into --out as methods finish. "
-                    "Methods are metric[+compensation[+compensation]][@one-shot|@iterative].")
+                    "Methods are metric[(key=value,...)][+compensation[(key=value,...)]...]"
+                    "[@one-shot|@iterative]; --seeds repeats it over calibration draws.")
     p.add_argument("--model", required=True,
                    help="hub id, local HF directory, .gguf file or alias (e.g. smollm2-135m)")
     p.add_argument("--n-prune", type=int, required=True, help="decoder layers to remove")
@@ -37,7 +38,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, default=512,
                    help="calibration sequence length (512, shorter than prune's 2048 because "
                         "compare prunes once per method; pass 2048 to match gradmap prune)")
-    p.add_argument("--seed", type=int, default=0, help="calibration sampling seed (0)")
+    p.add_argument("--seed", type=int, default=None, help="calibration sampling seed (0)")
+    p.add_argument("--seeds", default=None, metavar="S1,S2,...",
+                   help="one calibration draw per seed (same evaluation data): mean ± s.e. over "
+                        "seeds and paired 95%% intervals against --reference")
+    p.add_argument("--reference", default=None, metavar="METHOD",
+                   help="with --seeds: the method the others are compared with (default: first)")
     p.add_argument("--ppl-data", default="wikitext2",
                    help="perplexity data: wikitext2 (test split), c4, or a .txt/.jsonl path")
     p.add_argument("--ppl-seq-len", type=int, default=2048, help="perplexity window length L (2048)")
@@ -84,12 +90,16 @@ def run(args: argparse.Namespace) -> int:
     check_runtime(args)
 
     tasks = None if args.tasks.strip().lower() == "none" else args.tasks
+    if args.seeds is not None and args.seed is not None:
+        raise GradmapError("--seed and --seeds both given; pass --seeds S1,S2,... alone")
+    if args.reference is not None and args.seeds is None:
+        raise GradmapError("--reference compares over seeds; pass --seeds too, e.g. --seeds 0,1,2")
     if args.save_method is not None and args.save is None:
         raise GradmapError("--save-method needs --save DIR to say where the checkpoint goes")
     cfg = CompareConfig(
         model=args.model, n_prune=args.n_prune, methods=args.methods, tasks=tasks,
         limit=args.limit, calib=args.calib, n_calib=args.n_calib, seq_len=args.seq_len,
-        seed=args.seed, ppl_data=args.ppl_data, ppl_seq_len=args.ppl_seq_len,
+        seed=args.seed or 0, ppl_data=args.ppl_data, ppl_seq_len=args.ppl_seq_len,
         ppl_windows=args.ppl_windows, batch_size=args.batch_size,
         eval_batch_size=args.eval_batch_size, dtype=args.dtype, device=args.device,
         protect_first=args.protect_first, protect_last=args.protect_last,
@@ -97,6 +107,8 @@ def run(args: argparse.Namespace) -> int:
         save_method=args.save_method, generate=args.generate,
         max_new_tokens=args.max_new_tokens, overwrite=args.overwrite)
     out = args.out or _default_out(args.model, args.n_prune)
+    if args.seeds is not None:
+        return _run_seeds(cfg, args, out)
     results = run_compare(cfg, out, progress=not args.no_progress)
     print()
     print(markdown_table(results))
@@ -117,3 +129,19 @@ def run(args: argparse.Namespace) -> int:
     if failed:
         print(f"\nfailed methods: {', '.join(failed)} (see results.json for tracebacks)")
     return 1 if failed or any(r.get("save_error") for r in results["methods"]) else 0
+
+
+def _run_seeds(cfg, args: argparse.Namespace, out: str) -> int:
+    from gradmap.experiments.seed_table import markdown_seed_table, method_lines
+    from gradmap.experiments.seeds import run_seed_compare
+
+    results = run_seed_compare(cfg, args.seeds, out, reference=args.reference,
+                               progress=not args.no_progress)
+    print()
+    print(markdown_seed_table(results["summary"]))
+    print("\n".join(method_lines(results["summary"])))
+    print(f"\nresults: {out}/results.md, {out}/results.json")
+    failed = [f"{r['method']} (seed {r['seed']})" for r in results["runs"] if r["status"] != "ok"]
+    if failed:
+        print(f"\nfailed runs: {', '.join(failed)} (see results.json for tracebacks)")
+    return 1 if failed else 0

@@ -27,7 +27,7 @@ from gradmap.core.errors import GradmapError
 from gradmap.evaluate.perplexity import input_device
 from gradmap.evaluate.tasks import TASKS, Example, build_examples, resolve_tasks
 
-__all__ = ["zero_shot", "loglikelihoods", "encode_request", "max_length", "PAD_SLACK"]
+__all__ = ["zero_shot", "loglikelihoods", "encode_request", "max_length", "correctness", "PAD_SLACK"]
 
 log = logging.getLogger(__name__)
 
@@ -214,22 +214,25 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
     return out, forwarded
 
 
-def _metrics(examples: list[Example], scores: list[float]) -> dict[str, float]:
-    acc = acc_norm = 0
+def correctness(examples: list[Example], scores: list[float]) -> dict[str, list[int]]:
+    """Per-example 0/1 correctness under `acc` and `acc_norm`, from the requests' log-likelihoods.
+
+    `scores` holds one log-likelihood per request, in the order of `ex.requests` for each
+    example. Ties resolve to the first maximum, as numpy.argmax in lm-eval.
+    """
+    out: dict[str, list[int]] = {"acc": [], "acc_norm": []}
     i = 0
     for ex in examples:
         ll = scores[i:i + len(ex.requests)]
         i += len(ex.requests)
-        # ties resolve to the first maximum, as numpy.argmax in lm-eval
-        acc += max(range(len(ll)), key=lambda j: (ll[j], -j)) == ex.gold
         normed = [v / n for v, n in zip(ll, ex.choice_chars)]
-        acc_norm += max(range(len(ll)), key=lambda j: (normed[j], -j)) == ex.gold
-    n = len(examples)
-    return {"acc": acc / n, "acc_norm": acc_norm / n}
+        for key, vals in (("acc", ll), ("acc_norm", normed)):
+            out[key].append(int(max(range(len(vals)), key=lambda j: (vals[j], -j)) == ex.gold))
+    return out
 
 
 def zero_shot(model, tokenizer, tasks: str | list[str] = "all", limit: int | None = None,
-              batch_size: int = 32, progress: bool = True) -> dict:
+              batch_size: int = 32, progress: bool = True, per_example: bool = False) -> dict:
     """lm-eval-style zero-shot accuracy on BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e/c, OBQA.
 
     Returns `{"tasks": {name: {"acc", ["acc_norm"], "n", "metric", "value"}}, "average",
@@ -237,7 +240,9 @@ def zero_shot(model, tokenizer, tasks: str | list[str] = "all", limit: int | Non
     "tokens_per_s"}`.  `value` is the metric the papers quote for the task (`metric`), and
     `average` is the mean of those values over the tasks evaluated.  `tokens` counts
     `len(ctx) + len(cont)` per request (what an unbatched scorer would forward); `tokens_per_s`
-    divides it by the wall time of scoring.
+    divides it by the wall time of scoring.  With `per_example`, each task entry also holds
+    `correct = {metric: [0/1 per example]}` for its metrics, in the task's example order (the
+    same for every model), so two models can be compared with paired tests.
     """
     names = resolve_tasks(tasks)
     if limit is not None and (not isinstance(limit, int) or limit < 1):
@@ -265,9 +270,12 @@ def zero_shot(model, tokenizer, tasks: str | list[str] = "all", limit: int | Non
             total_requests += len(requests)
             total_forwarded += forwarded
             spec = TASKS[name]
-            m = _metrics(examples, scores)
+            correct = correctness(examples, scores)
+            m = {k: sum(v) / len(examples) for k, v in correct.items()}
             entry = {k: m[k] for k in spec.metrics}
             entry.update(n=len(examples), metric=spec.average_metric, value=m[spec.average_metric])
+            if per_example:
+                entry["correct"] = {k: correct[k] for k in spec.metrics}
             result["tasks"][name] = entry
             log.info("%s: %s (n=%d)", name, {k: round(v, 4) for k, v in m.items()}, len(examples))
     finally:

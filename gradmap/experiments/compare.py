@@ -1,7 +1,7 @@
 """`gradmap compare`: run several pruning methods from the same dense weights and evaluate them.
 
-For every method the comparison starts from a pristine dense model (a deep copy of the
-dense model loaded once, or a fresh load with `restore="reload"`), checked against the dense
+For every method the comparison starts from a pristine dense model (`dense_source`: a deep
+copy of the dense model loaded once, or a fresh load with `restore="reload"`), checked against the dense
 weights' fingerprint so a pruned model is never pruned again, and uses the same calibration
 tensor. Pruning time is `PruneResult.timings` (scoring, compensation statistics, solve,
 total; model loading and evaluation excluded), also given as a ratio to one plain
@@ -13,14 +13,12 @@ finished; a failing method is reported in its own row.
 """
 from __future__ import annotations
 
-import copy
 import gc
-import hashlib
 import logging
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +28,13 @@ from tqdm.auto import tqdm
 from gradmap.core.checkpoint import prepare_output_dir, save_pretrained
 from gradmap.core.errors import GradmapError
 from gradmap.experiments.compare_checks import check_before_loading, unfinished_run
-from gradmap.experiments.methods import MethodSpec, parse_methods
+from gradmap.experiments.dense_source import DenseSource, weights_fingerprint
+from gradmap.experiments.methods import (MethodSpec, method_from_result, parse_methods,
+                                         split_methods)
 
 __all__ = ["CompareConfig", "run_compare", "DenseSource", "weights_fingerprint",
-           "forward_backward_seconds", "greedy_generate", "FLOOR_DESCRIPTION"]
+           "forward_backward_seconds", "greedy_generate", "evaluate_model", "environment",
+           "prune_row", "run_method", "FLOOR_DESCRIPTION"]
 
 log = logging.getLogger(__name__)
 
@@ -89,61 +90,7 @@ class CompareConfig:
             raise GradmapError(f"restore={self.restore!r} is not valid; choose 'copy' (keep a "
                                "dense copy in memory) or 'reload' (load the model for each method)")
         if isinstance(self.methods, str):
-            self.methods = [m.strip() for m in self.methods.split(",") if m.strip()]
-
-
-def weights_fingerprint(model: torch.nn.Module) -> str:
-    """blake2b over every parameter's name, shape, dtype and bytes (tied weights counted once)."""
-    h = hashlib.blake2b(digest_size=16)
-    for name, p in model.named_parameters():
-        t = p.detach().to("cpu").contiguous()
-        h.update(f"{name}:{tuple(t.shape)}:{t.dtype}".encode())
-        h.update(t.view(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-class DenseSource:
-    """Hands out pristine dense models, each checked against the dense weights' fingerprint.
-
-    `restore="copy"` keeps the loaded dense model (on CPU) and returns a deep copy moved to
-    the device; `"reload"` loads the model again each time (lean on memory, slower).
-    """
-
-    def __init__(self, loader: Callable[..., tuple[Any, Any]], name: str, dtype: str | None,
-                 device: str, restore: str):
-        self._loader, self._name, self._dtype, self._device = loader, name, dtype, device
-        self._restore = restore
-        start = time.perf_counter()
-        model, self.tokenizer = loader(name, dtype=dtype, device="cpu")
-        self.load_seconds = time.perf_counter() - start
-        from gradmap.core.adapter import get_adapter
-        adapter = get_adapter(model)
-        self.num_layers = adapter.num_layers
-        self.layer_ids = adapter.original_ids
-        self.fingerprint = weights_fingerprint(model)
-        self._pristine = model if restore == "copy" else None
-        if restore == "reload":
-            del model
-
-    def fresh(self):
-        """A dense model on the device, identical to the one loaded first (else RuntimeError)."""
-        if self._pristine is not None:
-            model = copy.deepcopy(self._pristine)
-        else:
-            model, _ = self._loader(self._name, dtype=self._dtype, device="cpu")
-        self.check(model)
-        return model.to(self._device).eval()
-
-    def check(self, model) -> None:
-        """Refuse anything but the dense weights: a pruned or edited model must never be pruned."""
-        from gradmap.core.adapter import get_adapter
-        adapter = get_adapter(model)
-        if adapter.num_layers != self.num_layers or adapter.original_ids != self.layer_ids:
-            raise RuntimeError(f"the model handed to a method has layers {adapter.original_ids}, "
-                               f"not the dense {self.layer_ids}; refusing to prune a pruned model")
-        if weights_fingerprint(model) != self.fingerprint:
-            raise RuntimeError("the model handed to a method differs from the dense weights "
-                               "(fingerprint mismatch); refusing to compare from edited weights")
+            self.methods = split_methods(self.methods)  # commas inside (options) do not split
 
 
 def forward_backward_seconds(model, calib: torch.Tensor, batch_size: int,
@@ -191,8 +138,9 @@ def greedy_generate(model, tokenizer, prompt: str, max_new_tokens: int = 32) -> 
     return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
-def _evaluate(model, tokenizer, cfg: CompareConfig, tasks: list[str] | None,
-              progress: bool) -> dict[str, Any]:
+def evaluate_model(model, tokenizer, cfg: CompareConfig, tasks: list[str] | None,
+                   progress: bool, per_example: bool = False) -> dict[str, Any]:
+    """PPL (and its report), zero-shot and the optional generation of one model, as in a row."""
     from gradmap.evaluate import perplexity_report, zero_shot
     out: dict[str, Any] = {}
     rep = perplexity_report(model, tokenizer, cfg.ppl_data, seq_len=cfg.ppl_seq_len,
@@ -200,8 +148,9 @@ def _evaluate(model, tokenizer, cfg: CompareConfig, tasks: list[str] | None,
     out["ppl"] = rep.ppl
     out["ppl_report"] = rep.as_dict()
     if tasks:
+        extra = {"per_example": True} if per_example else {}  # 0/1 per example for paired tests
         zs = zero_shot(model, tokenizer, tasks, limit=cfg.limit, batch_size=cfg.eval_batch_size,
-                       progress=progress)
+                       progress=progress, **extra)
         out["tasks"] = {name: e["value"] for name, e in zs["tasks"].items()}
         out["average"] = zs["average"]
         out["zero_shot"] = zs
@@ -210,7 +159,8 @@ def _evaluate(model, tokenizer, cfg: CompareConfig, tasks: list[str] | None,
     return out
 
 
-def _environment(cfg: CompareConfig) -> dict[str, Any]:
+def environment(cfg: CompareConfig) -> dict[str, Any]:
+    """Library versions and the machine, recorded next to every result."""
     import os
     import platform
 
@@ -239,7 +189,8 @@ def _save_method(specs: list[MethodSpec], cfg: CompareConfig) -> str | None:
     return next((s.name for s in specs if s.metric == "gradmap"), names[0])
 
 
-def _prune_row(spec: MethodSpec) -> dict[str, Any]:
+def prune_row(spec: MethodSpec) -> dict[str, Any]:
+    """A result row for `spec` before it runs."""
     return {"method": spec.name, "label": spec.label, "metric": spec.metric,
             "compensation": list(spec.compensation), "schedule": spec.schedule,
             "status": "pending"}
@@ -277,8 +228,8 @@ def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True,
 
     results: dict[str, Any] = {"settings": asdict(cfg), "status": "running",
                                "floor": {"description": FLOOR_DESCRIPTION},
-                               "dense": None, "methods": [_prune_row(s) for s in specs],
-                               **_environment(cfg)}
+                               "dense": None, "methods": [prune_row(s) for s in specs],
+                               **environment(cfg)}
     results["settings"]["methods"] = [s.name for s in specs]
     results["settings"]["tasks"] = tasks
     results["settings"]["save_method"] = save_method
@@ -331,7 +282,7 @@ def _run_all(cfg: CompareConfig, specs: list[MethodSpec], tasks: list[str] | Non
     results["settings"]["batch_size"] = cfg.batch_size
     results["settings"]["floor_batch_size"] = floor_batch
 
-    results["dense"] = _evaluate(model, tokenizer, cfg, tasks, progress)
+    results["dense"] = evaluate_model(model, tokenizer, cfg, tasks, progress)
     results["floor"]["seconds"] = forward_backward_seconds(model, calib, floor_batch)
     source.check(model)  # the floor measurement must leave the weights as they were
     del model
@@ -343,8 +294,8 @@ def _run_all(cfg: CompareConfig, specs: list[MethodSpec], tasks: list[str] | Non
             bar.set_postfix_str(spec.name)
             model = source.fresh()
             try:
-                _run_method(model, tokenizer, calib, spec, row, cfg, tasks, prune_fn,
-                            progress, results)
+                run_method(model, tokenizer, calib, spec, row, cfg, tasks, prune_fn,
+                           progress, results)
             except Exception as exc:  # one method failing must not lose the others' rows
                 row["status"] = "failed"
                 row["error"] = f"{type(exc).__name__}: {exc}"
@@ -376,8 +327,9 @@ def _save(model, tokenizer, row: dict, cfg: CompareConfig) -> None:
         log.error("saving %s to %s failed: %s", row["method"], cfg.save_dir, row["save_error"])
 
 
-def _run_method(model, tokenizer, calib, spec: MethodSpec, row: dict, cfg: CompareConfig,
-                tasks, prune_fn, progress: bool, results: dict) -> None:
+def run_method(model, tokenizer, calib, spec: MethodSpec, row: dict, cfg: CompareConfig,
+               tasks, prune_fn, progress: bool, results: dict, per_example: bool = False) -> None:
+    """Prune a dense `model` with `spec`, evaluate it and fill `row` (floor/dense: `results`)."""
     row["status"] = "running"
     start = time.perf_counter()
     res = prune_fn(model, calib, cfg.n_prune, **spec.prune_kwargs(),
@@ -390,7 +342,8 @@ def _run_method(model, tokenizer, calib, spec: MethodSpec, row: dict, cfg: Compa
     row["ratio_to_floor"] = res.timings["total"] / floor if floor > 0 else None
     row["scores"] = [{str(k): v for k, v in s.items()} for s in res.scores]
     row["prune_result"] = res.to_dict()
-    row.update(_evaluate(model, tokenizer, cfg, tasks, progress))
+    row["pipeline"] = method_from_result(row["prune_result"])  # reruns it, every option spelled out
+    row.update(evaluate_model(model, tokenizer, cfg, tasks, progress, per_example))
     dense_avg = (results["dense"] or {}).get("average")
     if row.get("average") is not None and dense_avg:
         row["retention"] = 100.0 * row["average"] / dense_avg

@@ -4,6 +4,8 @@
     block-influence             ShortGPT's Block Influence, no compensation
     angular+replaceme@one-shot  angular distance, ReplaceMe, one-shot schedule
     gradmap+magnitude+projection  two compensators, applied in the order written
+    gradmap(verify=4)+magnitude   metric options in brackets, key=value, Python literals
+    gradmap+projection(per_gap=True,top_m=0)   compensator options likewise
 
 A bare metric means no compensation (`+none` says the same explicitly). Without a
 `@schedule` suffix the schedule is the metric's default, as in `fast_prune(schedule=None)`
@@ -11,17 +13,24 @@ A bare metric means no compensation (`+none` says the same explicitly). Without 
 schedule: `ppl` is one-shot, `sleb` iterative);
 the parsed spec always names the schedule it resolved to. Valid metric names come from
 the metrics registry and valid compensation names from the compensation registry, so a
-new entry there is a valid method here at once.
+new entry there is a valid method here at once. Options are checked by building the metric
+or compensator (`get_metric` / `get_compensator`), so an unknown option or a bad value fails
+at parse time with the metric's own message, which names the valid options.
+`method_from_result` writes the method string, every option spelled out, that reruns a
+recorded `PruneResult`.
 """
 from __future__ import annotations
 
+import ast
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from gradmap.core.errors import GradmapError
 
-__all__ = ["MethodSpec", "parse_method", "parse_methods", "valid_metrics", "valid_compensations",
-           "metric_schedules", "SCHEDULES", "DEFAULT_SCHEDULE"]
+__all__ = ["MethodSpec", "parse_method", "parse_methods", "split_methods", "valid_metrics",
+           "valid_compensations", "metric_schedules", "method_from_result", "format_method",
+           "SCHEDULES", "DEFAULT_SCHEDULE"]
 
 SCHEDULES = ("one-shot", "iterative")
 DEFAULT_SCHEDULE = "iterative"  # for metrics outside the registry
@@ -66,12 +75,16 @@ class MethodSpec:
     """One parsed method: what `fast_prune` is called with.
 
     `compensation` is ("none",) for a bare metric; `schedule` is always resolved.
+    `metric_options` holds (key, value) pairs; `compensation_options` one such tuple per
+    compensation (empty tuple: that compensation's defaults, or none given at all).
     """
 
     name: str
     metric: str
     compensation: tuple[str, ...]
     schedule: str = DEFAULT_SCHEDULE
+    metric_options: tuple[tuple[str, Any], ...] = ()
+    compensation_options: tuple[tuple[tuple[str, Any], ...], ...] = ()
 
     @property
     def label(self) -> str:
@@ -79,14 +92,103 @@ class MethodSpec:
         return self.name if "@" in self.name else f"{self.name}@{self.schedule}"
 
     def prune_kwargs(self) -> dict:
-        """Keyword arguments for `fast_prune` (metric, compensation, schedule)."""
-        comp = self.compensation[0] if len(self.compensation) == 1 else list(self.compensation)
-        return {"metric": self.metric, "compensation": comp, "schedule": self.schedule}
+        """Keyword arguments for `fast_prune` (metric, compensation, schedule, metric options).
+
+        A compensation with options is passed as a freshly built Compensator (compensators
+        keep per-run state), one without as its name.
+        """
+        comps: list[Any] = list(self.compensation)
+        if any(self.compensation_options):
+            from gradmap.prune.compensation import get_compensator
+            comps = [get_compensator(c, **dict(o)) if o else c
+                     for c, o in zip(self.compensation, self.compensation_options)]
+        comp = comps[0] if len(comps) == 1 else comps
+        return {"metric": self.metric, "compensation": comp, "schedule": self.schedule,
+                **dict(self.metric_options)}
+
+
+def _split_top(text: str, sep: str) -> list[str]:
+    """`text` split on `sep` outside brackets and quotes (options may hold commas or tuples)."""
+    parts, depth, quote, cur = [], 0, "", []
+    for ch in text:
+        if quote:
+            quote = "" if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch in "([{":
+            depth += 1
+        elif ch in ")]}":
+            depth -= 1
+        elif ch == sep and depth == 0:
+            parts.append("".join(cur))
+            cur = []
+            continue
+        cur.append(ch)
+    parts.append("".join(cur))
+    return parts
+
+
+def split_methods(text: str) -> list[str]:
+    """A comma-separated method list split into names; commas inside `(...)` do not split."""
+    return [n.strip() for n in _split_top(text, ",") if n.strip()]
+
+
+def _frozen(value: Any) -> Any:
+    # lists become tuples so a spec stays hashable (methods are deduplicated by value)
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _options(text: str, part: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
+    """`name(k=v, ...)` -> (name, ((k, v), ...)); values are Python literals."""
+    name, bracket, rest = part.partition("(")
+    name = name.strip()
+    if not bracket:
+        return name, ()
+    if not rest.endswith(")"):
+        raise GradmapError(f"method {text!r}: options of {name!r} must end with ')', e.g. "
+                           "gradmap(verify=4)+magnitude")
+    items, seen = [], set()
+    for item in filter(str.strip, _split_top(rest[:-1], ",")):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        try:
+            if not eq or not key.isidentifier():
+                raise ValueError
+            parsed = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            raise GradmapError(f"method {text!r}: option {item.strip()!r} of {name!r} is not "
+                               "key=value with a Python literal value, e.g. verify=4, "
+                               "gradient='token', per_gap=True") from None
+        if key in seen:
+            raise GradmapError(f"method {text!r}: option {key!r} of {name!r} is given twice")
+        seen.add(key)
+        items.append((key, _frozen(parsed)))
+    return name, tuple(items)
+
+
+def _check_options(text: str, metric: str, metric_options: tuple,
+                   comps: list[str], comp_options: list[tuple]) -> None:
+    """Build the configured metric and compensators: their own errors name valid options."""
+    try:
+        if metric_options:
+            from gradmap.prune.metrics import get_metric
+            get_metric(metric, **dict(metric_options))
+        for comp, opts in zip(comps, comp_options):
+            if opts:
+                if comp == "none":
+                    raise GradmapError("'none' takes no options")
+                from gradmap.prune.compensation import get_compensator
+                get_compensator(comp, **dict(opts))
+    except (GradmapError, TypeError, ValueError) as exc:
+        raise GradmapError(f"method {text!r}: {exc}") from None
 
 
 def _grammar(metrics: list[str], compensations: list[str]) -> str:
-    return (f"write methods as metric[+compensation[+compensation]][@{'|@'.join(SCHEDULES)}], "
-            f"e.g. gradmap+projection or angular+replaceme@one-shot; valid metrics: "
+    return (f"write methods as metric[(key=value,...)][+compensation[(key=value,...)]...]"
+            f"[@{'|@'.join(SCHEDULES)}], e.g. gradmap+projection, gradmap(verify=4)+magnitude "
+            f"or angular+replaceme@one-shot; valid metrics: "
             f"{', '.join(metrics)}; valid compensations: {', '.join(compensations)}")
 
 
@@ -108,11 +210,15 @@ def parse_method(name: str, metrics: Iterable[str] | None = None,
     text = name.strip()
     if not text:
         raise GradmapError("empty method name; " + _grammar(metrics, compensations))
-    body, at, schedule = text.partition("@")
+    body, *tail = _split_top(text, "@")
+    at, schedule = bool(tail), "@".join(tail)
     if at and schedule not in SCHEDULES:
         raise GradmapError(f"method {text!r}: unknown schedule {schedule!r}; "
                            + _grammar(metrics, compensations))
-    metric, *comps = body.split("+")
+    metric, *comps = _split_top(body, "+")
+    metric, metric_options = _options(text, metric)
+    parsed = [_options(text, c) for c in comps]
+    comps = [c for c, _ in parsed]
     if metric not in metrics:
         raise GradmapError(f"method {text!r}: unknown metric {metric!r}; "
                            + _grammar(metrics, compensations))
@@ -134,16 +240,18 @@ def parse_method(name: str, metrics: Iterable[str] | None = None,
                            f"or {body}")
     if not schedule:  # metric_schedules() lists the metric's default schedule first
         schedule = supported[0] if metric in schedules else DEFAULT_SCHEDULE
+    comp_options = [o for _, o in parsed]
+    _check_options(text, metric, metric_options, comps, comp_options)
     return MethodSpec(name=text, metric=metric, compensation=tuple(comps) or ("none",),
-                      schedule=schedule)
+                      schedule=schedule, metric_options=metric_options,
+                      compensation_options=tuple(comp_options) if any(comp_options) else ())
 
 
 def parse_methods(names: str | Iterable[str], metrics: Iterable[str] | None = None,
                   compensations: Iterable[str] | None = None,
                   schedules: dict[str, tuple[str, ...]] | None = None) -> list[MethodSpec]:
     """Parse a comma-separated string (or a list) of method names, all before any work is done."""
-    items = [n.strip() for n in names.split(",")] if isinstance(names, str) else [
-        str(n).strip() for n in names]
+    items = split_methods(names) if isinstance(names, str) else [str(n).strip() for n in names]
     items = [n for n in items if n]
     if metrics is None:
         metrics = valid_metrics()
@@ -166,9 +274,49 @@ def parse_methods(names: str | Iterable[str], metrics: Iterable[str] | None = No
                            + grammar)
     seen: set[tuple] = set()
     for spec in specs:
-        key = (spec.metric, spec.compensation, spec.schedule)
+        key = (spec.metric, spec.compensation, spec.schedule, spec.metric_options,
+               spec.compensation_options)
         if key in seen:
             raise GradmapError(f"method {spec.name!r} repeats an earlier method (same metric, "
-                               "compensations and schedule); list each method once")
+                               "compensations, schedule and options); list each method once")
         seen.add(key)
     return specs
+
+
+def _literal(value: Any) -> str:
+    if isinstance(value, list):
+        value = tuple(value)
+    return repr(value)
+
+
+def format_method(metric: str, compensation: Iterable[str], schedule: str,
+                  metric_options: dict[str, Any] | None = None,
+                  compensation_options: dict[str, dict[str, Any]] | None = None) -> str:
+    """The method string for a pipeline, options written in sorted key order."""
+    def with_options(name: str, opts: dict[str, Any] | None) -> str:
+        if not opts:
+            return name
+        return f"{name}({','.join(f'{k}={_literal(v)}' for k, v in sorted(opts.items()))})"
+
+    parts = [with_options(metric, metric_options)]
+    parts += [with_options(c, (compensation_options or {}).get(c))
+              for c in compensation if c != "none"]
+    return "+".join(parts) + f"@{schedule}"
+
+
+def method_from_result(result: dict[str, Any]) -> str:
+    """The method string, every recorded option value spelled out, that reruns a PruneResult.
+
+    `result` is `PruneResult.to_dict()` (or a report.json). Metric options are the recorded
+    options that are fields of the metric; compensator options come from
+    `options["compensation_options"]` (recorded by fast_prune).
+    """
+    import dataclasses
+
+    from gradmap.prune.metrics import METRICS
+    metric, options = result["metric"], result.get("options") or {}
+    cls = METRICS.get(metric)
+    fields = [f.name for f in dataclasses.fields(cls)] if cls is not None else []
+    metric_options = {k: options[k] for k in fields if k in options}
+    return format_method(metric, result.get("compensation") or ["none"], result["schedule"],
+                         metric_options, options.get("compensation_options"))

@@ -255,7 +255,11 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
                           protect_last=protect_last, batch_size=batch_size,
                           compensation_batch_size=comp_batch_size,
                           n_calib=int(calib.shape[0]), seq_len=int(calib.shape[1]),
-                          protected_layers=sorted(protected))
+                          protected_layers=sorted(protected), offload=offload,
+                          compute_device=None if compute_device is None else str(compute_device),
+                          # with the metric options above: everything a rerun needs
+                          compensation_options={c.name: c.options() for c in compensators
+                                                if c.name != "none"})
     ctx = PruneContext(model=model, calib=calib, batch_size=comp_batch_size, result=result, progress=progress,
                        dense_layer_ids=list(ids))
     want_means = metric_obj.plain_forward and any(c.needs_dense_means for c in compensators)

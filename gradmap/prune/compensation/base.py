@@ -17,7 +17,9 @@ they did in `ctx.result.compensation_report[self.name]`.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -69,6 +71,19 @@ class Compensator:
     # the calibration passes it uses (gradmap.runtime.support.PASS_KINDS); a compensator that
     # runs forwards of its own cannot be streamed or sharded by the runtime
     needs: frozenset[str] = frozenset({"own_passes"})
+
+    def options(self) -> dict[str, Any]:
+        """Constructor options with the values this instance runs with (for PruneResult).
+
+        An option folded into another on construction (projection's `ridge` becomes a
+        one-value `ridge_grid`) is recorded as the option that holds it.
+        """
+        init = type(self).__init__
+        if init is object.__init__:
+            return {}
+        names = [n for n, p in inspect.signature(init).parameters.items()
+                 if n != "self" and p.kind is p.POSITIONAL_OR_KEYWORD]
+        return {n: getattr(self, n) for n in names if hasattr(self, n)}
 
     def begin(self, ctx: PruneContext) -> None:
         pass
