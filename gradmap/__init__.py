@@ -14,6 +14,7 @@ from gradmap.version import __version__
 _EXPORTS = {
     "fast_prune": "gradmap.api", "sparsify": "gradmap.api", "remove_layers": "gradmap.api",
     "save_pretrained": "gradmap.api", "load_model": "gradmap.api", "original_layer_ids": "gradmap.api",
+    "calibration_data": "gradmap.api",
     "PruneResult": "gradmap.api", "SparsifyResult": "gradmap.api", "GradmapError": "gradmap.core.errors",
     "UnsupportedModelError": "gradmap.core.errors", "ModelAdapter": "gradmap.core.adapter",
     "get_adapter": "gradmap.core.adapter",
