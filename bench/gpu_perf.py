@@ -130,14 +130,14 @@ def _llama(dry: bool, device: str):
 
 def p4(report, device, dry):
     from gradmap.prune.driver import fast_prune
-    from gradmap.runtime.capture import default_batch_size
+    from gradmap.runtime.batching import default_batch_size
     model, cfg = _llama(dry, "cpu" if dry else device)
     state = {k: v.clone() for k, v in model.state_dict().items()}  # restored between runs
     fresh = True
     n, seq = (4, 32) if dry else (128, 2048)
     calib = torch.randint(0, cfg.vocab_size, (n, seq), generator=torch.Generator().manual_seed(0))
     n_prune = 1 if dry else 8
-    step = default_batch_size(seq)  # the runtime's micro-batch
+    step = default_batch_size(seq, config=cfg)  # the runtime's backward micro-batch
 
     def forward_backward(rows: int):
         params = list(model.parameters())
