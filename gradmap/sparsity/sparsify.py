@@ -61,7 +61,7 @@ from gradmap.sparsity.scores import (SCORES, block_moments, block_scores, magnit
 from gradmap.sparsity.sparsegpt import sparsegpt_prune_
 
 __all__ = ["sparsify", "SparsifyResult", "ALLOCATIONS", "SCORES", "OPTION_DEFAULTS", "wanda_scores",
-           "magnitude_scores", "prune_rows_", "check_options", "resolve_pattern"]
+           "magnitude_scores", "prune_rows_", "check_options", "resolve_pattern", "needs_calibration"]
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ def check_options(sparsity: Any, allocation: Any, score: Any, batch_size: Any = 
     return opts
 
 
-def _needs_calib(allocation: str, score: str) -> bool:
+def needs_calibration(allocation: str, score: str) -> bool:
     """Magnitude under uniform or MRP needs no activations (MRP scores redundancy with |W| then)."""
     return score != "magnitude" or allocation == "owl"
 
@@ -168,7 +168,7 @@ def _validate(model: nn.Module, calib: Any, sparsity: Any, allocation: Any, scor
         if bad:
             raise GradmapError(f"pattern {nm[0]}:{nm[1]} needs every layer's in_features to be a multiple "
                                f"of {nm[1]}, but some have {bad}; choose another M")
-    if _needs_calib(allocation, score):
+    if needs_calibration(allocation, score):
         if calib is None:
             raise GradmapError(f"score={score!r} with allocation={allocation!r} needs calibration data; "
                                "pass calib=gradmap.core.calibration.calibration_data(tokenizer, ...)")
