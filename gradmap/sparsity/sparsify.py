@@ -87,7 +87,7 @@ class SparsifyResult:
     block_sparsity: list[float] = field(default_factory=list)   # achieved sparsity per block
     block_params: list[int] = field(default_factory=list)       # prunable weights per block
     layer_sparsity: dict[str, float] = field(default_factory=dict)  # "layers.<orig>.<module>" -> achieved
-    outlier_ratios: list[float] | None = None     # OWL: D of the dense model; MRP: D at the end
+    outlier_ratios: list[float] | None = None     # OWL: D of the dense model; MRP: final D, zeros included
     trajectory: list[dict[str, Any]] = field(default_factory=list)  # MRP steps (gradmap.sparsity.mrp.MRPStep)
     timings: dict[str, float] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
@@ -262,9 +262,9 @@ def _sparsify(model: nn.Module, calib: torch.Tensor | None, sparsity: float, all
         targets = owl_allocation(ratios, sparsity, opts["owl_lambda"])  # raises before any change
         result.outlier_ratios = ratios
     elif allocation == "mrp" and score == "sparsegpt":
-        targets = _mrp_on_dense_scores(model, calib, blocks, n_params, sparsity, batch_size, progress, opts,
-                                       result)
-        timings["mrp_loop"] = result.timings.pop("mrp_loop")
+        targets, steps, timings["mrp_loop"] = _mrp_on_dense_scores(model, calib, blocks, n_params, sparsity,
+                                                                    batch_size, progress, opts)
+        result.trajectory = [s.to_dict() for s in steps]
     elif allocation == "mrp":
         targets = [max(sparsity - opts["mrp_delta"], 0.0)] * n
     else:
@@ -317,8 +317,8 @@ def _norms(moments: dict) -> Norms:
 
 def _mrp_on_dense_scores(model: nn.Module, calib: torch.Tensor, blocks: list[dict[str, nn.Linear]],
                          n_params: list[int], sparsity: float, batch_size: int, progress: bool,
-                         opts: dict[str, float], result: SparsifyResult) -> list[float]:
-    """MRP's targets for a reconstructing pruner: the loop on fp32 copies of the dense |W|·‖X‖ scores.
+                         opts: dict[str, float]) -> tuple[list[float], list, float]:
+    """MRP's (targets, steps, loop seconds) for a reconstructing pruner, on copies of the dense |W|·‖X‖.
 
     Pruning a copy zeroes its lowest scores (`prune_rows_` on the scores themselves), which is
     exactly what the redundancy of a Wanda-style mask sees; the weights are not touched.
@@ -340,9 +340,7 @@ def _mrp_on_dense_scores(model: nn.Module, calib: torch.Tensor, blocks: list[dic
         n_params, zeros, [start] * len(blocks), sparsity, prune_block=prune_block,
         redundancy=lambda p: remaining_redundancy(scores[p], opts["outlier_m"]),
         step=opts["mrp_step"], cap=opts["mrp_cap"], slack=max(len(b) for b in blocks))
-    result.trajectory = [s.to_dict() for s in steps]
-    result.timings["mrp_loop"] = time.perf_counter() - t
-    return targets
+    return targets, steps, time.perf_counter() - t
 
 
 def _finish(result: SparsifyResult, model: nn.Module, blocks: list[dict[str, nn.Linear]],
