@@ -1,11 +1,13 @@
-"""Sparsity allocation benchmark: WikiText-2 perplexity of Wanda/magnitude pruning under
-uniform / OWL / MRP allocation, and the wall time of each `gradmap.sparsify` call.
+"""Sparsity study: {uniform, OWL, MRP} × {magnitude, Wanda, SparseGPT} × sparsities, plus N:M rows,
+each over several calibration seeds, with WikiText-2 perplexity, the 7-task zero-shot average and
+the wall time of each `gradmap.sparsify` call.
 
-    nice .venv/bin/python bench/sparsity_allocation.py --out /tmp/sparsity.jsonl
+    python bench/sparsity_allocation.py --out /tmp/sparsity.jsonl              # the full grid
+    python bench/sparsity_allocation.py --out /tmp/s.jsonl --table             # mean-over-seeds table
 
-One JSON line per configuration is appended to --out as soon as it is measured (a rerun
-skips configurations already there). The per-layer sparsity plot of the first MRP run at
---plot-sparsity is written to bench/figures/. Not collected by pytest (no test_ prefix).
+One JSON line per (configuration, seed) is appended to --out as soon as it is measured (a rerun
+skips those already there). Per-block sparsity plots of MRP at --plot-sparsity, one per score
+(principle 2: the allocation depends on the score), go to --figures. Not collected by pytest.
 """
 from __future__ import annotations
 
@@ -19,125 +21,141 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).resolve().parent
+SCORE_ORDER = ("magnitude", "wanda", "sparsegpt")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--sparsities", default="0.7,0.6,0.5")
+    p.add_argument("--sparsities", default="0.5,0.6,0.7")
     p.add_argument("--allocations", default="uniform,owl,mrp")
-    p.add_argument("--scores", default="wanda,magnitude")
+    p.add_argument("--scores", default="magnitude,wanda,sparsegpt")
+    p.add_argument("--patterns", default="2:4,4:8", help="N:M rows (uniform, every score); '' for none")
+    p.add_argument("--seeds", default="0,1", help="calibration sampling seeds; tables show the mean")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--ppl-seq-len", type=int, default=2048)
-    p.add_argument("--windows", type=int, default=8, help="first N WikiText-2 windows")
+    p.add_argument("--windows", type=int, default=8, help="first N WikiText-2 windows (0: all)")
+    p.add_argument("--zero-shot-limit", type=int, default=100, help="examples per task (0: skip)")
+    p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--plot-sparsity", type=float, default=0.7)
+    p.add_argument("--figures", default=str(HERE / "figures"))
     p.add_argument("--out", required=True, help="JSONL file the results are appended to")
-    p.add_argument("--replot", action="store_true", help="only redraw the MRP figures from --out")
-    p.add_argument("--table", action="store_true", help="only print the markdown tables from --out")
+    p.add_argument("--table", action="store_true", help="only print the markdown table from --out")
     args = p.parse_args()
-    if args.replot:
-        return replot(Path(args.out), args.plot_sparsity)
     if args.table:
         return print(table(Path(args.out)))
     torch.set_num_threads(args.threads)
+    run_grid(args)
 
-    from gradmap import load_model
-    from gradmap.sparsity import sparsify
-    from gradmap.core.calibration import calibration_data
-    from gradmap.cli.sparsify import plot_sparsity
-    from gradmap.evaluate import perplexity_report
 
-    out = Path(args.out)
-    done = set()
-    if out.exists():
-        for line in out.read_text().splitlines():
-            row = json.loads(line)
-            done.add((row["sparsity"], row["allocation"], row["score"]))
-    model, tok = load_model(args.model, dtype=torch.float32)
-    dense = {k: v.clone() for k, v in model.state_dict().items()}
-    calib = calibration_data(tok, "c4", args.n_samples, args.seq_len, seed=0)
-    env = {"torch": torch.__version__, "threads": args.threads, "cores": os.cpu_count(),
-           "cpu": platform.processor() or platform.machine(), "load_avg_start": os.getloadavg()[0]}
-
-    def record(row: dict) -> None:
-        row.update(env, calib=f"c4 {args.n_samples}x{args.seq_len} seed 0",
-                   ppl_data=f"wikitext2 test, L={args.ppl_seq_len}, first {args.windows} windows")
-        with out.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-        keys = ("sparsity", "allocation", "score", "ppl", "sparsify_s")
-        print(json.dumps({k: row[k] for k in keys}), flush=True)
-
-    if (0.0, "dense", "-") not in done:
-        rep = perplexity_report(model, tok, "wikitext2", args.ppl_seq_len, args.windows, progress=False)
-        record({"sparsity": 0.0, "allocation": "dense", "score": "-", "ppl": rep.ppl, "sparsify_s": 0.0,
-                "ppl_s": rep.seconds})
-    for s in [float(x) for x in args.sparsities.split(",")]:
+def _configs(args):
+    for s in [float(x) for x in args.sparsities.split(",") if x]:
         for alloc in args.allocations.split(","):
             for score in args.scores.split(","):
-                if (s, alloc, score) in done:
-                    continue
-                model.load_state_dict(dense)
-                t = time.perf_counter()
-                res = sparsify(model, calib, s, alloc, score, batch_size=args.batch_size, progress=False)
-                took = time.perf_counter() - t
-                rep = perplexity_report(model, tok, "wikitext2", args.ppl_seq_len, args.windows,
-                                        progress=False)
-                record({"sparsity": s, "allocation": alloc, "score": score, "ppl": rep.ppl,
-                        "sparsify_s": took,
-                        "ppl_s": rep.seconds, "overall_sparsity": res.overall_sparsity,
-                        "block_sparsity": res.block_sparsity, "block_targets": res.block_targets,
-                        "layer_ids": res.layer_ids, "timings": res.timings,
-                        "mrp_steps": len(res.trajectory), "outlier_ratios": res.outlier_ratios})
-                if alloc == "mrp" and abs(s - args.plot_sparsity) < 1e-9:
-                    _write_plot(res, plot_sparsity)
+                yield dict(sparsity=s, allocation=alloc, score=score, pattern=None)
+    for pattern in [x for x in args.patterns.split(",") if x]:
+        n, m = map(int, pattern.split(":"))
+        for score in args.scores.split(","):
+            yield dict(sparsity=1 - n / m, allocation="uniform", score=score, pattern=pattern)
 
 
-def _write_plot(res, plot_sparsity) -> None:
-    title = (f"SmolLM2-135M, MRP ({res.score}) at S={res.target_sparsity:g}: per-layer sparsity "
-             f"(overall {res.overall_sparsity:.4f})")
-    path = HERE / "figures" / f"sparsify_mrp_{res.score}_{round(res.target_sparsity * 100)}.png"
-    path.write_bytes(plot_sparsity(res, title))
+def _key(row: dict) -> tuple:
+    return row["sparsity"], row["allocation"], row["score"], row.get("pattern"), row.get("seed")
+
+
+def run_grid(args) -> None:
+    from gradmap import load_model
+    from gradmap.cli.sparsify import plot_sparsity
+    from gradmap.core.calibration import calibration_data
+    from gradmap.evaluate import perplexity_report, zero_shot
+    from gradmap.sparsity import sparsify
+
+    out = Path(args.out)
+    done = {_key(json.loads(line)) for line in out.read_text().splitlines()} if out.exists() else set()
+    model, tok = load_model(args.model, dtype=torch.float32, device=args.device)
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    windows = args.windows or None
+    env = {"torch": torch.__version__, "threads": args.threads, "device": args.device,
+           "cpu": platform.processor() or platform.machine(), "load_avg_start": os.getloadavg()[0],
+           "ppl_data": f"wikitext2 test, L={args.ppl_seq_len}, windows {args.windows or 'all'}",
+           "zero_shot_limit": args.zero_shot_limit}
+
+    def evaluate(row: dict) -> None:
+        rep = perplexity_report(model, tok, "wikitext2", args.ppl_seq_len, windows, progress=False)
+        row.update(ppl=rep.ppl, ppl_s=rep.seconds)
+        if args.zero_shot_limit:
+            zs = zero_shot(model, tok, "all", limit=args.zero_shot_limit, progress=False)
+            row.update(zero_shot=zs["average"], zero_shot_tasks={k: v["value"] for k, v in zs["tasks"].items()},
+                       zero_shot_s=zs["seconds"])
+        row.update(env)
+        with out.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        keys = ("sparsity", "allocation", "score", "pattern", "seed", "ppl", "zero_shot", "sparsify_s")
+        print(json.dumps({k: row.get(k) for k in keys}), flush=True)
+
+    if (0.0, "dense", "-", None, None) not in done:
+        evaluate({"sparsity": 0.0, "allocation": "dense", "score": "-", "pattern": None, "seed": None,
+                  "sparsify_s": 0.0})
+    for seed in [int(x) for x in args.seeds.split(",")]:
+        calib = calibration_data(tok, "c4", args.n_samples, args.seq_len, seed=seed)
+        for cfg in _configs(args):
+            if _key({**cfg, "seed": seed}) in done:
+                continue
+            model.load_state_dict(dense)
+            t = time.perf_counter()
+            kwargs = dict(pattern=cfg["pattern"]) if cfg["pattern"] else dict(sparsity=cfg["sparsity"],
+                                                                               allocation=cfg["allocation"])
+            res = sparsify(model, calib, score=cfg["score"], batch_size=args.batch_size, progress=False,
+                           **kwargs)
+            took = time.perf_counter() - t
+            evaluate({**cfg, "seed": seed, "sparsify_s": took,
+                      "calib": f"c4 {args.n_samples}x{args.seq_len} seed {seed}",
+                      "overall_sparsity": res.overall_sparsity, "block_sparsity": res.block_sparsity,
+                      "block_targets": res.block_targets, "layer_ids": res.layer_ids,
+                      "block_redundancy": res.block_redundancy, "redundancy_std": res.redundancy_std,
+                      "redundancy_range": res.redundancy_range, "timings": res.timings,
+                      "mrp_steps": len(res.trajectory), "outlier_ratios": res.outlier_ratios})
+            if cfg["allocation"] == "mrp" and abs(cfg["sparsity"] - args.plot_sparsity) < 1e-9 \
+                    and seed == int(args.seeds.split(",")[0]):
+                title = (f"{args.model}, MRP ({res.score}) at S={res.target_sparsity:g}: per-layer "
+                         f"sparsity (overall {res.overall_sparsity:.4f})")
+                path = Path(args.figures) / f"sparsify_mrp_{res.score}_{round(res.target_sparsity * 100)}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(plot_sparsity(res, title))
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values)
 
 
 def table(out: Path) -> str:
-    """Markdown: PPL per (sparsity, allocation) x score, then the wall time of each sparsify call."""
+    """Markdown, one row per configuration: mean over seeds of PPL, zero-shot average, redundancy
+    std and sparsify seconds (n = number of seeds)."""
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    by = {(r["sparsity"], r["allocation"], r["score"]): r for r in rows}
-    allocs = [a for a in ("uniform", "owl", "mrp") if any(k[1] == a for k in by)]
-    scores = [sc for sc in ("wanda", "magnitude") if any(k[2] == sc for k in by)]
-    dense = by.get((0.0, "dense", "-"))
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(_key(r)[:4], []).append(r)
     lines = []
+    dense = groups.pop((0.0, "dense", "-", None), None)
     if dense:
-        lines.append(f"Dense model: PPL {dense['ppl']:.2f} ({dense['ppl_s']:.0f} s to evaluate).\n")
-    head = " | ".join(f"{sc} PPL | {sc} time" for sc in scores)
-    lines += [f"| sparsity | allocation | {head} |", "|---" * (2 + 2 * len(scores)) + "|"]
-    for s in sorted({k[0] for k in by if k[0] > 0}, reverse=True):
-        for a in allocs:
-            cells = []
-            for sc in scores:
-                r = by.get((s, a, sc))
-                cells += [f"{r['ppl']:.1f}", f"{r['sparsify_s']:.0f} s"] if r else ["-", "-"]
-            lines.append(f"| {s:.0%} | {a} | " + " | ".join(cells) + " |")
+        zs = f", zero-shot average {dense[0]['zero_shot']:.4f}" if "zero_shot" in dense[0] else ""
+        lines.append(f"Dense model: PPL {dense[0]['ppl']:.2f}{zs}.\n")
+    lines += ["| sparsity | allocation | score | seeds | PPL | zero-shot avg | redundancy std | seconds |",
+              "|---|---|---|---|---|---|---|---|"]
+    alloc_order = {"uniform": 0, "owl": 1, "mrp": 2}
+    order = sorted(groups, key=lambda k: (k[3] is not None, k[3] or "", -k[0], SCORE_ORDER.index(k[2]),
+                                          alloc_order[k[1]]))
+    for key in order:
+        g = groups[key]
+        s, alloc, score, pattern = key
+        zs = f"{_mean([r['zero_shot'] for r in g]):.4f}" if all("zero_shot" in r for r in g) else "-"
+        label = pattern if pattern else f"{s:.0%}"
+        lines.append(f"| {label} | {alloc} | {score} | {len(g)} | {_mean([r['ppl'] for r in g]):.1f} | {zs} | "
+                     f"{_mean([r.get('redundancy_std', float('nan')) for r in g]):.4f} | {_mean([r['sparsify_s'] for r in g]):.0f} |")
     return "\n".join(lines)
-
-
-def replot(out: Path, sparsity: float) -> None:
-    """Redraw the MRP per-layer figures from the recorded JSONL (no model is loaded)."""
-    from gradmap.cli.sparsify import plot_sparsity
-    from gradmap.sparsity.sparsify import SparsifyResult
-
-    for line in out.read_text().splitlines():
-        row = json.loads(line)
-        if row["allocation"] == "mrp" and abs(row["sparsity"] - sparsity) < 1e-9:
-            n = len(row["block_sparsity"])
-            res = SparsifyResult("mrp", row["score"], row["sparsity"], row["overall_sparsity"],
-                                 layer_ids=row.get("layer_ids", list(range(n))),
-                                 block_targets=row.get("block_targets", []),
-                                 block_sparsity=row["block_sparsity"])
-            _write_plot(res, plot_sparsity)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def _assert_lowest_per_row(weight_sparse, scores, target):
 
 @pytest.mark.parametrize("family", ["llama", "gemma2", "qwen2", "phi3"])
 @pytest.mark.parametrize("allocation", ["uniform", "owl", "mrp"])
-@pytest.mark.parametrize("score", ["wanda", "magnitude"])
+@pytest.mark.parametrize("score", ["wanda", "magnitude", "sparsegpt"])
 def test_overall_sparsity_hits_target(family, allocation, score):
     dense, sparse, r = _dense_and_sparse(family, S, allocation, score, outlier_m=M_SMALL)
     assert isinstance(r, SparsifyResult)
@@ -78,6 +78,7 @@ def test_overall_sparsity_hits_target(family, allocation, score):
         if ".layers." not in key or "norm" in key:
             assert torch.equal(dense_sd[key], sparse_sd[key]), key
     assert set(r.timings) >= {"allocation_pass", "pruning_pass", "mrp_loop", "total"}
+    assert len(r.block_redundancy) == N and r.pattern is None
     json.dumps(r.to_dict())
 
 
@@ -205,7 +206,12 @@ def test_bad_input_raises_and_leaves_model_untouched():
         (dict(sparsity=-0.2), "strictly between 0 and 1"),
         (dict(sparsity=True), "strictly between 0 and 1"),
         (dict(allocation="lamp"), "unknown allocation 'lamp'; choose one of uniform, owl, mrp"),
-        (dict(score="sparsegpt"), "unknown score 'sparsegpt'; choose one of wanda, magnitude"),
+        (dict(score="obs"), "unknown score 'obs'; choose one of wanda, magnitude, sparsegpt"),
+        (dict(pattern="4:2", sparsity=None), "pattern must be 'N:M' with 0 < N < M"),
+        (dict(pattern="2-4", sparsity=None), "pattern must be 'N:M'"),
+        (dict(pattern="2:4", sparsity=0.7), "drop sparsity or pass sparsity=0.5"),
+        (dict(pattern="2:4", sparsity=None), "allocation='mrp' cannot apply"),
+        (dict(pattern="1:3", sparsity=None, allocation="uniform"), "multiple of 3"),
         (dict(mrp_delta=0.3, mrp_cap=0.2), "make mrp_delta <= mrp_cap"),
         (dict(mrp_cap=-0.1), "mrp_cap"),
         (dict(mrp_step=0.0), "mrp_step"),
@@ -234,6 +240,10 @@ def test_uniform_magnitude_needs_no_calibration():
     model = tiny_model("mistral", 3)
     r = sparsify(model, None, 0.5, "uniform", "magnitude")
     assert r.block_sparsity == [0.5, 0.5, 0.5] and r.options["calibration_shape"] is None
+    r = sparsify(model, None, 0.6, "mrp", "magnitude", progress=False, mrp_step=0.05)  # R from |W| alone
+    assert abs(r.overall_sparsity - 0.6) <= 1e-3 and len(r.trajectory) > 0
+    with pytest.raises(GradmapError, match="needs calibration data"):
+        sparsify(model, None, 0.5, "uniform", "sparsegpt")
 
 
 def test_prune_rows_re_pruning_is_nested_and_equals_direct_pruning():
@@ -295,3 +305,47 @@ def test_cli_writes_standard_checkpoint_report_and_plot(monkeypatch, tmp_path, d
     a = get_adapter(reloaded)
     zeros = sum(int((l.weight == 0).sum()) for p in range(a.num_layers) for l in a.linear_modules(p).values())
     assert zeros / sum(report["block_params"]) == pytest.approx(report["overall_sparsity"], abs=0)
+
+
+def _groups_nonzero(weight, m):
+    rows, cols = weight.shape
+    return (weight.reshape(rows, cols // m, m) != 0).sum(2)
+
+
+@pytest.mark.parametrize("score", ["magnitude", "wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+def test_nm_pattern_is_exact_in_every_pruned_matrix(score, pattern):
+    n, m = map(int, pattern.split(":"))
+    dense = tiny_model("qwen2", N, dtype=torch.float64)
+    sparse = copy.deepcopy(dense)
+    r = sparsify(sparse, _calib(), score=score, pattern=pattern, batch_size=3, progress=False)
+    assert r.pattern == pattern and r.allocation == "uniform" and r.target_sparsity == 0.5
+    assert r.overall_sparsity == 0.5
+    for pos in range(N):
+        for name, lin in _linears(sparse, pos).items():
+            assert bool((_groups_nonzero(lin.weight, m) == n).all()), (pos, name)
+            if score == "magnitude":  # the zeros are the M - N smallest of each group
+                w0 = _linears(dense, pos)[name].weight.abs()
+                rows, cols = w0.shape
+                g0 = w0.reshape(rows, cols // m, m)
+                zero = (lin.weight == 0).reshape(rows, cols // m, m)
+                big = torch.finfo(w0.dtype).max
+                assert bool((torch.where(zero, g0, -1.0).amax(2)
+                             <= torch.where(zero, big, g0).amin(2)).all())
+    json.dumps(r.to_dict())
+
+
+def test_cli_pattern_writes_exact_checkpoint_and_report(monkeypatch, tmp_path, data_dir):
+    out = tmp_path / "nm"
+    argv = ["--model", "tiny", "--out", str(out), "--pattern", "2:4", "--score", "sparsegpt",
+            "--n-samples", "4", "--seq-len", "16", "--batch-size", "2", "--no-progress"]
+    assert _cli(monkeypatch, argv, []) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["pattern"] == "2:4" and report["allocation"] == "uniform"
+    assert report["target_sparsity"] == 0.5 and "redundancy_std" in report
+    a = get_adapter(AutoModelForCausalLM.from_pretrained(out))
+    for p in range(a.num_layers):
+        for lin in a.linear_modules(p).values():
+            assert bool((_groups_nonzero(lin.weight, 4) <= 2).all())
+    assert _cli(monkeypatch, ["--model", "t", "--out", str(tmp_path / "x"), "--pattern", "2:4",
+                              "--allocation", "owl"], []) == 2

@@ -1,7 +1,8 @@
-"""`gradmap sparsify`: unstructured (Wanda/magnitude) pruning with uniform, OWL or MRP allocation.
+"""`gradmap sparsify`: unstructured or N:M pruning (Wanda/magnitude/SparseGPT) with uniform, OWL or MRP allocation.
 
 The checkpoint is saved dense with zeros (a standard HF checkpoint) together with
-`report.json` (the SparsifyResult plus the calibration settings) and `sparsity.png`
+`report.json` (the SparsifyResult, including the N:M `pattern` and the per-block redundancy
+spread, plus the calibration settings) and `sparsity.png`
 (achieved sparsity per decoder layer).
 """
 from __future__ import annotations
@@ -23,7 +24,7 @@ __all__ = ["add_parser", "run", "plot_sparsity"]
 # copies of gradmap.sparsity.sparsify's names, so `--help` needs no torch import;
 # tests/test_reliability_cli.py checks they match
 ALLOCATIONS = ("uniform", "owl", "mrp")
-SCORES = ("wanda", "magnitude")
+SCORES = ("wanda", "magnitude", "sparsegpt")
 OPTION_DEFAULTS = {"outlier_m": 5.0, "owl_lambda": 0.08, "mrp_delta": 0.1, "mrp_step": 0.01,
                    "mrp_cap": 0.2}
 
@@ -32,9 +33,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("sparsify", help="zero a fraction of the decoder's linear weights",
                               description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="HF directory, hub id, .gguf file or alias (smollm2-135m)")
-    p.add_argument("--sparsity", type=float, default=0.7,
-                   help="overall fraction of weights zeroed, in (0, 1)")
-    p.add_argument("--allocation", default="mrp", help=f"one of {', '.join(ALLOCATIONS)} (default mrp)")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="overall fraction of weights zeroed, in (0, 1) (default 0.7; with --pattern 1 - N/M)")
+    p.add_argument("--allocation", default=None,
+                   help=f"one of {', '.join(ALLOCATIONS)} (default mrp; uniform with --pattern)")
+    p.add_argument("--pattern", default=None,
+                   help="N:M semi-structured sparsity, e.g. 2:4 or 4:8 (N non-zeros in every M inputs)")
     p.add_argument("--score", default="wanda", help=f"one of {', '.join(SCORES)} (default wanda)")
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -93,14 +97,15 @@ def _run(args: argparse.Namespace, device: str) -> int:
     from gradmap.core.calibration import calibration_data, check_source
     from gradmap.core.checkpoint import prepare_output_dir, save_pretrained
     from gradmap.core.models import load_model
-    from gradmap.sparsity.sparsify import check_options, sparsify
+    from gradmap.sparsity.sparsify import check_options, needs_calibration, resolve_pattern, sparsify
 
     # everything checkable without the model is checked before any work
     prepare_output_dir(args.out, args.overwrite)
     options = {k: getattr(args, k) for k in OPTION_DEFAULTS}
+    _, args.sparsity, args.allocation = resolve_pattern(args.pattern, args.sparsity, args.allocation)
     check_options(args.sparsity, args.allocation, args.score, args.batch_size, options)
     positive(args, "n_samples", "seq_len")
-    needs_calib = args.score == "wanda" or args.allocation != "uniform"
+    needs_calib = needs_calibration(args.allocation, args.score)
     if needs_calib:
         check_source(args.calib_source, "--calib-source")
 
@@ -109,7 +114,8 @@ def _run(args: argparse.Namespace, device: str) -> int:
     calib = (calibration_data(tokenizer, args.calib_source, args.n_samples, args.seq_len, args.seed)
              if needs_calib else None)
     result = sparsify(model, calib, args.sparsity, args.allocation, args.score,
-                      batch_size=args.batch_size, progress=not args.no_progress, **options)
+                      pattern=args.pattern, batch_size=args.batch_size, progress=not args.no_progress,
+                      **options)
     if not distributed.is_main():  # identical weights on every rank; rank 0 writes, the others wait
         distributed.barrier()
         return 0
@@ -117,12 +123,15 @@ def _run(args: argparse.Namespace, device: str) -> int:
               "calibration": ({"source": str(args.calib_source), "n_samples": args.n_samples,
                                "seq_len": args.seq_len, "seed": args.seed} if needs_calib else None),
               "wall_seconds": time.perf_counter() - start, "world_size": distributed.world_size()}
-    png = plot_sparsity(result, f"{args.model}: {args.allocation}/{args.score}, "
+    kind = f"{args.score} {args.pattern}" if args.pattern else f"{args.allocation}/{args.score}"
+    png = plot_sparsity(result, f"{args.model}: {kind}, "
                                 f"overall sparsity {result.overall_sparsity:.4f}")
     out = save_pretrained(model, tokenizer, args.out, report=report, overwrite=args.overwrite,
                           extra_files={"sparsity.png": png})
-    print(f"overall sparsity {result.overall_sparsity:.4f} (target {args.sparsity}) over "
+    print(f"overall sparsity {result.overall_sparsity:.4f} (target {args.sparsity}"
+          + (f", pattern {args.pattern}" if args.pattern else "") + f") over "
           f"{sum(result.block_params)} weights; saved to {out}")
+    print(f"block redundancy spread: std {result.redundancy_std:.4f}, max-min {result.redundancy_range:.4f}")
     per_layer = zip(result.layer_ids, result.block_sparsity)
     print("per-layer sparsity: " + " ".join(f"{i}:{s:.3f}" for i, s in per_layer))
     return 0
