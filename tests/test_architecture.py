@@ -150,3 +150,15 @@ def test_no_module_over_400_lines():
 def test_the_checker_sees_cycles_and_private_imports():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_import_gradmap_is_light_and_submodules_load_on_use():
+    import subprocess
+    import sys
+    code = ("import sys, gradmap\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'heavy import'\n"
+            "assert callable(gradmap.evaluate.perplexity) and callable(gradmap.fast_prune)\n"
+            "from gradmap.api import GradMAP, Magnitude, Projection\n"
+            "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
