@@ -12,12 +12,14 @@ from pathlib import Path
 from gradmap.core.errors import GradmapError
 
 __all__ = ["positive", "check_runtime", "compensation_names", "check_json_target", "write_json",
-           "METRICS", "COMPENSATIONS"]
+           "METRICS", "COMPENSATIONS", "DEFAULT_PIPELINE_NAME"]
 
 # Listed here so `--help` can show them without importing torch; tests/test_reliability_cli.py
 # checks they equal the registries.
 METRICS = ("gradmap", "block-influence", "angular", "taylor", "ppl", "sleb", "magnitude")
 COMPENSATIONS = ("none", "projection", "magnitude", "replaceme")
+# gradmap.prune.driver.default_pipeline_name(), for --help without torch (a test checks they agree)
+DEFAULT_PIPELINE_NAME = "gradmap+projection@one-shot"
 
 
 def positive(args, *names: str) -> None:

@@ -11,7 +11,8 @@ import ast
 import json
 import time
 
-from gradmap.cli.checks import COMPENSATIONS, METRICS, check_runtime, compensation_names, positive
+from gradmap.cli.checks import (COMPENSATIONS, DEFAULT_PIPELINE_NAME, METRICS, check_runtime, compensation_names,
+                                positive)
 from gradmap.core.errors import GradmapError
 
 __all__ = ["add_parser", "run", "parse_options"]
@@ -27,17 +28,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--model", required=True, help="hub id, local HF directory, .gguf file or alias "
                                                   "(e.g. smollm2-135m)")
     p.add_argument("--n-prune", type=int, required=True, help="number of decoder layers to remove")
-    p.add_argument("--metric", default="gradmap",
-                   help=f"layer metric: {', '.join(METRICS)} (default: gradmap)")
+    p.add_argument("--metric", default=None,
+                   help=f"layer metric: {', '.join(METRICS)} (default: the default pipeline's, "
+                        f"{DEFAULT_PIPELINE_NAME})")
     p.add_argument("--metric-option", action="append", default=[], metavar="KEY=VALUE",
                    help="metric option, repeatable (e.g. gradient=token, verify=4)")
     p.add_argument("--schedule", default=None, choices=("iterative", "one-shot"),
                    help="re-score after every removal (iterative) or score once (one-shot); "
-                        "default: the metric's own (one-shot for gradmap, iterative for the others "
-                        "that support it)")
-    p.add_argument("--compensation", default="projection",
+                        "default: the default pipeline's when --metric is not given, else the "
+                        "metric's own (one-shot for gradmap, iterative for the others that support it)")
+    p.add_argument("--compensation", default=None,
                    help=f"comma-separated compensators from {', '.join(COMPENSATIONS)} "
-                        "(default: projection)")
+                        f"(default: the default pipeline's, {DEFAULT_PIPELINE_NAME})")
     p.add_argument("--calib", default="c4", help="calibration data: c4, wikitext2 or a .jsonl/.txt path")
     p.add_argument("--n-calib", type=int, default=128, help="calibration sequences (128)")
     p.add_argument("--seq-len", type=int, default=2048,
@@ -87,17 +89,21 @@ def _run(args: argparse.Namespace, device: str) -> int:
     from gradmap.core.checkpoint import prepare_output_dir, save_pretrained
     from gradmap.core.models import load_model, model_layer_ids
     from gradmap.experiments.plots import plot_scores
-    from gradmap.prune.driver import check_prune_plan, check_schedule, fast_prune, resolve_compensation
+    from gradmap.prune.driver import (check_prune_plan, check_schedule, fast_prune, resolve_compensation,
+                                      resolve_pipeline)
     from gradmap.prune.metrics import get_metric
 
     # every cheap check before the model is loaded
     prepare_output_dir(args.out, args.overwrite)
     positive(args, "n_calib", "seq_len", "batch_size")
     check_source(args.calib)
-    options = parse_options(args.metric_option)
-    metric = get_metric(args.metric, **options)
-    check_schedule(metric, args.schedule)
-    compensation = compensation_names(args.compensation)
+    given_options = parse_options(args.metric_option)
+    given_comp = None if args.compensation is None else compensation_names(args.compensation)
+    # what fast_prune will run, for the checks; fast_prune resolves the same defaults itself
+    metric_name, compensation, schedule, options = resolve_pipeline(args.metric, given_comp, args.schedule,
+                                                                    given_options)
+    metric = get_metric(metric_name, **options)
+    check_schedule(metric, schedule)
     compensators = resolve_compensation(compensation)
     if args.offload:
         check_prune_support(metric, compensators)
@@ -117,11 +123,11 @@ def _run(args: argparse.Namespace, device: str) -> int:
     say(f"drawing {args.n_calib} x {args.seq_len} calibration tokens from {args.calib} "
           f"(seed {args.seed}) ...", flush=True)
     calib = calibration_data(tokenizer, args.calib, args.n_calib, args.seq_len, args.seed)
-    result = fast_prune(model, calib, args.n_prune, metric=args.metric, compensation=compensation,
+    result = fast_prune(model, calib, args.n_prune, metric=args.metric, compensation=given_comp,
                         schedule=args.schedule, protect_first=args.protect_first,
                         protect_last=args.protect_last, batch_size=args.batch_size,
                         progress=not args.no_progress and main, offload=args.offload,
-                        compute_device=device if args.offload else None, **options)
+                        compute_device=device if args.offload else None, **given_options)
     if not main:  # identical result on every rank; rank 0 writes, the others wait for it
         distributed.barrier()
         return 0

@@ -42,7 +42,7 @@ from gradmap.core.result import PruneResult
 from gradmap.core.surgery import remove_layers
 
 __all__ = ["fast_prune", "check_calibration", "resolve_compensation", "protected_layers", "check_schedule",
-           "check_prune_plan", "SCHEDULES"]
+           "check_prune_plan", "SCHEDULES", "DEFAULT_PIPELINE", "resolve_pipeline", "default_pipeline_name"]
 
 log = logging.getLogger(__name__)
 
@@ -193,13 +193,45 @@ def _next_choice(plan, result: PruneResult) -> int:
     return idx
 
 
-def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str | Metric = "gradmap",
-               compensation: Any = "projection", schedule: str | None = None, protect_first: int = 1,
+# What fast_prune and `gradmap prune` run when no metric / compensation is named: chosen from the
+# multi-seed study of issue 14 (bench/RESULTS.md "Default pipeline", README "Which pipeline").
+DEFAULT_PIPELINE: dict[str, Any] = {"metric": "gradmap", "metric_options": {}, "compensation": ("projection",),
+                                    "schedule": "one-shot"}
+
+
+def default_pipeline_name() -> str:
+    """The default pipeline as a `gradmap compare` method string."""
+    d = DEFAULT_PIPELINE
+    opts = ",".join(f"{k}={v!r}" for k, v in d["metric_options"].items())
+    return f"{d['metric']}{f'({opts})' if opts else ''}+{'+'.join(d['compensation'])}@{d['schedule']}"
+
+
+def resolve_pipeline(metric: Any, compensation: Any, schedule: str | None, metric_options: dict
+                     ) -> tuple[Any, Any, str | None, dict]:
+    """Fill what the caller left None from DEFAULT_PIPELINE.
+
+    `metric=None`: the default metric with its options (the caller's `metric_options` on top)
+    and, when `schedule` is None too, the default schedule. `compensation=None`: the default
+    compensation, whatever the metric. Anything named explicitly is kept as given.
+    """
+    if metric is None:
+        metric = DEFAULT_PIPELINE["metric"]
+        metric_options = {**DEFAULT_PIPELINE["metric_options"], **metric_options}
+        schedule = DEFAULT_PIPELINE["schedule"] if schedule is None else schedule
+    if compensation is None:
+        compensation = list(DEFAULT_PIPELINE["compensation"])
+    return metric, compensation, schedule, metric_options
+
+
+def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str | Metric | None = None,
+               compensation: Any = None, schedule: str | None = None, protect_first: int = 1,
                protect_last: int = 1, batch_size: int | None = None, progress: bool = True,
                offload: str | None = None, compute_device: str | torch.device | None = None,
                **metric_options) -> PruneResult:
     """Remove `n_prune` decoder layers of `model` in place and return what was done.
 
+    With `metric`, `compensation` and `schedule` left None this runs the default pipeline
+    (`DEFAULT_PIPELINE`, the best measured; see `resolve_pipeline` for partial choices).
     `metric` is a name from `gradmap.prune.metrics.available_metrics()` (configured by
     `metric_options`) or a Metric instance; lowest score is removed first.
     `schedule=None` takes the metric's `default_schedule`: one-shot for GradMAP (measured
@@ -229,6 +261,9 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     and raises GradmapError for the others before any work.
     """
     adapter = get_adapter(model)
+    defaulted = metric is None and compensation is None
+    metric, compensation, schedule, metric_options = resolve_pipeline(metric, compensation, schedule,
+                                                                      metric_options)
     metric_obj = get_metric(metric, **metric_options)
     schedule = check_schedule(metric_obj, schedule)
     calib = check_calibration(model, calib)
@@ -256,6 +291,7 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
                           compensation_batch_size=comp_batch_size,
                           n_calib=int(calib.shape[0]), seq_len=int(calib.shape[1]),
                           protected_layers=sorted(protected), offload=offload,
+                          default_pipeline=defaulted and schedule == DEFAULT_PIPELINE["schedule"],
                           compute_device=None if compute_device is None else str(compute_device),
                           # with the metric options above: everything a rerun needs
                           compensation_options={c.name: c.options() for c in compensators
