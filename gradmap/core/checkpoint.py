@@ -15,6 +15,7 @@ from torch import nn
 
 from gradmap.core import distributed
 from gradmap.core.errors import GradmapError
+from gradmap.core.legacy_config import add_legacy_keys
 from gradmap.core.result import json_text
 
 try:
@@ -205,6 +206,7 @@ def _save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report: dict[
             model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            add_legacy_keys(tmp)  # so transformers 4.x, still claimed, loads the same model
             if report is not None:
                 (tmp / "report.json").write_text(json_text(report))
             for name, data in (extra_files or {}).items():
