@@ -16,7 +16,7 @@ _EXPORTS = {
     "save_pretrained": "gradmap.api", "load_model": "gradmap.api", "original_layer_ids": "gradmap.api",
     "PruneResult": "gradmap.api", "SparsifyResult": "gradmap.api", "GradmapError": "gradmap.core.errors",
     "UnsupportedModelError": "gradmap.core.errors", "ModelAdapter": "gradmap.core.adapter",
-    "get_adapter": "gradmap.core.adapter",
+    "get_adapter": "gradmap.core.adapter", "export_gguf": "gradmap.api",
 }
 _SUBMODULES = ("api", "core", "ops", "runtime", "prune", "sparsity", "evaluate", "cli", "experiments")
 
