@@ -1,6 +1,7 @@
 """gradmap.export_gguf: a pruned GGUF-loaded model written back to GGUF (issue 17)."""
 import copy
 import hashlib
+import json
 import os
 import re
 
@@ -11,8 +12,9 @@ from gguf import GGUFReader
 from transformers import AutoModelForCausalLM
 
 from gradmap import export_gguf, remove_layers
+from gradmap.cli.app import main
 from gradmap.core.errors import GradmapError
-from gradmap.core.gguf_export import Q8_KL_TOL
+from gradmap.core.gguf_export import Q8_KL_TOL, ROWS
 from gradmap.core.models import GGUF_SOURCE_ATTR, resolve_model_path
 from tiny import tiny_model
 
@@ -34,8 +36,8 @@ def _reload(path):
                                                 dtype=torch.float32).eval()
 
 
-def _log_probs(model, tok):
-    x = tok(PROMPTS, return_tensors="pt", padding=True)
+def _log_probs(model, tok, prompts=PROMPTS):
+    x = tok(prompts, return_tensors="pt", padding=True)
     with torch.no_grad():
         return model(**x).logits.log_softmax(-1), x.attention_mask.bool()
 
@@ -113,16 +115,22 @@ def test_changed_tensors_requantised_within_tolerance(pruned, tmp_path):
     with torch.no_grad():  # as compensation would: a folded correction changes a few weights
         model.model.layers[3].mlp.down_proj.weight.mul_(1.05)
         model.model.layers[5].self_attn.q_proj.weight.mul_(0.97)  # llama.cpp's permuted Q layout
+        model.model.norm.weight.mul_(1.01)  # 1-D: written F32
+        # an LM head no longer tied to the embedding: the source has no output.weight, so it is added
+        model.lm_head.weight = torch.nn.Parameter(model.model.embed_tokens.weight * 1.02)
+        model.config.tie_word_embeddings = False
     out = tmp_path / "changed.gguf"
     info = export_gguf(model, tok, out)
-    assert info["changed"] == {"blk.3.ffn_down.weight": "Q8_0", "blk.5.attn_q.weight": "Q8_0"}
+    assert info["changed"] == {"blk.3.ffn_down.weight": "Q8_0", "blk.5.attn_q.weight": "Q8_0",
+                               "output_norm.weight": "F32", "output.weight": "Q8_0"}
+    assert info["added"] == ["output.weight"]
     assert info["changed_errors"]["kl_q8_0"] <= Q8_KL_TOL
     a, mask = _log_probs(model, tok)
     b, _ = _log_probs(_reload(out), tok)
     kl = (a.exp() * (a - b)).sum(-1)[mask].mean().item()
     assert 0 < kl <= Q8_KL_TOL, kl  # re-quantised: not exact, within the stated tolerance
     info = export_gguf(model, tok, out, dtype="f16", overwrite=True)
-    assert set(info["changed"].values()) == {"F16"}
+    assert sorted(info["changed"].values()) == ["F16", "F16", "F16", "F32"]
     b16, _ = _log_probs(_reload(out), tok)
     kl16 = (a.exp() * (a - b16)).sum(-1)[mask].mean().item()
     assert kl16 <= kl, (kl16, kl)
@@ -163,7 +171,8 @@ def test_llama_cpp_greedy_matches_transformers(pruned, tmp_path):
                                min_new_tokens=16)[0, len(ids):].tolist()
         llm.reset()
         got = []
-        for t in llm.generate(ids, top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0, reset=True):
+        for t in llm.generate(ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0,
+                              reset=True):
             got.append(t)
             if len(got) == 16:
                 break
@@ -172,3 +181,49 @@ def test_llama_cpp_greedy_matches_transformers(pruned, tmp_path):
     # late in the sequence, so the first 8 tokens must match and the agreement is printed
     print(f"\nllama.cpp vs transformers: first differing position per prompt {agree} (16 = none)")
     assert min(agree) >= 8, agree
+
+
+# --- gradmap prune --gguf ---
+
+def test_prune_cli_gguf_needs_gguf_model_before_loading(tmp_path, capsys):
+    model_dir = tmp_path / "model"
+    tiny_model("llama", 4).save_pretrained(model_dir)
+    code = main(["prune", "--model", str(model_dir), "--n-prune", "1", "--compensation", "none",
+                 "--out", str(tmp_path / "o"), "--gguf", str(tmp_path / "o.gguf")])
+    assert code == 2
+    assert "--gguf needs a GGUF model" in capsys.readouterr().err
+    code = main(["prune", "--model", "smollm2-135m", "--n-prune", "1", "--compensation", "none",
+                 "--out", str(tmp_path / "o"), "--gguf", str(tmp_path / "o.bin")])
+    assert code == 2
+    assert "must end in .gguf" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.slow
+def test_prune_cli_writes_gguf_with_compensated_tensors(tmp_path, data_dir):
+    """The real flow: magnitude compensation rescales the residual writes, which the GGUF carries."""
+    out, gguf_out = tmp_path / "ck", tmp_path / "pruned.gguf"
+    code = main(["prune", "--model", "smollm2-135m", "--n-prune", "4", "--metric", "block-influence",
+                 "--schedule", "one-shot", "--compensation", "magnitude", "--calib", "c4",
+                 "--n-calib", "4", "--seq-len", "64", "--out", str(out), "--gguf", str(gguf_out),
+                 "--no-progress"])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    g = report["gguf"]
+    assert g["blocks"] == 26 and g["changed"], g  # compensation changed some tensors
+    assert set(g["changed"].values()) == {"Q8_0", "F32"}, g  # norms F32, matrices Q8_0 (KL small)
+    # the GGUF holds the same model as the safetensors checkpoint, up to the re-quantised tensors
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(out)
+    # on the rows the type choice measured, the stated tolerance holds (other text: printed)
+    dense, gguf_model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval(), _reload(gguf_out)
+    kls = []
+    for prompts in (ROWS, PROMPTS):
+        a, mask = _log_probs(dense, tok, prompts)
+        b, _ = _log_probs(gguf_model, tok, prompts)
+        kls.append((a.exp() * (a - b)).sum(-1)[mask].mean().item())
+    assert kls[0] <= Q8_KL_TOL, kls
+    kl = kls[1]
+    sizes = {"safetensors": (out / "model.safetensors").stat().st_size, "gguf": g["bytes"],
+             "dense_gguf": g["source_bytes"]}
+    print(f"\nCLI --gguf: changed {g['changed']}, errors {g['changed_errors']}, KL {kl:.2e}, sizes {sizes}")

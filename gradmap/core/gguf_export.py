@@ -22,7 +22,7 @@ from gradmap.core.gguf_layout import QUANT_TYPES, GGUFLayout
 from gradmap.core.models import GGUF_SOURCE_ATTR
 from gradmap.core.surgery import original_layer_ids
 
-__all__ = ["export_gguf", "Q8_KL_TOL", "DTYPES"]
+__all__ = ["export_gguf", "check_gguf_paths", "Q8_KL_TOL", "DTYPES"]
 
 DTYPES = ("auto", "q8_0", "f16", "f32")
 # mean KL(in-memory || exported) per token, nats, over ROWS; Q8_0 is used for changed tensors below it
@@ -33,7 +33,8 @@ ROWS = ["The capital of France is Paris, and the capital of Italy is Rome.",
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 
 
-def _check_paths(source, path, overwrite: bool) -> tuple[Path, Path]:
+def check_gguf_paths(source, path, overwrite: bool) -> tuple[Path, Path]:
+    """Check the source GGUF and the output file before any work; one-line errors."""
     if source is None:
         raise GradmapError("export_gguf needs the GGUF file the model was loaded from: load it with "
                            "gradmap.load_model('file.gguf') or pass source='file.gguf' (models loaded "
@@ -71,21 +72,37 @@ def _plan(reader: GGUFReader, kept: list[int]) -> list[tuple[object, str]]:
     return plan
 
 
-def _logits(model, ids: torch.Tensor) -> torch.Tensor:
+def _new_tensors(layout: GGUFLayout, state: dict, covered: set[str]) -> dict[str, str]:
+    """Model tensors the source GGUF has no tensor for (e.g. an LM head untied by compensation)."""
+    gguf_of = {hf: g for g, hf in layout.hf_name.items()}
+    covered_ptrs = {state[n].data_ptr() for n in covered}
+    new = {}
+    for hf_name, tensor in state.items():
+        if hf_name in covered or tensor.data_ptr() in covered_ptrs:
+            continue  # present, or tied to a present tensor (a tied LM head)
+        if hf_name not in gguf_of:
+            raise GradmapError(f"model tensor {hf_name} has no GGUF name for architecture "
+                               f"{layout.arch!r}; this model cannot be exported to GGUF")
+        new[hf_name] = gguf_of[hf_name]
+    return new
+
+
+def _logits(model, rows: dict) -> torch.Tensor:
+    """Next-token log-probabilities at the real (unpadded) positions of `rows`."""
     with torch.no_grad():
-        return model(ids.to(model.device)).logits.float().log_softmax(-1)
+        out = model(**{k: v.to(model.device) for k, v in rows.items()}).logits.float().log_softmax(-1)
+    return out[rows["attention_mask"].bool().to(out.device)]
 
 
-def _rows(model, tokenizer) -> torch.Tensor:
-    if tokenizer is not None:
-        ids = [tokenizer(text).input_ids[:32] for text in ROWS]
-        n = min(len(i) for i in ids)
-        return torch.tensor([i[:n] for i in ids])
+def _rows(model, tokenizer) -> dict:
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        return dict(tokenizer(ROWS, return_tensors="pt", padding=True))
     g = torch.Generator().manual_seed(0)  # no tokenizer: fixed random ids still exercise every weight
-    return torch.randint(0, model.config.vocab_size, (len(ROWS), 24), generator=g)
+    ids = torch.randint(0, model.config.vocab_size, (len(ROWS), 24), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _kl_if_written(model, layout: GGUFLayout, changed: dict[str, str], qtype, ref, ids) -> float:
+def _kl_if_written(model, layout: GGUFLayout, changed: dict[str, str], qtype, ref, rows) -> float:
     """Mean KL(in-memory || model with the changed tensors as a reader of `qtype` data sees them)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     saved = {}
@@ -94,7 +111,7 @@ def _kl_if_written(model, layout: GGUFLayout, changed: dict[str, str], qtype, re
             p = params[hf_name]
             saved[hf_name] = p.data
             p.data = layout.round_trip(p.data, gguf_name, qtype).to(p.device)
-        got = _logits(model, ids)
+        got = _logits(model, rows)
     finally:
         for hf_name, data in saved.items():
             params[hf_name].data = data
@@ -104,12 +121,9 @@ def _kl_if_written(model, layout: GGUFLayout, changed: dict[str, str], qtype, re
 def _choose_type(model, tokenizer, layout, changed, dtype: str) -> tuple[GGMLQuantizationType, dict]:
     if dtype != "auto":
         return QUANT_TYPES[dtype], {}
-    state = model.state_dict()
-    if not all(GGUFLayout.can_quantize(state[n], QUANT_TYPES["q8_0"]) for n in changed):
-        return QUANT_TYPES["f16"], {"reason": "a changed tensor cannot be stored as Q8_0"}
-    ids = _rows(model, tokenizer)
-    ref = _logits(model, ids)
-    kl = {name: _kl_if_written(model, layout, changed, QUANT_TYPES[name], ref, ids)
+    rows = _rows(model, tokenizer)
+    ref = _logits(model, rows)
+    kl = {name: _kl_if_written(model, layout, changed, QUANT_TYPES[name], ref, rows)
           for name in ("q8_0", "f16")}
     pick = "q8_0" if kl["q8_0"] <= Q8_KL_TOL else "f16"
     return QUANT_TYPES[pick], {"kl_q8_0": kl["q8_0"], "kl_f16": kl["f16"], "tolerance": Q8_KL_TOL}
@@ -141,7 +155,7 @@ def export_gguf(model, tokenizer, path, source=None, dtype: str = "auto", overwr
     """
     if dtype not in DTYPES:
         raise GradmapError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    source, path = _check_paths(source if source is not None else getattr(model, GGUF_SOURCE_ATTR, None),
+    source, path = check_gguf_paths(source if source is not None else getattr(model, GGUF_SOURCE_ATTR, None),
                                 path, overwrite)
     reader = GGUFReader(source)
     arch = reader.fields["general.architecture"].contents()
@@ -163,6 +177,8 @@ def export_gguf(model, tokenizer, path, source=None, dtype: str = "auto", overwr
         src = torch.from_numpy(np.array(layout.to_hf(t.data, t.tensor_type, t.name)))  # a writable copy
         if src.shape != cur.shape or not torch.equal(src.to(cur.dtype).reshape(cur.shape), cur.cpu()):
             changed[hf_name] = name
+    new = _new_tensors(layout, state, {layout.hf_name[n] for _, n in plan if n in layout.hf_name})
+    changed.update(new)
     qtype, errors = _choose_type(model, tokenizer, layout, changed, dtype) if changed else (None, {})
     tmp = path.with_name(f".{path.name}.gradmap-tmp-{os.getpid()}-{secrets.token_hex(4)}")
     writer = GGUFWriter(tmp, arch)
@@ -172,10 +188,10 @@ def export_gguf(model, tokenizer, path, source=None, dtype: str = "auto", overwr
         _metadata(reader, writer, arch, n_src, kept)
         out_of = {v: k for k, v in changed.items()}
         written = {}
-        for t, name in plan:
+        for t, name in plan + [(None, n) for n in new.values()]:
             if name in out_of:
                 w = state[out_of[name]]
-                qt = qtype if GGUFLayout.can_quantize(w, qtype) else GGMLQuantizationType.F32
+                qt = GGUFLayout.storage_type(w, qtype)
                 data = layout.encode(w, name, qt)
                 writer.add_tensor(name, data, raw_dtype=qt)
                 written[name] = qt.name
@@ -202,4 +218,4 @@ def export_gguf(model, tokenizer, path, source=None, dtype: str = "auto", overwr
     return {"path": str(path), "bytes": path.stat().st_size, "source": str(source),
             "source_bytes": source.stat().st_size, "blocks": len(kept), "source_blocks": n_src,
             "copied": len(plan) - len(written), "dropped": len(reader.tensors) - len(plan),
-            "changed": written, "changed_errors": errors}
+            "changed": written, "added": sorted(new.values()), "changed_errors": errors}

@@ -72,12 +72,16 @@ class GGUFLayout:
 
     def round_trip(self, tensor: torch.Tensor, gguf_name: str, qtype) -> torch.Tensor:
         """What a reader of the exported file gets back for `tensor` written as `qtype`."""
+        qtype = self.storage_type(tensor, qtype)
         data = self.encode(tensor, gguf_name, qtype)
         back = self.to_hf(data, qtype, gguf_name)
         return torch.from_numpy(np.ascontiguousarray(back)).to(tensor.dtype).reshape(tensor.shape)
 
     @staticmethod
-    def can_quantize(tensor: torch.Tensor, qtype) -> bool:
-        if qtype in (GGMLQuantizationType.F32, GGMLQuantizationType.F16):
-            return True
-        return tensor.dim() == 2 and tensor.shape[-1] % 32 == 0  # Q8_0 blocks of 32 along a row
+    def storage_type(tensor: torch.Tensor, qtype):
+        """The type `tensor` is written in when `qtype` is asked for."""
+        if tensor.dim() < 2:
+            return GGMLQuantizationType.F32  # norms and biases: tiny, and llama.cpp keeps them F32
+        if qtype == GGMLQuantizationType.Q8_0 and tensor.shape[-1] % 32:
+            return GGMLQuantizationType.F16  # Q8_0 packs blocks of 32 along a row
+        return qtype
