@@ -227,3 +227,14 @@ def test_prune_cli_writes_gguf_with_compensated_tensors(tmp_path, data_dir):
     sizes = {"safetensors": (out / "model.safetensors").stat().st_size, "gguf": g["bytes"],
              "dense_gguf": g["source_bytes"]}
     print(f"\nCLI --gguf: changed {g['changed']}, errors {g['changed_errors']}, KL {kl:.2e}, sizes {sizes}")
+
+
+def test_compare_cli_save_gguf_checked_before_loading(tmp_path, capsys):
+    code = main(["compare", "--model", "smollm2-135m", "--n-prune", "2", "--out", str(tmp_path / "r"),
+                 "--save-gguf", str(tmp_path / "m.gguf")])
+    assert code == 2
+    assert "--save-gguf needs --save DIR" in capsys.readouterr().err
+    code = main(["compare", "--model", str(tmp_path / "nothing"), "--n-prune", "2", "--out",
+                 str(tmp_path / "r"), "--save", str(tmp_path / "ck"), "--save-gguf", str(tmp_path / "m.gguf")])
+    assert code == 2
+    assert "does not exist" in capsys.readouterr().err

@@ -11,7 +11,8 @@ import ast
 import json
 import time
 
-from gradmap.cli.checks import COMPENSATIONS, METRICS, check_runtime, compensation_names, positive
+from gradmap.cli.checks import (COMPENSATIONS, METRICS, check_gguf_output, check_runtime,
+                                compensation_names, positive)
 from gradmap.core.errors import GradmapError
 
 __all__ = ["add_parser", "run", "parse_options"]
@@ -75,17 +76,6 @@ def parse_options(items: list[str]) -> dict:
     return out
 
 
-def _check_gguf(args: argparse.Namespace) -> None:
-    from gradmap.core.gguf_export import check_gguf_paths
-    from gradmap.core.models import resolve_model_path
-    folder, gguf_file = resolve_model_path(args.model)
-    if gguf_file is None:
-        raise GradmapError(f"--gguf needs a GGUF model (a .gguf file or an alias such as smollm2-135m), "
-                           f"got {args.model!r}; convert the saved --out folder with llama.cpp's "
-                           "convert_hf_to_gguf.py instead")
-    check_gguf_paths(f"{folder}/{gguf_file}", args.gguf, args.overwrite)
-
-
 def run(args: argparse.Namespace) -> int:
     """Under `torchrun` every rank runs this; calibration is data-parallel and rank 0 writes --out."""
     from gradmap.core.distributed import process_group
@@ -118,7 +108,7 @@ def _run(args: argparse.Namespace, device: str) -> int:
     if args.n_prune <= 0:
         raise GradmapError(f"--n-prune must be a positive integer, got {args.n_prune}")
     if args.gguf:
-        _check_gguf(args)
+        check_gguf_output(args.model, args.gguf, args.overwrite, "--gguf")
     layer_ids = model_layer_ids(args.model)  # from config.json or the GGUF header: no weights
     if layer_ids is not None:
         check_prune_plan(layer_ids, args.n_prune, args.protect_first, args.protect_last)

@@ -28,6 +28,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gradmap.core.checkpoint import prepare_output_dir, save_pretrained
+from gradmap.core.gguf_export import export_gguf
 from gradmap.core.errors import GradmapError
 from gradmap.experiments.compare_checks import check_before_loading, unfinished_run
 from gradmap.experiments.methods import MethodSpec, parse_methods
@@ -67,6 +68,7 @@ class CompareConfig:
     restore: str = "copy"                    # "copy": deep copy of the dense model; "reload"
     save_dir: str | None = None              # save this method's pruned checkpoint here
     save_method: str | None = None           # default: the first method whose metric is gradmap
+    save_gguf: str | None = None             # also write that model as this .gguf (GGUF sources)
     generate: str | None = None              # prompt for before/after greedy generations
     max_new_tokens: int = 32
     overwrite: bool = False
@@ -371,6 +373,8 @@ def _save(model, tokenizer, row: dict, cfg: CompareConfig) -> None:
     try:
         save_pretrained(model, tokenizer, cfg.save_dir, report=report, overwrite=cfg.overwrite)
         row["saved_to"] = str(cfg.save_dir)
+        if cfg.save_gguf:
+            row["gguf"] = export_gguf(model, tokenizer, cfg.save_gguf, overwrite=cfg.overwrite)
     except Exception as exc:  # the row's figures stand; the failed save is reported beside them
         row["save_error"] = f"{type(exc).__name__}: {exc}"
         log.error("saving %s to %s failed: %s", row["method"], cfg.save_dir, row["save_error"])
