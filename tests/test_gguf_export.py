@@ -238,3 +238,32 @@ def test_compare_cli_save_gguf_checked_before_loading(tmp_path, capsys):
                  str(tmp_path / "r"), "--save", str(tmp_path / "ck"), "--save-gguf", str(tmp_path / "m.gguf")])
     assert code == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_copy_metadata_trims_block_count_and_per_layer_arrays_only(tmp_path):
+    """Per-layer arrays (as in OpenELM-style GGUFs) are cut to the kept blocks; nothing else changes."""
+    from gguf import GGUFWriter
+
+    from gradmap.core.gguf_export import copy_metadata
+    src = tmp_path / "src.gguf"
+    w = GGUFWriter(src, "llama")
+    w.add_block_count(4)
+    w.add_array("llama.attention.head_count", [1, 2, 3, 4])  # one per block
+    w.add_array("llama.rope.dimension_sections", [8, 8])    # not per block
+    w.add_array("tokenizer.ggml.tokens", ["a", "b", "c", "d"])  # 4 entries, but not a llama.* key
+    w.add_string("tokenizer.chat_template", "{{ x }}")
+    w.add_float32("llama.rope.freq_base", 1e5)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    for f in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        f()
+    out = tmp_path / "out.gguf"
+    w = GGUFWriter(out, "llama")
+    copy_metadata(GGUFReader(src), w, "llama", 4, [0, 2, 3])
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    for f in (w.write_header_to_file, w.write_kv_data_to_file, w.write_tensors_to_file, w.close):
+        f()
+    a, b = _fields(GGUFReader(src)), _fields(GGUFReader(out))
+    assert b.pop("llama.block_count") == 3 and a.pop("llama.block_count") == 4
+    assert b.pop("llama.attention.head_count") == [1, 3, 4]
+    a.pop("llama.attention.head_count")
+    assert a == b

@@ -22,7 +22,7 @@ from gradmap.core.gguf_layout import QUANT_TYPES, GGUFLayout
 from gradmap.core.models import GGUF_SOURCE_ATTR
 from gradmap.core.surgery import original_layer_ids
 
-__all__ = ["export_gguf", "check_gguf_paths", "Q8_KL_TOL", "DTYPES"]
+__all__ = ["export_gguf", "check_gguf_paths", "copy_metadata", "Q8_KL_TOL", "DTYPES"]
 
 DTYPES = ("auto", "q8_0", "f16", "f32")
 # mean KL(in-memory || exported) per token, nats, over ROWS; Q8_0 is used for changed tensors below it
@@ -129,7 +129,8 @@ def _choose_type(model, tokenizer, layout, changed, dtype: str) -> tuple[GGMLQua
     return QUANT_TYPES[pick], {"kl_q8_0": kl["q8_0"], "kl_f16": kl["f16"], "tolerance": Q8_KL_TOL}
 
 
-def _metadata(reader: GGUFReader, writer: GGUFWriter, arch: str, n_src: int, kept: list[int]) -> None:
+def copy_metadata(reader: GGUFReader, writer: GGUFWriter, arch: str, n_src: int, kept: list[int]) -> None:
+    """Every key of `reader` into `writer`; block_count and per-block `<arch>.*` arrays cut to `kept`."""
     for field in reader.fields.values():
         if field.name == "general.architecture" or field.name.startswith("GGUF."):
             continue  # the writer adds these itself
@@ -185,7 +186,7 @@ def export_gguf(model, tokenizer, path, source=None, dtype: str = "auto", overwr
     if "general.alignment" in reader.fields:
         writer.data_alignment = reader.alignment
     try:
-        _metadata(reader, writer, arch, n_src, kept)
+        copy_metadata(reader, writer, arch, n_src, kept)
         out_of = {v: k for k, v in changed.items()}
         written = {}
         for t, name in plan + [(None, n) for n in new.values()]:
