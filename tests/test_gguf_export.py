@@ -267,3 +267,13 @@ def test_copy_metadata_trims_block_count_and_per_layer_arrays_only(tmp_path):
     assert b.pop("llama.attention.head_count") == [1, 3, 4]
     a.pop("llama.attention.head_count")
     assert a == b
+
+
+@pytest.mark.slow
+def test_save_pretrained_with_gguf_writes_both(pruned, tmp_path):
+    """compare --save-gguf goes through save_pretrained(gguf=...)."""
+    from gradmap import save_pretrained
+    model, tok = pruned
+    out = save_pretrained(model, tok, tmp_path / "ck", gguf=tmp_path / "ck.gguf")
+    assert (out / "model.safetensors").is_file()
+    assert GGUFReader(tmp_path / "ck.gguf").fields["llama.block_count"].contents() == 26

@@ -89,7 +89,8 @@ def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
                     report: dict[str, Any] | None = None, overwrite: bool = False,
-                    extra_files: dict[str, bytes] | None = None) -> Path:
+                    extra_files: dict[str, bytes] | None = None,
+                    gguf: str | os.PathLike | None = None) -> Path:
     """Write safetensors weights, config, tokenizer and `report.json` to `out_dir` atomically.
 
     Everything is written into a temporary sibling directory that is renamed
@@ -100,6 +101,8 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
     (a replaced checkpoint whose new copy never landed is put back first).
     The result loads with plain `AutoModelForCausalLM.from_pretrained`.
 
+    With `gguf`, the model (loaded from a GGUF file) is also written there by `export_gguf`.
+
     Under torch.distributed only rank 0 writes; every rank returns the path after a barrier,
     so the checkpoint is complete when any rank returns (identical weights on all ranks are
     `fast_prune` / `sparsify`'s guarantee).
@@ -108,7 +111,11 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
         distributed.barrier()
         return Path(out_dir)
     try:
-        return _save(model, tokenizer, out_dir, report, overwrite, extra_files)
+        out = _save(model, tokenizer, out_dir, report, overwrite, extra_files)
+        if gguf is not None:
+            from gradmap.core.gguf_export import export_gguf  # reads the GGUF source: only when asked
+            export_gguf(model, tokenizer, gguf, overwrite=overwrite)
+        return out
     finally:  # also on error, so the other ranks are not left waiting
         distributed.barrier()
 

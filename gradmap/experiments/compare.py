@@ -28,7 +28,6 @@ import torch
 from tqdm.auto import tqdm
 
 from gradmap.core.checkpoint import prepare_output_dir, save_pretrained
-from gradmap.core.gguf_export import export_gguf
 from gradmap.core.errors import GradmapError
 from gradmap.experiments.compare_checks import check_before_loading, unfinished_run
 from gradmap.experiments.methods import MethodSpec, parse_methods
@@ -371,10 +370,9 @@ def _save(model, tokenizer, row: dict, cfg: CompareConfig) -> None:
     report = {"compare": {k: v for k, v in row.items() if k not in ("prune_result", "zero_shot")},
               **row.get("prune_result", {})}
     try:
-        save_pretrained(model, tokenizer, cfg.save_dir, report=report, overwrite=cfg.overwrite)
+        save_pretrained(model, tokenizer, cfg.save_dir, report=report, overwrite=cfg.overwrite,
+                        gguf=cfg.save_gguf)
         row["saved_to"] = str(cfg.save_dir)
-        if cfg.save_gguf:
-            row["gguf"] = export_gguf(model, tokenizer, cfg.save_gguf, overwrite=cfg.overwrite)
     except Exception as exc:  # the row's figures stand; the failed save is reported beside them
         row["save_error"] = f"{type(exc).__name__}: {exc}"
         log.error("saving %s to %s failed: %s", row["method"], cfg.save_dir, row["save_error"])
