@@ -41,6 +41,10 @@ def _outputs(model, tok, prompts):
                                  pad_token_id=tok.pad_token_id)
         rows.append({"prompt": text, "ids": ids[0].tolist(), "logits": logits.tolist(),
                      "greedy": gen[0, ids.shape[1]:].tolist()})
+    # special tokens and the chat template must survive too (what a chat server relies on)
+    chat = tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) \
+        if tok.chat_template else None
+    rows[0]["tokenizer"] = {"specials": sorted(tok.all_special_tokens), "chat": chat}
     return rows
 
 
@@ -54,8 +58,12 @@ def save(out: str) -> None:
     cases = [(fam, fam, {} if fam == "gemma3_text" else {"rope_parameters": ROPE["default"]})
              for fam in FAMILIES]  # gemma3's own defaults (1e6 global, 1e4 local) are already not 1e4
     cases.append(("llama-linear-rope", "llama", {"rope_parameters": ROPE["linear"]}))
+    cases.append(("llama-chat-tokens", "llama", {}))
     for name, fam, kw in cases:
         model, tok = tiny_model(fam, n_layers=6, **kw), tiny_tokenizer()
+        if name == "llama-chat-tokens":  # 5.x saves these as a list 4.x cannot read unless rewritten
+            tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+            tok.chat_template = "{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"
         gradmap.remove_layers(model, [2])
         gradmap.save_pretrained(model, tok, os.path.join(out, name), overwrite=True)
         ref["models"][name] = {"atol": ATOL["tiny"], "rows": _outputs(model, tok, PROMPTS)}
@@ -86,6 +94,9 @@ def load(out: str) -> int:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         got = _outputs(model, tok, [r["prompt"] for r in entry["rows"]])
         worst, same_tokens = 0.0, True
+        if entry["rows"][0]["tokenizer"] != got[0]["tokenizer"]:
+            failures.append(f"{name}: special tokens / chat template {got[0]['tokenizer']} here, "
+                            f"{entry['rows'][0]['tokenizer']} when saved")
         for want, have in zip(entry["rows"], got):
             if want["ids"] != have["ids"]:
                 failures.append(f"{name}: {want['prompt']!r} tokenises to {have['ids']} here, "

@@ -103,3 +103,17 @@ def test_legacy_keys_from_rope_parameters():
     assert legacy_config_keys({"rope_theta": 7.0, "rope_parameters": {"rope_theta": 1e4}}) == \
         {"rope_scaling": None}
     assert legacy_config_keys({"hidden_size": 8}) == {}
+
+
+def test_extra_special_tokens_written_as_additional_special_tokens(tmp_path):
+    """transformers 5 writes a list under extra_special_tokens, which 4.x reads as a dict and crashes."""
+    tok = tiny_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    out = save_pretrained(tiny_model("llama", 2), tok, tmp_path / "ck")
+    cfg = json.loads((out / "tokenizer_config.json").read_text())
+    assert not isinstance(cfg.get("extra_special_tokens"), list)
+    assert cfg["additional_special_tokens"] == ["<|im_start|>", "<|im_end|>"]
+    back = AutoTokenizer.from_pretrained(out)  # and transformers 5 reads it back the same
+    assert sorted(back.all_special_tokens) == sorted(tok.all_special_tokens)
+    text = "<|im_start|>the cat<|im_end|>"
+    assert back(text).input_ids == tok(text).input_ids

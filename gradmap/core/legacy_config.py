@@ -63,6 +63,13 @@ def add_legacy_keys(folder: str | Path) -> None:
     tok_path = folder / "tokenizer_config.json"
     if tok_path.is_file():
         tok = json.loads(tok_path.read_text())
+        before = dict(tok)
         if tok.get("tokenizer_class") in _FAST_CLASS and (folder / "tokenizer.json").is_file():
             tok["tokenizer_class"] = _FAST_CLASS[tok["tokenizer_class"]]
+        if isinstance(tok.get("extra_special_tokens"), list):
+            # 5.x lists extra special tokens here; 4.x expects a dict under this name (a list crashes
+            # it) and reads the list as additional_special_tokens, which 5.x also accepts
+            tok.setdefault("additional_special_tokens", tok.pop("extra_special_tokens"))
+            tok.pop("extra_special_tokens", None)
+        if tok != before:
             tok_path.write_text(json.dumps(tok, indent=2, ensure_ascii=False) + "\n")
