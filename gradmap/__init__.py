@@ -17,7 +17,7 @@ _EXPORTS = {
     "calibration_data": "gradmap.api",
     "PruneResult": "gradmap.api", "SparsifyResult": "gradmap.api", "GradmapError": "gradmap.core.errors",
     "UnsupportedModelError": "gradmap.core.errors", "ModelAdapter": "gradmap.core.adapter",
-    "get_adapter": "gradmap.core.adapter",
+    "get_adapter": "gradmap.core.adapter", "export_gguf": "gradmap.api",
 }
 _SUBMODULES = ("api", "core", "ops", "runtime", "prune", "sparsity", "evaluate", "cli", "experiments")
 

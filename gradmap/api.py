@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from gradmap.core.calibration import calibration_data
 from gradmap.core.checkpoint import save_pretrained
+from gradmap.core.gguf_export import export_gguf
 from gradmap.core.models import load_model
 from gradmap.core.result import PruneResult
 from gradmap.core.surgery import original_layer_ids, remove_layers
@@ -29,6 +30,7 @@ from gradmap.sparsity.sparsify import SparsifyResult, sparsify
 __all__ = [
     "fast_prune", "sparsify", "remove_layers", "save_pretrained", "load_model", "original_layer_ids",
     "calibration_data",
+    "export_gguf",
     "PruneResult", "SparsifyResult",
     "GradMAP", "BlockInfluence", "Angular", "Taylor", "PPL", "SLEB", "WeightMagnitude",
     "Magnitude", "Projection", "ReplaceMe", "NoCompensation",

@@ -11,8 +11,8 @@ from pathlib import Path
 
 from gradmap.core.errors import GradmapError
 
-__all__ = ["positive", "check_runtime", "compensation_names", "check_json_target", "write_json",
-           "METRICS", "COMPENSATIONS", "DEFAULT_PIPELINE_NAME"]
+__all__ = ["positive", "check_gguf_output", "check_runtime", "compensation_names", "check_json_target",
+           "write_json", "METRICS", "COMPENSATIONS", "DEFAULT_PIPELINE_NAME"]
 
 # Listed here so `--help` can show them without importing torch; tests/test_reliability_cli.py
 # checks they equal the registries.
@@ -70,3 +70,15 @@ def write_json(path: str, value) -> None:
     from gradmap.core.checkpoint import write_file_atomic
     from gradmap.core.result import json_text
     write_file_atomic(path, json_text(value).encode())
+
+
+def check_gguf_output(model: str, path: str, overwrite: bool, flag: str) -> None:
+    """A GGUF output needs a GGUF model (its tensors are copied from it); check both before loading."""
+    from gradmap.core.gguf_export import check_gguf_paths
+    from gradmap.core.models import resolve_model_path
+    folder, gguf_file = resolve_model_path(model)
+    if gguf_file is None:
+        raise GradmapError(f"{flag} needs a GGUF model (a .gguf file or an alias such as smollm2-135m), "
+                           f"got {model!r}; convert the saved checkpoint with llama.cpp's "
+                           "convert_hf_to_gguf.py instead")
+    check_gguf_paths(f"{folder}/{gguf_file}", path, overwrite)

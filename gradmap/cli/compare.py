@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from gradmap.cli.checks import check_runtime
+from gradmap.cli.checks import check_gguf_output, check_runtime
 from gradmap.core.errors import GradmapError
 
 __all__ = ["add_parser", "run", "DEFAULT_METHODS"]
@@ -70,6 +70,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="save the pruned checkpoint of --save-method here (plain HF checkpoint)")
     p.add_argument("--save-method", default=None,
                    help="which method's model --save keeps (default: the first gradmap method)")
+    p.add_argument("--save-gguf", metavar="FILE", default=None,
+                   help="also write --save's model as FILE.gguf for llama.cpp (needs a .gguf --model)")
     p.add_argument("--generate", metavar="PROMPT", default=None,
                    help="print greedy generations for PROMPT from the dense and each pruned model")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (32)")
@@ -96,6 +98,10 @@ def run(args: argparse.Namespace) -> int:
         raise GradmapError("--reference compares over seeds; pass --seeds too, e.g. --seeds 0,1,2")
     if args.save_method is not None and args.save is None:
         raise GradmapError("--save-method needs --save DIR to say where the checkpoint goes")
+    if args.save_gguf is not None:
+        if args.save is None:
+            raise GradmapError("--save-gguf needs --save DIR (the GGUF is written next to that checkpoint)")
+        check_gguf_output(args.model, args.save_gguf, args.overwrite, "--save-gguf")
     cfg = CompareConfig(
         model=args.model, n_prune=args.n_prune, methods=args.methods, tasks=tasks,
         limit=args.limit, calib=args.calib, n_calib=args.n_calib, seq_len=args.seq_len,
@@ -104,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
         eval_batch_size=args.eval_batch_size, dtype=args.dtype, device=args.device,
         protect_first=args.protect_first, protect_last=args.protect_last,
         restore="reload" if args.reload else "copy", save_dir=args.save,
-        save_method=args.save_method, generate=args.generate,
+        save_method=args.save_method, save_gguf=args.save_gguf, generate=args.generate,
         max_new_tokens=args.max_new_tokens, overwrite=args.overwrite)
     out = args.out or _default_out(args.model, args.n_prune)
     if args.seeds is not None:

@@ -11,8 +11,8 @@ import ast
 import json
 import time
 
-from gradmap.cli.checks import (COMPENSATIONS, DEFAULT_PIPELINE_NAME, METRICS, check_runtime, compensation_names,
-                                positive)
+from gradmap.cli.checks import (COMPENSATIONS, DEFAULT_PIPELINE_NAME, METRICS, check_gguf_output, check_runtime,
+                                compensation_names, positive)
 from gradmap.core.errors import GradmapError
 
 __all__ = ["add_parser", "run", "parse_options"]
@@ -55,7 +55,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="'layer': keep the weights in host memory and bring one decoder layer at a "
                         "time to --device (models larger than the device; see README)")
     p.add_argument("--out", required=True, help="output directory for the pruned checkpoint")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    p.add_argument("--gguf", default=None, metavar="FILE",
+                   help="also write the pruned model as FILE.gguf for llama.cpp/ollama (needs a .gguf "
+                        "--model: untouched tensors keep their quantisation; see README)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (and --gguf)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
@@ -109,6 +112,8 @@ def _run(args: argparse.Namespace, device: str) -> int:
         check_prune_support(metric, compensators)
     if args.n_prune <= 0:
         raise GradmapError(f"--n-prune must be a positive integer, got {args.n_prune}")
+    if args.gguf:
+        check_gguf_output(args.model, args.gguf, args.overwrite, "--gguf")
     layer_ids = model_layer_ids(args.model)  # from config.json or the GGUF header: no weights
     if layer_ids is not None:
         check_prune_plan(layer_ids, args.n_prune, args.protect_first, args.protect_last)
@@ -134,6 +139,9 @@ def _run(args: argparse.Namespace, device: str) -> int:
     report = result.to_dict()
     report["world_size"] = distributed.world_size()
     report["command"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
+    if args.gguf:
+        from gradmap.core.gguf_export import export_gguf
+        report["gguf"] = export_gguf(model, tokenizer, args.gguf, overwrite=args.overwrite)
     png = plot_scores(result)
     out = save_pretrained(model, tokenizer, args.out, report=report, overwrite=args.overwrite,
                           extra_files={"scores.png": png})
@@ -144,6 +152,10 @@ def _run(args: argparse.Namespace, device: str) -> int:
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()) +
           f"; wall incl. loading {time.perf_counter() - t0:.1f}s")
     print(f"saved to {out} (report.json, scores.png)")
+    if args.gguf:
+        g = report["gguf"]
+        print(f"GGUF: {g['path']} ({g['bytes'] / 2**20:.1f} MiB, source {g['source_bytes'] / 2**20:.1f} "
+              f"MiB; {g['copied']} tensors copied as they were, {len(g['changed'])} re-written)")
     if args.verbose:
         print(json.dumps(report["scores"][-1], indent=None))
     return 0

@@ -15,6 +15,7 @@ from torch import nn
 
 from gradmap.core import distributed
 from gradmap.core.errors import GradmapError
+from gradmap.core.legacy_config import add_legacy_keys
 from gradmap.core.result import json_text
 
 try:
@@ -88,7 +89,8 @@ def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
 
 def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
                     report: dict[str, Any] | None = None, overwrite: bool = False,
-                    extra_files: dict[str, bytes] | None = None) -> Path:
+                    extra_files: dict[str, bytes] | None = None,
+                    gguf: str | os.PathLike | None = None) -> Path:
     """Write safetensors weights, config, tokenizer and `report.json` to `out_dir` atomically.
 
     Everything is written into a temporary sibling directory that is renamed
@@ -99,6 +101,8 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
     (a replaced checkpoint whose new copy never landed is put back first).
     The result loads with plain `AutoModelForCausalLM.from_pretrained`.
 
+    With `gguf`, the model (loaded from a GGUF file) is also written there by `export_gguf`.
+
     Under torch.distributed only rank 0 writes; every rank returns the path after a barrier,
     so the checkpoint is complete when any rank returns (identical weights on all ranks are
     `fast_prune` / `sparsify`'s guarantee).
@@ -107,7 +111,11 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
         distributed.barrier()
         return Path(out_dir)
     try:
-        return _save(model, tokenizer, out_dir, report, overwrite, extra_files)
+        out = _save(model, tokenizer, out_dir, report, overwrite, extra_files)
+        if gguf is not None:
+            from gradmap.core.gguf_export import export_gguf  # reads the GGUF source: only when asked
+            export_gguf(model, tokenizer, gguf, overwrite=overwrite)
+        return out
     finally:  # also on error, so the other ranks are not left waiting
         distributed.barrier()
 
@@ -205,6 +213,7 @@ def _save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report: dict[
             model.save_pretrained(tmp, safe_serialization=True)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            add_legacy_keys(tmp)  # so transformers 4.x, still claimed, loads the same model
             if report is not None:
                 (tmp / "report.json").write_text(json_text(report))
             for name, data in (extra_files or {}).items():

@@ -13,7 +13,11 @@ from gradmap.core.errors import GradmapError
 from gradmap.core.model_checks import (check_device, check_dtype, check_local_model, config_layer_ids,
                                        gguf_metadata, looks_local)
 
-__all__ = ["load_model", "resolve_model_path", "model_layer_ids", "ALIASES"]
+__all__ = ["load_model", "resolve_model_path", "model_layer_ids", "ALIASES", "GGUF_SOURCE_ATTR"]
+
+# The GGUF file a model was loaded from, kept as a plain attribute of the model object (not the
+# config, which save_pretrained would write to config.json) for export_gguf.
+GGUF_SOURCE_ATTR = "gradmap_gguf_source"
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +175,7 @@ def load_model(name_or_path: str, dtype: torch.dtype | str | None = None, device
                            "incomplete or corrupt, download them again") from None
     if gguf_file:
         _drop_gguf_quantizer(model)
+        setattr(model, GGUF_SOURCE_ATTR, str(Path(source, gguf_file).resolve()))
     if "device_map" not in kwargs:
         model.to(device)
     model.eval()

@@ -96,6 +96,11 @@ def per_layer_config(config, n_layers: int) -> dict:
 def _trim_config(config, keep: list[int], n_old: int) -> None:
     for key, value in per_layer_config(config, n_old).items():
         setattr(config, key, type(value)(value[i] for i in keep))
+    # Qwen2/3: layers below max_window_layers use full attention. Serving stacks that derive the
+    # attention type from it (not from layer_types) must see the count among the kept layers.
+    limit = getattr(config, "max_window_layers", None)
+    if isinstance(limit, int) and not isinstance(limit, bool):
+        config.max_window_layers = sum(1 for i in keep if i < limit)
     config.num_hidden_layers = len(keep)
 
 

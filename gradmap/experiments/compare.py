@@ -68,6 +68,7 @@ class CompareConfig:
     restore: str = "copy"                    # "copy": deep copy of the dense model; "reload"
     save_dir: str | None = None              # save this method's pruned checkpoint here
     save_method: str | None = None           # default: the first method whose metric is gradmap
+    save_gguf: str | None = None             # also write that model as this .gguf (GGUF sources)
     generate: str | None = None              # prompt for before/after greedy generations
     max_new_tokens: int = 32
     overwrite: bool = False
@@ -320,7 +321,8 @@ def _save(model, tokenizer, row: dict, cfg: CompareConfig) -> None:
     report = {"compare": {k: v for k, v in row.items() if k not in ("prune_result", "zero_shot")},
               **row.get("prune_result", {})}
     try:
-        save_pretrained(model, tokenizer, cfg.save_dir, report=report, overwrite=cfg.overwrite)
+        save_pretrained(model, tokenizer, cfg.save_dir, report=report, overwrite=cfg.overwrite,
+                        gguf=cfg.save_gguf)
         row["saved_to"] = str(cfg.save_dir)
     except Exception as exc:  # the row's figures stand; the failed save is reported beside them
         row["save_error"] = f"{type(exc).__name__}: {exc}"

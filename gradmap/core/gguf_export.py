@@ -1,0 +1,222 @@
+"""Writing a pruned model back to GGUF for llama.cpp / ollama, from the GGUF it was loaded from.
+
+Every tensor the pruning left untouched is copied byte for byte in its original quantisation; the
+removed blocks' tensors are dropped and the kept `blk.N.*` renumbered densely; `<arch>.block_count`
+and every per-layer metadata array are trimmed; all other metadata (tokenizer, chat template, RoPE)
+is copied unchanged. Tensors that compensation changed are written as Q8_0 when that keeps the
+next-token distribution within Q8_KL_TOL of the in-memory model on a few text rows, else as F16.
+"""
+from __future__ import annotations
+
+import os
+import re
+import secrets
+from pathlib import Path
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+
+from gradmap.core.errors import GradmapError
+from gradmap.core.gguf_layout import QUANT_TYPES, GGUFLayout
+from gradmap.core.models import GGUF_SOURCE_ATTR
+from gradmap.core.surgery import original_layer_ids
+
+__all__ = ["export_gguf", "check_gguf_paths", "copy_metadata", "Q8_KL_TOL", "DTYPES"]
+
+DTYPES = ("auto", "q8_0", "f16", "f32")
+# mean KL(in-memory || exported) per token, nats, over ROWS; Q8_0 is used for changed tensors below it
+Q8_KL_TOL = 1e-3
+ROWS = ["The capital of France is Paris, and the capital of Italy is Rome.",
+        "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
+        "Layer pruning removes whole decoder layers from a language model to make it faster."]
+_BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
+
+
+def check_gguf_paths(source, path, overwrite: bool) -> tuple[Path, Path]:
+    """Check the source GGUF and the output file before any work; one-line errors."""
+    if source is None:
+        raise GradmapError("export_gguf needs the GGUF file the model was loaded from: load it with "
+                           "gradmap.load_model('file.gguf') or pass source='file.gguf' (models loaded "
+                           "from HF folders: convert the saved checkpoint with llama.cpp's "
+                           "convert_hf_to_gguf.py)")
+    source, path = Path(source).expanduser(), Path(path).expanduser()
+    if not source.is_file():
+        raise GradmapError(f"GGUF source {str(source)!r} does not exist; pass the .gguf file the model "
+                           "was loaded from")
+    if path.suffix != ".gguf":
+        raise GradmapError(f"GGUF output {str(path)!r} must end in .gguf, e.g. pruned.gguf")
+    if path.exists() and (path.resolve() == source.resolve() or os.path.samefile(path, source)):
+        raise GradmapError(f"GGUF output {str(path)!r} is the source file; the source is never "
+                           "modified, choose another output file")
+    if path.is_dir():
+        raise GradmapError(f"GGUF output {str(path)!r} is a directory; pass a file name ending in .gguf")
+    if path.exists() and not overwrite:
+        raise GradmapError(f"GGUF output {str(path)!r} exists; choose a new file or pass overwrite=True "
+                           "(--overwrite)")
+    if not path.resolve().parent.is_dir():
+        raise GradmapError(f"the folder of GGUF output {str(path)!r} does not exist; create it first")
+    return source, path
+
+
+def _plan(reader: GGUFReader, kept: list[int]) -> list[tuple[object, str]]:
+    """(source tensor, output name) for every tensor the export keeps, in the source's order."""
+    new_of = {orig: new for new, orig in enumerate(kept)}
+    plan = []
+    for t in reader.tensors:
+        m = _BLOCK.fullmatch(t.name)
+        if m is None:
+            plan.append((t, t.name))
+        elif int(m[1]) in new_of:
+            plan.append((t, f"blk.{new_of[int(m[1])]}.{m[2]}"))
+    return plan
+
+
+def _new_tensors(layout: GGUFLayout, state: dict, covered: set[str]) -> dict[str, str]:
+    """Model tensors the source GGUF has no tensor for (e.g. an LM head untied by compensation)."""
+    gguf_of = {hf: g for g, hf in layout.hf_name.items()}
+    covered_ptrs = {state[n].data_ptr() for n in covered}
+    new = {}
+    for hf_name, tensor in state.items():
+        if hf_name in covered or tensor.data_ptr() in covered_ptrs:
+            continue  # present, or tied to a present tensor (a tied LM head)
+        if hf_name not in gguf_of:
+            raise GradmapError(f"model tensor {hf_name} has no GGUF name for architecture "
+                               f"{layout.arch!r}; this model cannot be exported to GGUF")
+        new[hf_name] = gguf_of[hf_name]
+    return new
+
+
+def _logits(model, rows: dict) -> torch.Tensor:
+    """Next-token log-probabilities at the real (unpadded) positions of `rows`."""
+    with torch.no_grad():
+        out = model(**{k: v.to(model.device) for k, v in rows.items()}).logits.float().log_softmax(-1)
+    return out[rows["attention_mask"].bool().to(out.device)]
+
+
+def _rows(model, tokenizer) -> dict:
+    if tokenizer is not None and tokenizer.pad_token_id is not None:
+        return dict(tokenizer(ROWS, return_tensors="pt", padding=True))
+    g = torch.Generator().manual_seed(0)  # no tokenizer: fixed random ids still exercise every weight
+    ids = torch.randint(0, model.config.vocab_size, (len(ROWS), 24), generator=g)
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def _kl_if_written(model, layout: GGUFLayout, changed: dict[str, str], qtype, ref, rows) -> float:
+    """Mean KL(in-memory || model with the changed tensors as a reader of `qtype` data sees them)."""
+    params = dict(model.named_parameters(remove_duplicate=False))
+    saved = {}
+    try:
+        for hf_name, gguf_name in changed.items():
+            p = params[hf_name]
+            saved[hf_name] = p.data
+            p.data = layout.round_trip(p.data, gguf_name, qtype).to(p.device)
+        got = _logits(model, rows)
+    finally:
+        for hf_name, data in saved.items():
+            params[hf_name].data = data
+    return max(0.0, float((ref.exp() * (ref - got)).sum(-1).mean()))  # rounding can dip below 0
+
+
+def _choose_type(model, tokenizer, layout, changed, dtype: str) -> tuple[GGMLQuantizationType, dict]:
+    if dtype != "auto":
+        return QUANT_TYPES[dtype], {}
+    rows = _rows(model, tokenizer)
+    ref = _logits(model, rows)
+    kl = {name: _kl_if_written(model, layout, changed, QUANT_TYPES[name], ref, rows)
+          for name in ("q8_0", "f16")}
+    pick = "q8_0" if kl["q8_0"] <= Q8_KL_TOL else "f16"
+    return QUANT_TYPES[pick], {"kl_q8_0": kl["q8_0"], "kl_f16": kl["f16"], "tolerance": Q8_KL_TOL}
+
+
+def copy_metadata(reader: GGUFReader, writer: GGUFWriter, arch: str, n_src: int, kept: list[int]) -> None:
+    """Every key of `reader` into `writer`; block_count and per-block `<arch>.*` arrays cut to `kept`."""
+    for field in reader.fields.values():
+        if field.name == "general.architecture" or field.name.startswith("GGUF."):
+            continue  # the writer adds these itself
+        vtype = field.types[0]
+        sub = field.types[-1] if vtype == GGUFValueType.ARRAY else None
+        value = field.contents()
+        if field.name == f"{arch}.block_count":
+            value = len(kept)
+        elif (field.name.startswith(f"{arch}.") and vtype == GGUFValueType.ARRAY
+              and len(field.types) == 2 and len(value) == n_src):
+            value = [value[i] for i in kept]  # one entry per block (e.g. per-layer head counts)
+        writer.add_key_value(field.name, value, vtype, sub_type=sub)
+
+
+def export_gguf(model, tokenizer, path, source=None, dtype: str = "auto", overwrite: bool = False) -> dict:
+    """Write `model` (pruned in place from a GGUF file) as a new GGUF file at `path`, atomically.
+
+    `source` defaults to the file `gradmap.load_model` loaded the model from; it is only read.
+    `dtype` is the type of tensors the pruning changed: "auto" (Q8_0 if its measured KL on a few
+    rows is within Q8_KL_TOL, else F16), "q8_0", "f16" or "f32". Untouched tensors keep their
+    original type and bytes. Returns a summary: path, bytes, tensors copied/dropped/changed, the
+    changed tensors' type and the measured errors.
+    """
+    if dtype not in DTYPES:
+        raise GradmapError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    source, path = check_gguf_paths(source if source is not None else getattr(model, GGUF_SOURCE_ATTR, None),
+                                path, overwrite)
+    reader = GGUFReader(source)
+    arch = reader.fields["general.architecture"].contents()
+    n_src = int(reader.fields[f"{arch}.block_count"].contents())
+    kept = original_layer_ids(model)
+    if max(kept) >= n_src or model.config.hidden_size != int(
+            reader.fields[f"{arch}.embedding_length"].contents()):
+        raise GradmapError(f"the model does not come from GGUF {str(source)!r} ({n_src} blocks of width "
+                           f"{reader.fields[f'{arch}.embedding_length'].contents()}; the model keeps "
+                           f"original layers up to {max(kept)}, width {model.config.hidden_size})")
+    layout = GGUFLayout(model, arch)
+    state = model.state_dict()
+    plan, changed = _plan(reader, kept), {}
+    for t, name in plan:
+        hf_name = layout.hf_name.get(name)
+        if hf_name is None:
+            continue
+        cur = state[hf_name]
+        src = torch.from_numpy(np.array(layout.to_hf(t.data, t.tensor_type, t.name)))  # a writable copy
+        if src.shape != cur.shape or not torch.equal(src.to(cur.dtype).reshape(cur.shape), cur.cpu()):
+            changed[hf_name] = name
+    new = _new_tensors(layout, state, {layout.hf_name[n] for _, n in plan if n in layout.hf_name})
+    changed.update(new)
+    qtype, errors = _choose_type(model, tokenizer, layout, changed, dtype) if changed else (None, {})
+    tmp = path.with_name(f".{path.name}.gradmap-tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    writer = GGUFWriter(tmp, arch)
+    if "general.alignment" in reader.fields:
+        writer.data_alignment = reader.alignment
+    try:
+        copy_metadata(reader, writer, arch, n_src, kept)
+        out_of = {v: k for k, v in changed.items()}
+        written = {}
+        for t, name in plan + [(None, n) for n in new.values()]:
+            if name in out_of:
+                w = state[out_of[name]]
+                qt = GGUFLayout.storage_type(w, qtype)
+                data = layout.encode(w, name, qt)
+                writer.add_tensor(name, data, raw_dtype=qt)
+                written[name] = qt.name
+            else:
+                writer.add_tensor(name, t.data, raw_dtype=t.tensor_type,
+                                  tensor_endianess=reader.endianess)
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+        for f in writer.fout or []:
+            f.flush()
+            os.fsync(f.fileno())
+        writer.close()
+        os.replace(tmp, path)
+    except OSError as exc:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise GradmapError(f"writing GGUF {str(path)!r} failed ({exc.strerror or exc}); nothing was "
+                           "written") from None
+    except BaseException:
+        writer.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return {"path": str(path), "bytes": path.stat().st_size, "source": str(source),
+            "source_bytes": source.stat().st_size, "blocks": len(kept), "source_blocks": n_src,
+            "copied": len(plan) - len(written), "dropped": len(reader.tensors) - len(plan),
+            "changed": written, "added": sorted(new.values()), "changed_errors": errors}

@@ -1,0 +1,87 @@
+"""Tensor layout between GGUF and transformers, for the GGUF export.
+
+Reading uses transformers' own GGUF tensor processors and name maps (so a tensor is dequantised
+exactly as `from_pretrained(gguf_file=...)` does). Writing a changed tensor needs the inverse of
+those processors; the two inverses below (llama.cpp's Q/K row permutation, Gemma's norm offset)
+are checked against the forward processor on every tensor they produce, so a transformers change
+that makes them disagree fails loudly instead of writing wrong weights.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType, dequantize, quantize
+
+from gradmap.core.errors import GradmapError
+
+__all__ = ["GGUFLayout", "QUANT_TYPES"]
+
+QUANT_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16,
+               "q8_0": GGMLQuantizationType.Q8_0}
+
+
+def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
+    # llama.cpp stores Q/K rows with each head's two rotary halves interleaved
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+class GGUFLayout:
+    """Maps between a model's (current) state dict and the tensors of a GGUF file of `arch`."""
+
+    def __init__(self, model, arch: str):
+        from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
+                                                              get_gguf_hf_weights_map)
+        self.arch = arch
+        self.config = model.config.to_dict()
+        self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=self.config)
+        try:
+            # GGUF name (with the model's current, dense block numbering) -> state-dict name
+            self.hf_name = get_gguf_hf_weights_map(model, self.processor)
+        except NotImplementedError as exc:
+            raise GradmapError(f"the gguf package has no tensor-name map for {arch!r} ({exc}); "
+                               "upgrade gguf (pip install -U gguf)") from None
+
+    def to_hf(self, data: np.ndarray, qtype, gguf_name: str) -> np.ndarray:
+        """A GGUF tensor's values in the model's layout, dequantised as transformers does."""
+        return self.processor.process(weights=dequantize(data, qtype), name=gguf_name).weights
+
+    def _to_gguf_float(self, w: np.ndarray, gguf_name: str) -> np.ndarray:
+        if self.arch == "llama" and (".attn_q." in gguf_name or ".attn_k." in gguf_name):
+            heads = self.config["num_attention_heads"]
+            if ".attn_k." in gguf_name:
+                heads = self.config.get("num_key_value_heads") or heads
+            return _permute_qk(w, heads)
+        if self.arch in ("gemma2", "gemma3") and "norm.weight" in gguf_name:
+            return w + 1
+        return w
+
+    def encode(self, tensor: torch.Tensor, gguf_name: str, qtype) -> np.ndarray:
+        """`tensor` (model layout) as GGUF data of type `qtype`, checked against the forward processor."""
+        w = tensor.detach().to("cpu", torch.float32).numpy()
+        g = np.ascontiguousarray(self._to_gguf_float(w, gguf_name), dtype=np.float32)
+        back = self.processor.process(weights=g, name=gguf_name).weights
+        if back.shape != w.shape or not np.allclose(back, w, rtol=0, atol=1e-6 * (1 + np.abs(w).max())):
+            raise GradmapError(f"cannot write {gguf_name} for GGUF architecture {self.arch!r}: its layout "
+                               "does not invert transformers' GGUF reader here; export is not "
+                               "supported for this tensor")
+        if qtype == GGMLQuantizationType.F32:
+            return g
+        if qtype == GGMLQuantizationType.F16:
+            return g.astype(np.float16)
+        return quantize(g, qtype)
+
+    def round_trip(self, tensor: torch.Tensor, gguf_name: str, qtype) -> torch.Tensor:
+        """What a reader of the exported file gets back for `tensor` written as `qtype`."""
+        qtype = self.storage_type(tensor, qtype)
+        data = self.encode(tensor, gguf_name, qtype)
+        back = self.to_hf(data, qtype, gguf_name)
+        return torch.from_numpy(np.ascontiguousarray(back)).to(tensor.dtype).reshape(tensor.shape)
+
+    @staticmethod
+    def storage_type(tensor: torch.Tensor, qtype):
+        """The type `tensor` is written in when `qtype` is asked for."""
+        if tensor.dim() < 2:
+            return GGMLQuantizationType.F32  # norms and biases: tiny, and llama.cpp keeps them F32
+        if qtype == GGMLQuantizationType.Q8_0 and tensor.shape[-1] % 32:
+            return GGMLQuantizationType.F16  # Q8_0 packs blocks of 32 along a row
+        return qtype
