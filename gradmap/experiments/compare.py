@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from gradmap.core.checkpoint import prepare_output_dir, save_pretrained
 from gradmap.core.errors import GradmapError
 from gradmap.experiments.compare_checks import check_before_loading, unfinished_run
-from gradmap.experiments.dense_source import DenseSource, weights_fingerprint
+from gradmap.experiments.dense_source import DenseSource, check_calibration_untouched, weights_fingerprint
 from gradmap.experiments.methods import (MethodSpec, method_from_result, parse_methods,
                                          split_methods)
 
@@ -308,9 +308,7 @@ def _run_all(cfg: CompareConfig, specs: list[MethodSpec], tasks: list[str] | Non
             finally:
                 del model
                 gc.collect()
-            if not torch.equal(calib, calib_copy):
-                raise RuntimeError(f"method {spec.name} changed the calibration tensor in place; "
-                                   "later methods would not see the same data")
+            check_calibration_untouched(calib, calib_copy, spec.name)
             write(plots=plots and row["status"] == "ok")
             bar.update(1)
     finally:

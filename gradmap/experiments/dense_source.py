@@ -13,7 +13,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["DenseSource", "weights_fingerprint"]
+__all__ = ["DenseSource", "weights_fingerprint", "check_calibration_untouched"]
+
+
+def check_calibration_untouched(calib: torch.Tensor, copy_before: torch.Tensor, method: str) -> None:
+    """Every method must see the same calibration rows: refuse one that edited them in place."""
+    if not torch.equal(calib, copy_before):
+        raise RuntimeError(f"method {method} changed the calibration tensor in place; "
+                           "later methods would not see the same data")
 
 
 def weights_fingerprint(model: torch.nn.Module) -> str:

@@ -21,7 +21,6 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-import torch
 
 from gradmap.core.checkpoint import prepare_output_dir, write_file_atomic
 from gradmap.core.errors import GradmapError
@@ -29,6 +28,7 @@ from gradmap.core.result import json_text
 from gradmap.experiments.compare import (FLOOR_DESCRIPTION, CompareConfig, DenseSource,
                                          environment, evaluate_model, forward_backward_seconds,
                                          prune_row, run_method)
+from gradmap.experiments.dense_source import check_calibration_untouched
 from gradmap.experiments.compare_checks import check_before_loading, unfinished_run
 from gradmap.experiments.methods import MethodSpec, parse_methods
 from gradmap.experiments.seed_table import SeedRun, markdown_seed_table, method_lines, summarize
@@ -225,7 +225,5 @@ def _run_seeds(cfg: CompareConfig, seeds: list[int], specs: list[MethodSpec], ta
             finally:
                 del model
                 gc.collect()
-            if not torch.equal(calib, calib_copy):
-                raise RuntimeError(f"method {spec.name} changed the calibration tensor in place; "
-                                   "later methods would not see the same data")
+            check_calibration_untouched(calib, calib_copy, spec.name)
             write()
