@@ -18,8 +18,9 @@ import torch
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--metric", default="gradmap")
-    p.add_argument("--compensation", default="projection")
+    p.add_argument("--metric", default=None, help="default: the default pipeline's")
+    p.add_argument("--compensation", default=None, help="comma list; default: the default pipeline's")
+    p.add_argument("--schedule", default=None)
     p.add_argument("--n-prune", type=int, default=8)
     p.add_argument("--n-calib", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
@@ -40,9 +41,11 @@ def main() -> None:
     calib = calibration_data(tok, "c4", args.n_calib, args.seq_len, 0)
     peaks["calibration data"] = _peak_gib()
     res = fast_prune(model, calib, args.n_prune, metric=args.metric, batch_size=args.batch_size,
-                     compensation=args.compensation.split(","))
+                     schedule=args.schedule, progress=False,
+                     compensation=None if args.compensation is None else args.compensation.split(","))
     peaks["prune"] = _peak_gib()
-    print(json.dumps({"gradmap": gradmap.__file__, "removed": res.removed_layers,
+    print(json.dumps({"gradmap": gradmap.__file__, "removed": res.removed_layers, "metric": res.metric,
+                      "compensation": res.compensation, "schedule": res.schedule,
                       "batch_size": res.options["batch_size"], "calib": list(calib.shape),
                       "timings": {k: round(v, 1) for k, v in res.timings.items()},
                       "peak_rss_gib_after": peaks, "peak_rss_gib": peaks["prune"]}))

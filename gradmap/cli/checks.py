@@ -19,7 +19,7 @@ __all__ = ["positive", "check_gguf_output", "check_runtime", "compensation_names
 METRICS = ("gradmap", "block-influence", "angular", "taylor", "ppl", "sleb", "magnitude")
 COMPENSATIONS = ("none", "projection", "magnitude", "replaceme")
 # gradmap.prune.driver.default_pipeline_name(), for --help without torch (a test checks they agree)
-DEFAULT_PIPELINE_NAME = "gradmap+projection@one-shot"
+DEFAULT_PIPELINE_NAME = "block-influence+replaceme@one-shot"
 
 
 def positive(args, *names: str) -> None:
