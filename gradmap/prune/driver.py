@@ -195,7 +195,8 @@ def _next_choice(plan, result: PruneResult) -> int:
 
 # What fast_prune and `gradmap prune` run when no metric / compensation is named: chosen from the
 # multi-seed study of issue 14 (bench/RESULTS.md "Default pipeline (issue 14)"): the lowest mean
-# PPL among the pipelines within 3x one forward+backward, and the cheapest of those. Why it should
+# PPL among the pipelines within 3x one forward+backward, a tie (paired interval including no
+# change) going to the cheaper pipeline. Why it should
 # hold beyond SmolLM2: block influence removes the layers that rotate the residual stream least,
 # which one-shot selection finds as contiguous runs; ReplaceMe then fits one least-squares linear
 # map per removed run from the dense model's own outputs, and a run of near-identity layers is
