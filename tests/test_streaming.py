@@ -14,7 +14,6 @@ from tiny import paired_leaves, random_ids, tiny_model
 
 from gradmap import GradmapError, fast_prune, get_adapter
 from gradmap.runtime import placement
-from gradmap.runtime import placement as streaming
 from gradmap.prune.compensation.base import Compensator
 from gradmap.prune.metrics import ScoringRun, gate_statistics, get_metric
 from gradmap.runtime.batching import MeanSink
@@ -36,7 +35,7 @@ def _close(a: dict, b: dict, what: str) -> None:
 
 
 def _streamed(model, fn):
-    with streaming.layer_offload(model, "cpu"):
+    with placement.layer_offload(model, "cpu"):
         return fn()
 
 
@@ -169,7 +168,7 @@ def test_sparsify_streamed_gives_the_same_masks(family, allocation, score):
     ref = sparsify(ref_model, calib, 0.5, allocation, score, batch_size=2, progress=False, mrp_step=0.05)
     got = sparsify(model, calib, 0.5, allocation, score, batch_size=2, progress=False, mrp_step=0.05,
                    offload="layer", compute_device="cpu")
-    assert streaming.offload_of(model) is None
+    assert placement.offload_of(model) is None
     ref_d, got_d = ref.to_dict(), got.to_dict()
     ref_d.pop("timings"), got_d.pop("timings")
     assert got_d == ref_d
@@ -186,7 +185,7 @@ def test_sparsify_bad_offload_is_rejected_untouched(kwargs, match):
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(GradmapError, match=match):
         sparsify(model, random_ids(2, 8), 0.5, "uniform", progress=False, **kwargs)
-    assert streaming.offload_of(model) is None
+    assert placement.offload_of(model) is None
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
 
 
@@ -289,14 +288,14 @@ def test_model_left_as_it_came():
     after = {n: (p.device, p.data_ptr(), p.requires_grad, p.grad) for n, p in model.named_parameters()}
     assert after == before and after["model.layers.2.self_attn.q_proj.weight"][3] is grad
     assert {n: b.data_ptr() for n, b in model.named_buffers()} == buffers
-    assert streaming.offload_of(model) is None and not model.training
+    assert placement.offload_of(model) is None and not model.training
 
     def boom(pos, h_in, h_out):
         raise RuntimeError("callback failed")
     with pytest.raises(RuntimeError, match="callback failed"):
         _streamed(model, lambda: forward_pass(model, ad, random_ids(2, 8), 2, boom))
     assert {n: (p.device, p.data_ptr(), p.requires_grad, p.grad) for n, p in model.named_parameters()} == before
-    assert streaming.offload_of(model) is None
+    assert placement.offload_of(model) is None
 
 
 class _Custom(Compensator):
@@ -320,7 +319,7 @@ def test_unsupported_streaming_is_rejected(kwargs, match):
     options.update(kwargs)
     with pytest.raises(GradmapError, match=match):
         fast_prune(model, random_ids(2, 8), 1, **options)
-    assert get_adapter(model).num_layers == 4 and streaming.offload_of(model) is None
+    assert get_adapter(model).num_layers == 4 and placement.offload_of(model) is None
     for k, v in model.state_dict().items():
         assert torch.equal(v, state[k])
 

@@ -11,13 +11,15 @@ from pathlib import Path
 
 from gradmap.core.errors import GradmapError
 
-__all__ = ["positive", "check_gguf_output", "check_runtime", "compensation_names", "check_json_target",
-           "write_json", "METRICS", "COMPENSATIONS", "DEFAULT_PIPELINE_NAME"]
+__all__ = ["positive", "check_gguf_output", "check_runtime", "run_on_ranks", "compensation_names", "check_json_target",
+           "write_json", "METRICS", "COMPENSATIONS", "DEFAULT_PIPELINE_NAME", "DTYPES"]
 
 # Listed here so `--help` can show them without importing torch; tests/test_reliability_cli.py
 # checks they equal the registries.
 METRICS = ("gradmap", "block-influence", "angular", "taylor", "ppl", "sleb", "magnitude")
 COMPENSATIONS = ("none", "projection", "magnitude", "replaceme")
+# load dtypes the commands accept (torch names, spelled out for --help without torch)
+DTYPES = ("float32", "bfloat16", "float16")
 # gradmap.prune.driver.default_pipeline_name(), for --help without torch (a test checks they agree)
 DEFAULT_PIPELINE_NAME = "block-influence+replaceme@one-shot"
 
@@ -35,6 +37,18 @@ def check_runtime(args) -> None:
     from gradmap.core.model_checks import check_device, check_dtype
     check_dtype(getattr(args, "dtype", None))
     check_device(args.device)
+
+
+def run_on_ranks(args, body) -> int:
+    """`body(args, device)` on every `torchrun` rank (or the only process), inside the process group.
+
+    --dtype and --device are checked first: `process_group` would set a CUDA device that may
+    not exist.
+    """
+    from gradmap.core.distributed import process_group
+    check_runtime(args)
+    with process_group(args.device) as device:
+        return body(args, device)
 
 
 def compensation_names(spec: str) -> list[str]:

@@ -4,15 +4,13 @@ from __future__ import annotations
 import argparse
 import re
 
-from gradmap.cli.checks import check_gguf_output, check_runtime
+from gradmap.cli.checks import DTYPES, check_gguf_output, check_runtime
 from gradmap.core.errors import GradmapError
 
 __all__ = ["add_parser", "run", "DEFAULT_METHODS"]
 
 DEFAULT_METHODS = ("gradmap+projection,gradmap,block-influence,block-influence+magnitude,"
                    "angular+replaceme,sleb,taylor,ppl")
-DTYPES = ("float32", "bfloat16", "float16")
-
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Register `gradmap compare` and its options."""

@@ -4,11 +4,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from gradmap.cli.checks import check_json_target, check_runtime, positive, write_json
+from gradmap.cli.checks import DTYPES, check_json_target, check_runtime, positive, write_json
 
 __all__ = ["add_parser", "run", "format_table"]
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:

@@ -11,13 +11,11 @@ import ast
 import json
 import time
 
-from gradmap.cli.checks import (COMPENSATIONS, DEFAULT_PIPELINE_NAME, METRICS, check_gguf_output, check_runtime,
-                                compensation_names, positive)
+from gradmap.cli.checks import (COMPENSATIONS, DEFAULT_PIPELINE_NAME, DTYPES, METRICS, check_gguf_output,
+                                compensation_names, positive, run_on_ranks)
 from gradmap.core.errors import GradmapError
 
 __all__ = ["add_parser", "run", "parse_options"]
-
-DTYPES = ("float32", "bfloat16", "float16")
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -79,10 +77,7 @@ def parse_options(items: list[str]) -> dict:
 
 def run(args: argparse.Namespace) -> int:
     """Under `torchrun` every rank runs this; calibration is data-parallel and rank 0 writes --out."""
-    from gradmap.core.distributed import process_group
-    check_runtime(args)  # before process_group, which would set a CUDA device that may not exist
-    with process_group(args.device) as device:
-        return _run(args, device)
+    return run_on_ranks(args, _run)
 
 
 def _run(args: argparse.Namespace, device: str) -> int:

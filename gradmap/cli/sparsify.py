@@ -13,7 +13,7 @@ import time
 
 from typing import TYPE_CHECKING
 
-from gradmap.cli.checks import check_runtime, positive
+from gradmap.cli.checks import positive, run_on_ranks
 from gradmap.core.model_checks import DTYPE_NAMES
 
 if TYPE_CHECKING:
@@ -86,10 +86,7 @@ def plot_sparsity(result: SparsifyResult, title: str | None = None) -> bytes:
 
 def run(args: argparse.Namespace) -> int:
     """Under `torchrun` every rank runs this; calibration is data-parallel and rank 0 writes --out."""
-    from gradmap.core.distributed import process_group
-    check_runtime(args)  # before process_group, which would set a CUDA device that may not exist
-    with process_group(args.device) as device:
-        return _run(args, device)
+    return run_on_ranks(args, _run)
 
 
 def _run(args: argparse.Namespace, device: str) -> int:
