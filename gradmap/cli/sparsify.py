@@ -3,7 +3,8 @@
 The checkpoint is saved dense with zeros (a standard HF checkpoint) together with
 `report.json` (the SparsifyResult, including the N:M `pattern` and the per-block redundancy
 spread, plus the calibration settings) and `sparsity.png`
-(achieved sparsity per decoder layer).
+(achieved sparsity per decoder layer). With `--eval` the sparse model's perplexity and 7-task
+zero-shot accuracy are measured before saving and written to report.json under "evaluation".
 """
 from __future__ import annotations
 
@@ -54,6 +55,18 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     for key, default in OPTION_DEFAULTS.items():
         p.add_argument(f"--{key.replace('_', '-')}", dest=key, type=float, default=default,
                        help=f"{key} (default {default}; see gradmap.sparsify)")
+    p.add_argument("--eval", action="store_true",
+                   help="measure the sparse model's perplexity and zero-shot accuracy (report.json)")
+    p.add_argument("--ppl-data", default="wikitext2",
+                   help="with --eval: perplexity data, wikitext2 (test split), c4 or a .txt/.jsonl path")
+    p.add_argument("--ppl-seq-len", type=int, default=2048, help="with --eval: perplexity window length (2048)")
+    p.add_argument("--ppl-windows", type=int, default=None,
+                   help="with --eval: score only the first N perplexity windows (default: all)")
+    p.add_argument("--tasks", default="all",
+                   help="with --eval: zero-shot tasks, 'all', 'none' or a comma list (default: all 7)")
+    p.add_argument("--limit", type=int, default=100,
+                   help="with --eval: first N examples of each zero-shot task (100, as the sparsity "
+                        "study; 0 = all)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return p
 
@@ -105,6 +118,8 @@ def _run(args: argparse.Namespace, device: str) -> int:
     needs_calib = needs_calibration(args.allocation, args.score)
     if needs_calib:
         check_source(args.calib_source, "--calib-source")
+    if args.eval:
+        _check_eval(args)
 
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
@@ -120,6 +135,8 @@ def _run(args: argparse.Namespace, device: str) -> int:
               "calibration": ({"source": str(args.calib_source), "n_samples": args.n_samples,
                                "seq_len": args.seq_len, "seed": args.seed} if needs_calib else None),
               "wall_seconds": time.perf_counter() - start, "world_size": distributed.world_size()}
+    if args.eval:
+        report["evaluation"] = _evaluate(model, tokenizer, args)
     kind = f"{args.score} {args.pattern}" if args.pattern else f"{args.allocation}/{args.score}"
     png = plot_sparsity(result, f"{args.model}: {kind}, "
                                 f"overall sparsity {result.overall_sparsity:.4f}")
@@ -131,4 +148,46 @@ def _run(args: argparse.Namespace, device: str) -> int:
     print(f"block redundancy spread: std {result.redundancy_std:.4f}, max-min {result.redundancy_range:.4f}")
     per_layer = zip(result.layer_ids, result.block_sparsity)
     print("per-layer sparsity: " + " ".join(f"{i}:{s:.3f}" for i, s in per_layer))
+    if args.eval:
+        ev = report["evaluation"]
+        line = f"perplexity {ev['ppl']:.3f} ({ev['ppl_data']})"
+        if ev["zero_shot"] is not None:
+            zs = ev["zero_shot"]
+            line += (f"; zero-shot average {zs['average']:.4f} over {len(zs['tasks'])} tasks, "
+                     f"{zs['limit'] or 'all'} examples each: "
+                     + ", ".join(f"{k} {v['value']:.3f}" for k, v in zs["tasks"].items()))
+        print(line)
     return 0
+
+
+def _check_eval(args: argparse.Namespace) -> None:
+    """The evaluation options, checked with the others before the model loads."""
+    from gradmap.core.calibration import check_source
+    from gradmap.core.errors import GradmapError
+    from gradmap.evaluate.tasks import resolve_tasks
+
+    check_source(args.ppl_data, "--ppl-data")
+    positive(args, "ppl_windows")
+    if args.ppl_seq_len < 2:
+        raise GradmapError(f"--ppl-seq-len must be at least 2, got {args.ppl_seq_len}")
+    if args.limit < 0:
+        raise GradmapError(f"--limit must be 0 (all examples) or a positive integer, got {args.limit}")
+    if args.tasks.strip().lower() != "none":
+        resolve_tasks(args.tasks)
+
+
+def _evaluate(model, tokenizer, args: argparse.Namespace) -> dict:
+    """Perplexity and zero-shot accuracy of the sparse model, as `gradmap eval` measures them."""
+    from gradmap.evaluate import perplexity_report, zero_shot
+
+    progress = not args.no_progress
+    rep = perplexity_report(model, tokenizer, args.ppl_data, args.ppl_seq_len, args.ppl_windows,
+                            progress=progress)
+    out = {"ppl": rep.ppl, "ppl_data": f"{rep.data}, L={rep.seq_len}, {rep.windows} windows",
+           "perplexity": rep.as_dict(), "zero_shot": None}
+    if args.tasks.strip().lower() != "none":
+        zs = zero_shot(model, tokenizer, args.tasks, limit=args.limit or None, progress=progress)
+        out["zero_shot"] = {"average": zs["average"], "limit": zs["limit"], "seconds": zs["seconds"],
+                            "tasks": {k: {"metric": v["metric"], "value": v["value"], "n": v["n"]}
+                                      for k, v in zs["tasks"].items()}}
+    return out
