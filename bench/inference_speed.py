@@ -13,7 +13,9 @@ cache after a 32-token prompt, each --batch size). Every measurement has --warmu
 is reported with its ratio to dense. `expected_speedup` is the ratio of matmul parameters (decoder
 layers + LM head; the embedding is a lookup), i.e. the gain if time were proportional to weights
 read/multiplied. With --llama-cpp (needs the gguf-runtime extra and a GGUF source) the same prefill
-and batch-1 decode figures are taken with llama.cpp on the exported GGUF files. Not collected by pytest.
+and batch-1 decode figures are taken with llama.cpp on the exported GGUF files. The measurement is
+`gradmap.evaluate.speed.inference_speed` (what `gradmap compare --speed` / `gradmap prune --speed`
+run); this script builds the k-removed models and writes its historical JSON layout. Not collected by pytest.
 """
 from __future__ import annotations
 
@@ -27,8 +29,6 @@ import time
 from pathlib import Path
 
 import torch
-
-PROMPT = 32
 
 
 def _ints(text: str) -> list[int]:
@@ -45,129 +45,47 @@ def _load(args):
     return model.to(args.device), tok
 
 
-def _matmul_params(model) -> int:
-    layers = sum(p.numel() for p in model.model.layers.parameters())
-    return layers + model.lm_head.weight.numel()
-
-
-def _sizes(model, tok, gguf_dir) -> dict:
+def _ggufs(models: dict, tok, gguf_dir) -> dict | None:
     import gradmap
-    out = {"params": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
-           "matmul_params": _matmul_params(model)}
-    with tempfile.TemporaryDirectory() as d:
-        path = gradmap.save_pretrained(model, tok, Path(d) / "ck")
-        out["checkpoint_bytes"] = sum(f.stat().st_size for f in path.iterdir())
-        out["safetensors_bytes"] = sum(f.stat().st_size for f in path.glob("*.safetensors"))
-    if gguf_dir is not None and getattr(model, "gradmap_gguf_source", None):
-        n = model.config.num_hidden_layers
-        info = gradmap.export_gguf(model, tok, Path(gguf_dir) / f"layers{n}.gguf", overwrite=True)
-        out["gguf_bytes"], out["gguf_path"] = info["bytes"], info["path"]
-    return out
+    if not any(getattr(m, "gradmap_gguf_source", None) for m in models.values()):
+        return None
+    return {name: gradmap.export_gguf(m, tok, Path(gguf_dir) / f"layers{m.config.num_hidden_layers}.gguf",
+                                      overwrite=True)["path"] for name, m in models.items()}
 
 
-def _timer(fn, device):
-    def run():
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return time.perf_counter() - t
-    return run
+def _timing(seconds: list[float], tokens: int) -> dict:
+    med = statistics.median(seconds)
+    return {"median_s": med, "times_s": seconds, "tokens_per_s": tokens / med}
 
 
-def _prefill(model, length: int):
-    ids = torch.randint(3, model.config.vocab_size, (1, length), generator=torch.Generator().manual_seed(0))
-    ids = ids.to(model.device)
-
-    def fn():
-        with torch.no_grad():
-            model(ids, use_cache=True)
-    return fn, length
-
-
-def _decode(model, batch: int, steps: int):
-    import inspect
-
-    from transformers import DynamicCache
-    # transformers 5.2x renamed past_key_values to cache (the old name warns until 5.40)
-    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    g = torch.Generator().manual_seed(1)
-    prompt = torch.randint(3, model.config.vocab_size, (batch, PROMPT), generator=g).to(model.device)
-    nxt = torch.randint(3, model.config.vocab_size, (batch, steps), generator=g).to(model.device)
-
-    def fn():
-        with torch.no_grad():
-            cache = DynamicCache(config=model.config)
-            model(prompt, use_cache=True, **{key: cache})
-            for i in range(steps):
-                model(nxt[:, i:i + 1], use_cache=True, **{key: cache})
-    # the prompt's prefill is timed too; measured separately and subtracted below
-    return fn, batch * steps, _prefill_prompt(model, prompt)
-
-
-def _prefill_prompt(model, prompt):
-    def fn():
-        with torch.no_grad():
-            model(prompt, use_cache=True)
-    return fn
-
-
-def _measure(models: dict, make, args, device) -> dict:
-    """{name: {"median_s", "times", "tokens_per_s"}} for the benchmark `make(model)` builds."""
-    built = {name: make(m) for name, m in models.items()}
-    times = {name: [] for name in models}
-    sub = {name: [] for name in models}
-    for name, (fn, _, *rest) in built.items():
-        for _ in range(args.warmup):
-            fn()
-            if rest:
-                rest[0]()
-    for _ in range(args.repeats):
-        for name, (fn, _, *rest) in built.items():
-            times[name].append(_timer(fn, device)())
-            if rest:  # decode: take the prompt's prefill out of the decode time
-                sub[name].append(_timer(rest[0], device)())
+def _bench_layout(speed: dict, ggufs: dict | None) -> dict:
+    """The package's result in this script's JSON layout (kept so older result files compare)."""
+    s = speed["settings"]
     out = {}
-    for name, (_, tokens, *rest) in built.items():
-        med = statistics.median(times[name]) - (statistics.median(sub[name]) if rest else 0.0)
-        out[name] = {"median_s": med, "times_s": times[name], "tokens_per_s": tokens / med}
+    for name, row in speed["models"].items():
+        r = {k: row[k] for k in ("layers", "params", "matmul_params", "checkpoint_bytes")}
+        r["safetensors_bytes"] = row["checkpoint_bytes"]
+        for length in s["prefill"]:
+            r[f"prefill_{length}"] = _timing(row["seconds"][f"prefill_{length}"], length)
+        for batch in s["batches"]:
+            r[f"decode_b{batch}"] = _timing(row["seconds"][f"decode_b{batch}"], batch * s["decode_tokens"])
+        r["speedup"] = {k: v for k, v in row["x_dense"].items() if k.startswith(("prefill_", "decode_b"))}
+        r["expected_speedup"] = row["expected_speedup"]
+        r["size_ratio"] = row["x_dense"]["checkpoint_bytes"]
+        if ggufs:
+            r["gguf_bytes"], r["gguf_path"] = Path(ggufs[name]).stat().st_size, ggufs[name]
+        out[name] = r
     return out
 
 
-def _llama_cpp(sizes: dict, args) -> dict:
-    try:
-        import llama_cpp
-    except ImportError:
-        return {"skipped": "llama-cpp-python is not installed (pip install 'gradmap[gguf-runtime]')"}
-    out = {}
-    for name, s in sizes.items():
-        if "gguf_path" not in s:
-            return {"skipped": "no GGUF source: llama.cpp figures need a .gguf model"}
-        llm = llama_cpp.Llama(model_path=s["gguf_path"], n_ctx=max(args.prefill) + 8,
-                              n_batch=max(args.prefill), n_threads=args.threads, verbose=False)
-        row = {}
-        for length in args.prefill:
-            ids = list(range(100, 100 + length))
-            ts = []
-            for r in range(args.warmup + args.repeats):
-                llm.reset()
-                t = time.perf_counter()
-                llm.eval(ids)
-                ts.append(time.perf_counter() - t)
-            row[f"prefill_{length}"] = length / statistics.median(ts[args.warmup:])
-        ts = []
-        for r in range(args.warmup + args.repeats):
-            llm.reset()
-            llm.eval(list(range(100, 100 + PROMPT)))
-            t = time.perf_counter()
-            for i in range(args.decode_tokens):
-                llm.eval([200 + i])
-            ts.append(time.perf_counter() - t)
-        row["decode_b1"] = args.decode_tokens / statistics.median(ts[args.warmup:])
-        out[name] = row
-    return out
+def _llama_cpp_layout(speed: dict) -> dict | None:
+    if "llama_cpp_skipped" in speed:
+        return {"skipped": speed["llama_cpp_skipped"]}
+    if "llama_cpp" not in speed:
+        return {"skipped": "no GGUF source: llama.cpp figures need a .gguf model"}
+    return {name: {**{f"prefill_{k}": v for k, v in row["prefill_tok_s"].items()},
+                   **{f"decode_b{k}": v for k, v in row["decode_tok_s"].items()}}
+            for name, row in speed["llama_cpp"].items()}
 
 
 def main(argv=None) -> int:
@@ -194,6 +112,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     import gradmap
     from bench.harness import machine_info
+    from gradmap.evaluate.speed import inference_speed
 
     dense, tok = _load(args)
     n = dense.config.num_hidden_layers
@@ -206,26 +125,15 @@ def main(argv=None) -> int:
         models[f"-{k}"] = m
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory() as gguf_dir:
-        sizes = {name: _sizes(m, tok, gguf_dir) for name, m in models.items()}
-        result = {"machine": machine_info(device), "settings": {k: v for k, v in vars(args).items()},
-                  "models": {name: {"layers": m.config.num_hidden_layers, **sizes[name]}
-                             for name, m in models.items()}}
-        for length in args.prefill:
-            res = _measure(models, lambda m: _prefill(m, length), args, device)
-            for name, r in res.items():
-                result["models"][name][f"prefill_{length}"] = r
-        for batch in args.batch:
-            res = _measure(models, lambda m: _decode(m, batch, args.decode_tokens), args, device)
-            for name, r in res.items():
-                result["models"][name][f"decode_b{batch}"] = r
-        if args.llama_cpp:
-            result["llama_cpp"] = _llama_cpp(sizes, args)
-    base = result["models"]["dense"]
+        ggufs = _ggufs(models, tok, gguf_dir)
+        speed = inference_speed(models, tok, prefill=args.prefill, decode_tokens=args.decode_tokens,
+                                batches=args.batch, warmup=args.warmup, repeats=args.repeats,
+                                gguf_paths=ggufs if args.llama_cpp else None, threads=args.threads)
+        result = {"machine": machine_info(device), "settings": dict(vars(args)),
+                  "models": _bench_layout(speed, ggufs)}
+    if args.llama_cpp:
+        result["llama_cpp"] = _llama_cpp_layout(speed)
     keys = [f"prefill_{x}" for x in args.prefill] + [f"decode_b{b}" for b in args.batch]
-    for name, row in result["models"].items():
-        row["speedup"] = {k: row[k]["tokens_per_s"] / base[k]["tokens_per_s"] for k in keys}
-        row["expected_speedup"] = base["matmul_params"] / row["matmul_params"]
-        row["size_ratio"] = row["safetensors_bytes"] / base["safetensors_bytes"]
     result["wall_s"] = time.perf_counter() - t0
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))

@@ -5,6 +5,7 @@ import argparse
 import re
 
 from gradmap.cli.checks import DTYPES, check_gguf_output, check_runtime
+from gradmap.cli.speed import add_speed_arguments, speed_settings
 from gradmap.core.errors import GradmapError
 
 __all__ = ["add_parser", "run", "DEFAULT_METHODS"]
@@ -74,6 +75,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="print greedy generations for PROMPT from the dense and each pruned model")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (32)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_speed_arguments(p, "the dense model and each method's pruned model")
     return p
 
 
@@ -86,8 +88,13 @@ def run(args: argparse.Namespace) -> int:
     """Run the comparison, print the table (and generations); 1 when a method failed."""
     from gradmap.experiments.compare import CompareConfig, run_compare
     from gradmap.experiments.compare_report import markdown_table
+    from gradmap.experiments.compare_speed import speed_markdown
 
     check_runtime(args)
+    speed = speed_settings(args)
+    if speed is not None and args.seeds is not None:
+        raise GradmapError("--speed times one run's models; drop --seeds (pruned models of one depth "
+                           "run at the same speed whatever the seed)")
 
     tasks = None if args.tasks.strip().lower() == "none" else args.tasks
     if args.seeds is not None and args.seed is not None:
@@ -109,13 +116,16 @@ def run(args: argparse.Namespace) -> int:
         protect_first=args.protect_first, protect_last=args.protect_last,
         restore="reload" if args.reload else "copy", save_dir=args.save,
         save_method=args.save_method, save_gguf=args.save_gguf, generate=args.generate,
-        max_new_tokens=args.max_new_tokens, overwrite=args.overwrite)
+        max_new_tokens=args.max_new_tokens, overwrite=args.overwrite, speed=speed)
     out = args.out or _default_out(args.model, args.n_prune)
     if args.seeds is not None:
         return _run_seeds(cfg, args, out)
     results = run_compare(cfg, out, progress=not args.no_progress)
     print()
     print(markdown_table(results))
+    speed_section = speed_markdown(results)
+    if speed_section:
+        print("\n" + "\n".join(speed_section))
     print(f"\nresults: {out}/results.md, {out}/results.json"
           + "".join(f", {p}" for p in results.get("plots", {}).values()))
     if args.generate is not None:

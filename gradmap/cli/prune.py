@@ -13,6 +13,7 @@ import time
 
 from gradmap.cli.checks import (COMPENSATIONS, DEFAULT_PIPELINE_NAME, DTYPES, METRICS, check_gguf_output,
                                 compensation_names, positive, run_on_ranks)
+from gradmap.cli.speed import add_speed_arguments, speed_settings
 from gradmap.core.errors import GradmapError
 
 __all__ = ["add_parser", "run", "parse_options"]
@@ -58,6 +59,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "--model: untouched tensors keep their quantisation; see README)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (and --gguf)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_speed_arguments(p, "the dense model (a copy kept in host memory) and the pruned one")
     return p
 
 
@@ -92,6 +94,10 @@ def _run(args: argparse.Namespace, device: str) -> int:
     from gradmap.prune.metrics import get_metric
 
     # every cheap check before the model is loaded
+    speed = speed_settings(args)
+    if speed is not None and args.offload:
+        raise GradmapError("--speed times whole models on --device, which --offload says they do not "
+                           "fit; drop --speed (or --offload)")
     prepare_output_dir(args.out, args.overwrite)
     positive(args, "n_calib", "seq_len", "batch_size")
     check_source(args.calib)
@@ -120,6 +126,10 @@ def _run(args: argparse.Namespace, device: str) -> int:
     # offloaded weights stay on the host; fast_prune moves one layer at a time to the device
     model, tokenizer = load_model(args.model, dtype=args.dtype,
                                   device="cpu" if args.offload else device)
+    dense = None
+    if speed is not None and main:
+        from gradmap.experiments.compare_speed import host_copy
+        dense = host_copy(model)  # timed against the pruned model after pruning, same run
     say(f"drawing {args.n_calib} x {args.seq_len} calibration tokens from {args.calib} "
           f"(seed {args.seed}) ...", flush=True)
     calib = calibration_data(tokenizer, args.calib, args.n_calib, args.seq_len, args.seed)
@@ -137,6 +147,11 @@ def _run(args: argparse.Namespace, device: str) -> int:
     if args.gguf:
         from gradmap.core.gguf_export import export_gguf
         report["gguf"] = export_gguf(model, tokenizer, args.gguf, overwrite=args.overwrite)
+    if dense is not None:
+        from gradmap.experiments.compare_speed import speed_vs_dense
+        say("timing the dense and the pruned model (--speed) ...", flush=True)
+        report["speed"] = speed_vs_dense(dense, model, tokenizer, speed, gguf=args.gguf)
+        del dense
     png = plot_scores(result)
     out = save_pretrained(model, tokenizer, args.out, report=report, overwrite=args.overwrite,
                           extra_files={"scores.png": png})
@@ -151,6 +166,9 @@ def _run(args: argparse.Namespace, device: str) -> int:
         g = report["gguf"]
         print(f"GGUF: {g['path']} ({g['bytes'] / 2**20:.1f} MiB, source {g['source_bytes'] / 2**20:.1f} "
               f"MiB; {g['copied']} tensors copied as they were, {len(g['changed'])} re-written)")
+    if "speed" in report:
+        from gradmap.evaluate.speed import speed_lines
+        print("\n".join(speed_lines(report["speed"])))
     if args.verbose:
         print(json.dumps(report["scores"][-1], indent=None))
     return 0

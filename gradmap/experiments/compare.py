@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from gradmap.core.checkpoint import prepare_output_dir, save_pretrained
 from gradmap.core.errors import GradmapError
 from gradmap.experiments.compare_checks import check_before_loading, unfinished_run
+from gradmap.experiments.compare_speed import measure_row
 from gradmap.experiments.dense_source import DenseSource, check_calibration_untouched, weights_fingerprint
 from gradmap.experiments.methods import (MethodSpec, method_from_result, parse_methods,
                                          split_methods)
@@ -72,6 +73,7 @@ class CompareConfig:
     generate: str | None = None              # prompt for before/after greedy generations
     max_new_tokens: int = 32
     overwrite: bool = False
+    speed: dict | None = None                # inference_speed settings: time each method vs dense
 
     def __post_init__(self):
         for name in ("n_prune", "n_calib", "seq_len", "ppl_seq_len", "eval_batch_size",
@@ -92,6 +94,9 @@ class CompareConfig:
                                "dense copy in memory) or 'reload' (load the model for each method)")
         if isinstance(self.methods, str):
             self.methods = split_methods(self.methods)  # commas inside (options) do not split
+        if self.speed is not None:
+            from gradmap.evaluate.speed import check_speed_options
+            self.speed = check_speed_options(**self.speed)
 
 
 def forward_backward_seconds(model, calib: torch.Tensor, batch_size: int,
@@ -305,6 +310,9 @@ def _run_all(cfg: CompareConfig, specs: list[MethodSpec], tasks: list[str] | Non
             else:
                 if spec.name == save_method:
                     _save(model, tokenizer, row, cfg)
+                if cfg.speed is not None:
+                    gguf = cfg.save_gguf if row.get("saved_to") else None
+                    measure_row(source, model, tokenizer, row, cfg.speed, gguf)
             finally:
                 del model
                 gc.collect()

@@ -1,4 +1,4 @@
-"""Writing a `gradmap compare` run: results.md (one table), results.json and two PNG plots.
+"""Writing a `gradmap compare` run: results.md (tables), results.json and two PNG plots.
 
 Every file is written to a temporary sibling and renamed into place, so an interrupt never
 leaves a half-written result; `write_results` is called after every method.
@@ -12,6 +12,7 @@ from typing import Any
 
 from gradmap.core.checkpoint import write_file_atomic
 from gradmap.core.result import json_text
+from gradmap.experiments.compare_speed import speed_markdown
 
 __all__ = ["write_results", "markdown_table", "settings_lines", "accuracy_standard_errors",
            "plot_ppl_vs_time", "plot_layer_scores"]
@@ -156,9 +157,9 @@ def _notes(results: dict[str, Any]) -> list[str]:
 
 def _markdown(results: dict[str, Any]) -> str:
     parts = ["\n".join(settings_lines(results)), markdown_table(results)]
-    notes = _notes(results)
-    if notes:
-        parts.append("\n".join(notes))
+    for section in (_notes(results), speed_markdown(results)):
+        if section:
+            parts.append("\n".join(section))
     return "\n\n".join(parts) + "\n"
 
 

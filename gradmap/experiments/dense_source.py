@@ -65,6 +65,14 @@ class DenseSource:
         self.check(model)
         return model.to(self._device).eval()
 
+    def reference(self):
+        """The dense model for read-only use (timing): the kept copy itself when it is already on
+        the device, else `fresh()`; never prune or edit it."""
+        if self._pristine is not None and \
+                next(self._pristine.parameters()).device == torch.device(self._device):
+            return self._pristine
+        return self.fresh()
+
     def check(self, model) -> None:
         """Refuse anything but the dense weights: a pruned or edited model must never be pruned."""
         from gradmap.core.adapter import get_adapter
