@@ -10,14 +10,15 @@ COMMON = dict(hidden_size=32, intermediate_size=48, num_attention_heads=4, num_k
               vocab_size=VOCAB, max_position_embeddings=256, bos_token_id=1, eos_token_id=2,
               pad_token_id=0)
 
+# keyword arguments of tiny_model override these (e.g. vocab_size, head_dim)
 CONFIGS = {
-    "llama": lambda **kw: LlamaConfig(**COMMON, **kw),
-    "mistral": lambda **kw: MistralConfig(**COMMON, sliding_window=None, **kw),
-    "qwen2": lambda **kw: Qwen2Config(**COMMON, **kw),
-    "qwen3": lambda **kw: Qwen3Config(**COMMON, head_dim=8, **kw),
-    "gemma2": lambda **kw: Gemma2Config(**COMMON, head_dim=8, sliding_window=16, **kw),
-    "gemma3_text": lambda **kw: Gemma3TextConfig(**COMMON, head_dim=8, sliding_window=16, **kw),
-    "phi3": lambda **kw: Phi3Config(**COMMON, **kw),
+    "llama": lambda **kw: LlamaConfig(**{**COMMON, **kw}),
+    "mistral": lambda **kw: MistralConfig(**{**COMMON, "sliding_window": None, **kw}),
+    "qwen2": lambda **kw: Qwen2Config(**{**COMMON, **kw}),
+    "qwen3": lambda **kw: Qwen3Config(**{**COMMON, "head_dim": 8, **kw}),
+    "gemma2": lambda **kw: Gemma2Config(**{**COMMON, "head_dim": 8, "sliding_window": 16, **kw}),
+    "gemma3_text": lambda **kw: Gemma3TextConfig(**{**COMMON, "head_dim": 8, "sliding_window": 16, **kw}),
+    "phi3": lambda **kw: Phi3Config(**{**COMMON, **kw}),
 }
 FAMILIES = sorted(CONFIGS)
 

@@ -87,12 +87,22 @@ def write_json(path: str, value) -> None:
 
 
 def check_gguf_output(model: str, path: str, overwrite: bool, flag: str) -> None:
-    """A GGUF output needs a GGUF model (its tensors are copied from it); check both before loading."""
+    """The GGUF output file, and the model: a GGUF file (its tensors are copied) or an HF folder of a
+    family the converter supports (its config.json is read); both checked before loading."""
     from gradmap.core.gguf_export import check_gguf_paths
+    from gradmap.core.gguf_write import check_gguf_target
     from gradmap.core.models import resolve_model_path
     folder, gguf_file = resolve_model_path(model)
-    if gguf_file is None:
-        raise GradmapError(f"{flag} needs a GGUF model (a .gguf file or an alias such as smollm2-135m), "
-                           f"got {model!r}; convert the saved checkpoint with llama.cpp's "
-                           "convert_hf_to_gguf.py instead")
-    check_gguf_paths(f"{folder}/{gguf_file}", path, overwrite)
+    if gguf_file is not None:
+        check_gguf_paths(f"{folder}/{gguf_file}", path, overwrite)
+        return
+    check_gguf_target(path, overwrite)
+    config = Path(folder, "config.json")
+    if config.is_file():  # a hub id that is not cached is checked once loaded
+        import json
+
+        from gradmap.core.gguf_convert import FAMILIES
+        family = json.loads(config.read_text()).get("model_type")
+        if family not in FAMILIES:
+            raise GradmapError(f"{flag}: GGUF export of {family!r} models is not supported; "
+                               f"supported: {', '.join(sorted(FAMILIES))}")

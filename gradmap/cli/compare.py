@@ -70,7 +70,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--save-method", default=None,
                    help="which method's model --save keeps (default: the first gradmap method)")
     p.add_argument("--save-gguf", metavar="FILE", default=None,
-                   help="also write --save's model as FILE.gguf for llama.cpp (needs a .gguf --model)")
+                   help="also write --save's model as FILE.gguf for llama.cpp (from a .gguf or HF --model)")
     p.add_argument("--generate", metavar="PROMPT", default=None,
                    help="print greedy generations for PROMPT from the dense and each pruned model")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (32)")

@@ -55,8 +55,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "time to --device (models larger than the device; see README)")
     p.add_argument("--out", required=True, help="output directory for the pruned checkpoint")
     p.add_argument("--gguf", default=None, metavar="FILE",
-                   help="also write the pruned model as FILE.gguf for llama.cpp/ollama (needs a .gguf "
-                        "--model: untouched tensors keep their quantisation; see README)")
+                   help="also write the pruned model as FILE.gguf for llama.cpp/ollama (a .gguf --model "
+                        "keeps its untouched tensors' quantisation, an HF model is converted to F16; "
+                        "see README)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (and --gguf)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_speed_arguments(p, "the dense model (a copy kept in host memory) and the pruned one")
@@ -164,8 +165,10 @@ def _run(args: argparse.Namespace, device: str) -> int:
     print(f"saved to {out} (report.json, scores.png)")
     if args.gguf:
         g = report["gguf"]
-        print(f"GGUF: {g['path']} ({g['bytes'] / 2**20:.1f} MiB, source {g['source_bytes'] / 2**20:.1f} "
-              f"MiB; {g['copied']} tensors copied as they were, {len(g['changed'])} re-written)")
+        print(f"GGUF: {g['path']} ({g['bytes'] / 2**20:.1f} MiB, " + (
+              f"converted from the HF model, tensors {g['tensors']})" if g["source"] is None else
+              f"source {g['source_bytes'] / 2**20:.1f} MiB; {g['copied']} tensors copied as they "
+              f"were, {len(g['changed'])} re-written)"))
     if "speed" in report:
         from gradmap.evaluate.speed import speed_lines
         print("\n".join(speed_lines(report["speed"])))

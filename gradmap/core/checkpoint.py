@@ -101,7 +101,7 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
     (a replaced checkpoint whose new copy never landed is put back first).
     The result loads with plain `AutoModelForCausalLM.from_pretrained`.
 
-    With `gguf`, the model (loaded from a GGUF file) is also written there by `export_gguf`.
+    With `gguf`, the model is also written there by `export_gguf` (from its GGUF source, else converted).
 
     Under torch.distributed only rank 0 writes; every rank returns the path after a barrier,
     so the checkpoint is complete when any rank returns (identical weights on all ranks are
@@ -113,7 +113,7 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
     try:
         out = _save(model, tokenizer, out_dir, report, overwrite, extra_files)
         if gguf is not None:
-            from gradmap.core.gguf_export import export_gguf  # reads the GGUF source: only when asked
+            from gradmap.core.gguf_export import export_gguf  # imports gguf: only when asked
             export_gguf(model, tokenizer, gguf, overwrite=overwrite)
         return out
     finally:  # also on error, so the other ranks are not left waiting

@@ -5,12 +5,12 @@ removed blocks' tensors are dropped and the kept `blk.N.*` renumbered densely; `
 and every per-layer metadata array are trimmed; all other metadata (tokenizer, chat template, RoPE)
 is copied unchanged. Tensors that compensation changed are written as Q8_0 when that keeps the
 next-token distribution within Q8_KL_TOL of the in-memory model on a few text rows, else as F16.
+A model with no GGUF source (loaded from an HF folder) is converted whole by gguf_convert.
 """
 from __future__ import annotations
 
 import os
 import re
-import secrets
 from pathlib import Path
 
 import numpy as np
@@ -18,13 +18,15 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 from gradmap.core.errors import GradmapError
+from gradmap.core.gguf_convert import convert_to_gguf
 from gradmap.core.gguf_layout import QUANT_TYPES, GGUFLayout
+from gradmap.core.gguf_write import check_gguf_target, write_gguf
 from gradmap.core.models import GGUF_SOURCE_ATTR
 from gradmap.core.surgery import original_layer_ids
 
 __all__ = ["export_gguf", "check_gguf_paths", "copy_metadata", "Q8_KL_TOL", "DTYPES"]
 
-DTYPES = ("auto", "q8_0", "f16", "f32")
+DTYPES = ("auto", "q8_0", "f16", "bf16", "f32")
 # mean KL(in-memory || exported) per token, nats, over ROWS; Q8_0 is used for changed tensors below it
 Q8_KL_TOL = 1e-3
 ROWS = ["The capital of France is Paris, and the capital of Italy is Rome.",
@@ -35,28 +37,15 @@ _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 
 def check_gguf_paths(source, path, overwrite: bool) -> tuple[Path, Path]:
     """Check the source GGUF and the output file before any work; one-line errors."""
-    if source is None:
-        raise GradmapError("export_gguf needs the GGUF file the model was loaded from: load it with "
-                           "gradmap.load_model('file.gguf') or pass source='file.gguf' (models loaded "
-                           "from HF folders: convert the saved checkpoint with llama.cpp's "
-                           "convert_hf_to_gguf.py)")
     source, path = Path(source).expanduser(), Path(path).expanduser()
     if not source.is_file():
         raise GradmapError(f"GGUF source {str(source)!r} does not exist; pass the .gguf file the model "
                            "was loaded from")
-    if path.suffix != ".gguf":
-        raise GradmapError(f"GGUF output {str(path)!r} must end in .gguf, e.g. pruned.gguf")
-    if path.exists() and (path.resolve() == source.resolve() or os.path.samefile(path, source)):
+    if path.suffix == ".gguf" and path.exists() and (path.resolve() == source.resolve()
+                                                     or os.path.samefile(path, source)):
         raise GradmapError(f"GGUF output {str(path)!r} is the source file; the source is never "
                            "modified, choose another output file")
-    if path.is_dir():
-        raise GradmapError(f"GGUF output {str(path)!r} is a directory; pass a file name ending in .gguf")
-    if path.exists() and not overwrite:
-        raise GradmapError(f"GGUF output {str(path)!r} exists; choose a new file or pass overwrite=True "
-                           "(--overwrite)")
-    if not path.resolve().parent.is_dir():
-        raise GradmapError(f"the folder of GGUF output {str(path)!r} does not exist; create it first")
-    return source, path
+    return source, check_gguf_target(path, overwrite)
 
 
 def _plan(reader: GGUFReader, kept: list[int]) -> list[tuple[object, str]]:
@@ -146,18 +135,22 @@ def copy_metadata(reader: GGUFReader, writer: GGUFWriter, arch: str, n_src: int,
 
 
 def export_gguf(model, tokenizer, path, source=None, dtype: str = "auto", overwrite: bool = False) -> dict:
-    """Write `model` (pruned in place from a GGUF file) as a new GGUF file at `path`, atomically.
+    """Write `model` as a new GGUF file at `path`, atomically.
 
-    `source` defaults to the file `gradmap.load_model` loaded the model from; it is only read.
-    `dtype` is the type of tensors the pruning changed: "auto" (Q8_0 if its measured KL on a few
-    rows is within Q8_KL_TOL, else F16), "q8_0", "f16" or "f32". Untouched tensors keep their
-    original type and bytes. Returns a summary: path, bytes, tensors copied/dropped/changed, the
-    changed tensors' type and the measured errors.
+    From a GGUF source (`source`, default: the file `gradmap.load_model` loaded the model from;
+    it is only read): untouched tensors keep their original type and bytes; `dtype` is the type
+    of tensors the pruning changed: "auto" (Q8_0 if its measured KL on a few rows is within
+    Q8_KL_TOL, else F16), "q8_0", "f16", "bf16" or "f32". Returns a summary: path, bytes, tensors
+    copied/dropped/changed, the changed tensors' type and the measured errors.
+    Without a source (a model loaded from an HF folder) every tensor is converted: see
+    `gradmap.core.gguf_convert.convert_to_gguf` ("auto" = f16 there).
     """
     if dtype not in DTYPES:
         raise GradmapError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    source, path = check_gguf_paths(source if source is not None else getattr(model, GGUF_SOURCE_ATTR, None),
-                                path, overwrite)
+    source = source if source is not None else getattr(model, GGUF_SOURCE_ATTR, None)
+    if source is None:  # loaded from an HF folder: nothing to copy from, every tensor is converted
+        return convert_to_gguf(model, tokenizer, path, dtype=dtype, overwrite=overwrite)
+    source, path = check_gguf_paths(source, path, overwrite)
     reader = GGUFReader(source)
     arch = reader.fields["general.architecture"].contents()
     n_src = int(reader.fields[f"{arch}.block_count"].contents())
@@ -181,41 +174,20 @@ def export_gguf(model, tokenizer, path, source=None, dtype: str = "auto", overwr
     new = _new_tensors(layout, state, {layout.hf_name[n] for _, n in plan if n in layout.hf_name})
     changed.update(new)
     qtype, errors = _choose_type(model, tokenizer, layout, changed, dtype) if changed else (None, {})
-    tmp = path.with_name(f".{path.name}.gradmap-tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    writer = GGUFWriter(tmp, arch)
-    if "general.alignment" in reader.fields:
-        writer.data_alignment = reader.alignment
-    try:
+    out_of, written = {v: k for k, v in changed.items()}, {}
+
+    def fill(writer):
         copy_metadata(reader, writer, arch, n_src, kept)
-        out_of = {v: k for k, v in changed.items()}
-        written = {}
         for t, name in plan + [(None, n) for n in new.values()]:
             if name in out_of:
                 w = state[out_of[name]]
                 qt = GGUFLayout.storage_type(w, qtype)
-                data = layout.encode(w, name, qt)
-                writer.add_tensor(name, data, raw_dtype=qt)
+                writer.add_tensor(name, layout.encode(w, name, qt), raw_dtype=qt)
                 written[name] = qt.name
             else:
                 writer.add_tensor(name, t.data, raw_dtype=t.tensor_type,
                                   tensor_endianess=reader.endianess)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        for f in writer.fout or []:
-            f.flush()
-            os.fsync(f.fileno())
-        writer.close()
-        os.replace(tmp, path)
-    except OSError as exc:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise GradmapError(f"writing GGUF {str(path)!r} failed ({exc.strerror or exc}); nothing was "
-                           "written") from None
-    except BaseException:
-        writer.close()
-        tmp.unlink(missing_ok=True)
-        raise
+    write_gguf(path, arch, fill, reader.alignment if "general.alignment" in reader.fields else None)
     return {"path": str(path), "bytes": path.stat().st_size, "source": str(source),
             "source_bytes": source.stat().st_size, "blocks": len(kept), "source_blocks": n_src,
             "copied": len(plan) - len(written), "dropped": len(reader.tensors) - len(plan),

@@ -17,7 +17,7 @@ from gradmap.core.errors import GradmapError
 __all__ = ["GGUFLayout", "QUANT_TYPES"]
 
 QUANT_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16,
-               "q8_0": GGMLQuantizationType.Q8_0}
+               "bf16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}
 
 
 def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -29,17 +29,42 @@ class GGUFLayout:
     """Maps between a model's (current) state dict and the tensors of a GGUF file of `arch`."""
 
     def __init__(self, model, arch: str):
+        """`arch`: the GGUF architecture written (a Mistral model is written as "llama")."""
         from transformers.modeling_gguf_pytorch_utils import (TENSOR_PROCESSORS, TensorProcessor,
                                                               get_gguf_hf_weights_map)
         self.arch = arch
         self.config = model.config.to_dict()
         self.processor = TENSOR_PROCESSORS.get(arch, TensorProcessor)(config=self.config)
-        try:
-            # GGUF name (with the model's current, dense block numbering) -> state-dict name
-            self.hf_name = get_gguf_hf_weights_map(model, self.processor)
-        except NotImplementedError as exc:
-            raise GradmapError(f"the gguf package has no tensor-name map for {arch!r} ({exc}); "
-                               "upgrade gguf (pip install -U gguf)") from None
+        # GGUF name (with the model's current, dense block numbering) -> state-dict name
+        self.hf_name = self._top_level_names(model, arch)
+        if self.hf_name is None:
+            try:
+                self.hf_name = get_gguf_hf_weights_map(model, self.processor, model_type=arch)
+            except NotImplementedError as exc:
+                raise GradmapError(f"the gguf package has no tensor-name map for {arch!r} ({exc}); "
+                                   "upgrade gguf (pip install -U gguf)") from None
+
+    @staticmethod
+    def _top_level_names(model, arch: str) -> dict[str, str] | None:
+        """The map transformers' reader builds, when every tensor maps by its full name (None if not).
+
+        transformers' `get_gguf_hf_weights_map` also tries every submodule's relative names, building
+        the `gguf` name map once per module (about 17 s for SmolLM2); its first, full-name pass is
+        the whole map whenever that pass already names every tensor.
+        """
+        from gguf import MODEL_ARCH_NAMES, get_tensor_name_map
+        enum = next((k for k, v in MODEL_ARCH_NAMES.items() if v == arch), None)
+        if enum is None:
+            return None
+        name_map = get_tensor_name_map(enum, model.config.num_hidden_layers)
+        out = {}
+        for hf_name in model.state_dict():
+            base, dot, suffix = hf_name.rpartition(".")
+            gguf_name = name_map.get_name(base) if suffix in ("weight", "bias") else None
+            if gguf_name is None:
+                return None
+            out[f"{gguf_name}{dot}{suffix}"] = hf_name
+        return out
 
     def to_hf(self, data: np.ndarray, qtype, gguf_name: str) -> np.ndarray:
         """A GGUF tensor's values in the model's layout, dequantised as transformers does."""

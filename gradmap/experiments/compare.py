@@ -69,7 +69,7 @@ class CompareConfig:
     restore: str = "copy"                    # "copy": deep copy of the dense model; "reload"
     save_dir: str | None = None              # save this method's pruned checkpoint here
     save_method: str | None = None           # default: the first method whose metric is gradmap
-    save_gguf: str | None = None             # also write that model as this .gguf (GGUF sources)
+    save_gguf: str | None = None             # also write that model as this .gguf
     generate: str | None = None              # prompt for before/after greedy generations
     max_new_tokens: int = 32
     overwrite: bool = False
