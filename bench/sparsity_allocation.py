@@ -131,9 +131,15 @@ def _mean(values: list[float]) -> float:
     return sum(values) / len(values)
 
 
+def _per_seed(values: list[float], fmt: str) -> str:
+    """The mean, then each seed's value in brackets (seed order), so a reader sees the spread."""
+    mean = format(_mean(values), fmt)
+    return mean if len(values) == 1 else f"{mean} ({' / '.join(format(v, fmt) for v in values)})"
+
+
 def table(out: Path) -> str:
-    """Markdown, one row per configuration: mean over seeds of PPL, zero-shot average, redundancy
-    std and sparsify seconds (n = number of seeds)."""
+    """Markdown, one row per configuration: mean over seeds (each seed's value in brackets) of PPL
+    and the zero-shot average, then the mean redundancy std and sparsify seconds."""
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     groups: dict[tuple, list[dict]] = {}
     for r in rows:
@@ -149,12 +155,14 @@ def table(out: Path) -> str:
     order = sorted(groups, key=lambda k: (k[3] is not None, k[3] or "", -k[0], SCORE_ORDER.index(k[2]),
                                           alloc_order[k[1]]))
     for key in order:
-        g = groups[key]
+        g = sorted(groups[key], key=lambda r: r.get("seed") or 0)
         s, alloc, score, pattern = key
-        zs = f"{_mean([r['zero_shot'] for r in g]):.4f}" if all("zero_shot" in r for r in g) else "-"
+        zs = _per_seed([r["zero_shot"] for r in g], ".4f") if all("zero_shot" in r for r in g) else "-"
         label = pattern if pattern else f"{s:.0%}"
-        lines.append(f"| {label} | {alloc} | {score} | {len(g)} | {_mean([r['ppl'] for r in g]):.1f} | {zs} | "
-                     f"{_mean([r.get('redundancy_std', float('nan')) for r in g]):.4f} | {_mean([r['sparsify_s'] for r in g]):.0f} |")
+        lines.append(f"| {label} | {alloc} | {score} | {','.join(str(r.get('seed')) for r in g)} | "
+                     f"{_per_seed([r['ppl'] for r in g], '.1f')} | {zs} | "
+                     f"{_mean([r.get('redundancy_std', float('nan')) for r in g]):.4f} | "
+                     f"{_mean([r['sparsify_s'] for r in g]):.0f} |")
     return "\n".join(lines)
 
 
