@@ -203,6 +203,28 @@ def test_prune_cli_writes_gguf_from_hf_folder(tok, tmp_path):
     assert 0 < _kl(_log_probs(saved, ids), _log_probs(_reload(gguf_out), ids)) <= KL_TOL["f16"]
 
 
+def test_prune_speed_times_llama_cpp_on_a_dense_export_of_an_hf_folder(tok, tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the gguf-runtime "
+                                            "extra; .ci/setup installs it unless GGUF_RUNTIME=0)")
+    model_dir, text = tmp_path / "model", tmp_path / "calib.txt"
+    tiny_model("llama", 6, vocab_size=len(tok)).save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    text.write_text("\n\n".join(TEXT * 16))
+    out, gguf_out = tmp_path / "ck", tmp_path / "pruned.gguf"
+    assert main(["prune", "--model", str(model_dir), "--n-prune", "2", "--metric", "block-influence",
+                 "--schedule", "one-shot", "--compensation", "none", "--calib", str(text),
+                 "--n-calib", "4", "--seq-len", "16", "--out", str(out), "--gguf", str(gguf_out),
+                 "--speed", "--speed-prefill", "16", "--speed-decode", "3", "--speed-batches", "1",
+                 "--speed-repeats", "1", "--no-progress"]) == 0
+    cpp = json.loads((out / "report.json").read_text())["speed"]["llama_cpp"]
+    # the dense side is a temporary f16 export of the unpruned model: 6 blocks against 4
+    assert cpp["pruned"]["gguf_path"] == str(gguf_out)
+    assert cpp["pruned"]["gguf_bytes"] == gguf_out.stat().st_size
+    assert cpp["dense"]["gguf_bytes"] > cpp["pruned"]["gguf_bytes"] > 0
+    assert all(v > 0 for v in cpp["pruned"]["decode_tok_s"].values())
+    assert list(tmp_path.glob("*.gguf")) == [gguf_out]
+
+
 def test_cli_checks_hf_model_family_before_loading(tmp_path, capsys):
     model_dir = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=64)).save_pretrained(model_dir)

@@ -10,8 +10,11 @@ a model is timed, so the report writer can import this module cheaply.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import logging
 import statistics
+import tempfile
+from pathlib import Path
 from typing import Any
 
 __all__ = ["host_copy", "speed_vs_dense", "measure_row", "speed_markdown"]
@@ -35,19 +38,26 @@ def speed_vs_dense(dense, pruned, tokenizer, settings: dict, name: str = "pruned
                    gguf: str | None = None) -> dict[str, Any]:
     """`inference_speed` of {"dense", name}: the dense model is moved next to `pruned` for the run.
 
-    With `gguf` (the pruned model's export) llama.cpp times it against the GGUF the model was
-    loaded from, when llama-cpp-python is installed.
+    With `gguf` (the pruned model's export) llama.cpp times it against the dense GGUF, when
+    llama-cpp-python is installed: the file the model was loaded from, or else the dense model
+    exported to a temporary GGUF the way the pruned one was (dtype "auto"), so both files hold
+    the same tensor types.
     """
     from gradmap.core.models import GGUF_SOURCE_ATTR
     from gradmap.evaluate.speed import inference_speed
     home, device = next(dense.parameters()).device, next(pruned.parameters()).device
     source = getattr(pruned, GGUF_SOURCE_ATTR, None)
-    ggufs = {"dense": source, name: gguf} if gguf and source else None
-    dense.to(device)
-    try:
-        return inference_speed({"dense": dense, name: pruned}, tokenizer, gguf_paths=ggufs, **settings)
-    finally:
-        dense.to(home)
+    with tempfile.TemporaryDirectory() as tmp:
+        if gguf and not source and importlib.util.find_spec("llama_cpp") is not None:
+            from gradmap.core.gguf_export import export_gguf
+            source = export_gguf(dense, tokenizer, Path(tmp) / "dense.gguf")["path"]
+        ggufs = {"dense": source, name: gguf} if gguf and source else None
+        dense.to(device)
+        try:
+            return inference_speed({"dense": dense, name: pruned}, tokenizer, gguf_paths=ggufs,
+                                   **settings)
+        finally:
+            dense.to(home)
 
 
 def measure_row(source, model, tokenizer, row: dict, settings: dict, gguf: str | None) -> None:
