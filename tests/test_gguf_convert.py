@@ -344,3 +344,53 @@ def test_smollm2_from_hf_folder_runs_in_llama_cpp(smol_hf, tmp_path):
     # sequence may flip, as in tests/test_gguf_export.py; the first 8 tokens must match
     print(f"\nllama.cpp (Q8_0 from an HF folder) vs in-memory: first differing position {agree} (16 = none)")
     assert min(agree) >= 8, agree
+
+
+# --- a Gemma loaded from a GGUF file, pruned, exported by copying (the path SmolLM2 takes) ---
+
+def _llama_cpp_logits(llama_cpp, path, ids):
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=1, logits_all=True,
+                          type_k=0, type_v=0, verbose=False)
+    try:
+        llm.eval(ids[0].tolist())
+        return np.array(llm.scores[:ids.shape[1]])
+    finally:
+        llm.close()
+
+
+# removals that keep the index-derived sliding/full pattern: Gemma 2 alternates (remove a pair),
+# Gemma 3 has one full layer in 6 (here 8 layers: s s s s s f s s, remove the last two)
+PATTERN_KEEPING = {"gemma2": [1, 2], "gemma3_text": [6, 7]}
+
+
+@pytest.mark.parametrize("family", ["gemma2", "gemma3_text"])
+def test_gemma_from_gguf_pruned_keeping_its_pattern_runs_in_llama_cpp(family, tok, tmp_path):
+    llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the "
+                                                        "gguf-runtime extra)")
+    n = 8 if family == "gemma3_text" else 6
+    dense = tiny_model(family, n, vocab_size=len(tok) + 3, **FAMILY_KW[family])
+    export_gguf(dense, tok, tmp_path / "dense.gguf", dtype="f32")
+    model, gtok = load_model(str(tmp_path / "dense.gguf"))
+    assert getattr(model, GGUF_SOURCE_ATTR, None)
+    remove_layers(model, PATTERN_KEEPING[family])
+    info = export_gguf(model, gtok, tmp_path / "pruned.gguf")
+    assert info["source"] is not None and info["blocks"] == n - 2
+    ids = torch.randint(3, len(tok), (1, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits[0].float().numpy()
+    got = _llama_cpp_logits(llama_cpp, tmp_path / "pruned.gguf", ids)
+    assert np.abs(got - want).max() <= LLAMA_CPP_TOL[family], np.abs(got - want).max()
+    assert (got.argmax(-1) == want.argmax(-1)).all()
+
+
+@pytest.mark.parametrize("family,remove", [("gemma2", [1]), ("gemma3_text", [1, 2])])
+def test_gemma_from_gguf_pruned_out_of_its_pattern_is_refused(family, remove, tok, tmp_path):
+    # llama.cpp would follow the trimmed per-layer pattern, but transformers' GGUF reader derives the
+    # pattern from the layer index, so the file would load there as a different model
+    dense = tiny_model(family, 6, vocab_size=len(tok) + 3, **FAMILY_KW[family])
+    export_gguf(dense, tok, tmp_path / "dense.gguf", dtype="f32")
+    model, gtok = load_model(str(tmp_path / "dense.gguf"))
+    remove_layers(model, remove)
+    with pytest.raises(GradmapError, match="layer_types"):
+        export_gguf(model, gtok, tmp_path / "pruned.gguf")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dense.gguf"]

@@ -24,7 +24,7 @@ from gradmap.core.gguf_layout import QUANT_TYPES, GGUFLayout
 from gradmap.core.gguf_vocab import tokenizer_metadata
 from gradmap.core.gguf_write import check_gguf_target, write_gguf
 
-__all__ = ["convert_to_gguf", "FAMILIES", "CONVERT_DTYPES", "AUTO_DTYPE"]
+__all__ = ["convert_to_gguf", "check_read_back", "FAMILIES", "CONVERT_DTYPES", "AUTO_DTYPE"]
 
 # transformers model_type -> GGUF architecture. Mistral is written as "llama", as llama.cpp does, and
 # named so that transformers reads it back as the Llama it is: its reader turns a "llama" file named
@@ -129,7 +129,7 @@ def _expected(config) -> dict:
     return want
 
 
-def _check_read_back(config, arch: str, fill) -> None:
+def check_read_back(config, arch: str, fill) -> None:
     """Refuse a model whose forward-pass settings transformers' GGUF reader would not reproduce."""
     from transformers import AutoConfig
     with tempfile.TemporaryDirectory(prefix="gradmap-gguf-probe-") as tmp:
@@ -187,7 +187,7 @@ def convert_to_gguf(model, tokenizer, path, dtype: str = "auto", overwrite: bool
     arch = FAMILIES[family]
     n_vocab = model.get_input_embeddings().weight.shape[0]
     _check_llama_cpp_query_scale(model.config)
-    _check_read_back(model.config, arch, lambda w: _add_hparams(w, model.config, n_vocab, dtype))
+    check_read_back(model.config, arch, lambda w: _add_hparams(w, model.config, n_vocab, dtype))
     add_tokenizer, vocab_info = tokenizer_metadata(tokenizer, model.config, n_vocab)
     layout = GGUFLayout(model, arch)
     tensors = _tensors(model, layout)

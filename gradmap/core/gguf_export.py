@@ -18,7 +18,7 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
 from gradmap.core.errors import GradmapError
-from gradmap.core.gguf_convert import convert_to_gguf
+from gradmap.core.gguf_convert import check_read_back, convert_to_gguf
 from gradmap.core.gguf_layout import QUANT_TYPES, GGUFLayout
 from gradmap.core.gguf_write import check_gguf_target, write_gguf
 from gradmap.core.models import GGUF_SOURCE_ATTR
@@ -175,6 +175,10 @@ def export_gguf(model, tokenizer, path, source=None, dtype: str = "auto", overwr
     changed.update(new)
     qtype, errors = _choose_type(model, tokenizer, layout, changed, dtype) if changed else (None, {})
     out_of, written = {v: k for k, v in changed.items()}, {}
+
+    # the trimmed metadata must still describe this model to a reader (e.g. a Gemma pruned out of
+    # its sliding/full alternation reads back with the wrong attention per layer): refuse otherwise
+    check_read_back(model.config, arch, lambda w: copy_metadata(reader, w, arch, n_src, kept))
 
     def fill(writer):
         copy_metadata(reader, writer, arch, n_src, kept)
