@@ -195,14 +195,15 @@ def _next_choice(plan, result: PruneResult) -> int:
 
 # What fast_prune and `gradmap prune` run when no metric / compensation is named: chosen from the
 # multi-seed study of issue 14 (bench/RESULTS.md "Default pipeline (issue 14)"): the lowest mean
-# PPL among the pipelines within 3x one forward+backward, a tie (paired interval including no
-# change) going to the cheaper pipeline. Why it should
-# hold beyond SmolLM2: block influence removes the layers that rotate the residual stream least,
-# which one-shot selection finds as contiguous runs; ReplaceMe then fits one least-squares linear
-# map per removed run from the dense model's own outputs, and a run of near-identity layers is
-# what a linear map can stand in for. Both steps are one forward-only pass each; nothing is tuned.
+# PPL of every pipeline measured over 3 calibration seeds, within 3x one forward+backward (about
+# 2x). Why it should hold beyond SmolLM2: block influence removes the layers that rotate the
+# residual stream least, which one-shot selection finds as contiguous runs; magnitude compensation
+# restores the norm the removed layers added to the residual stream (a scalar per gap, folded);
+# ReplaceMe then fits one least-squares linear map per removed run from the dense model's own
+# outputs, and a run of near-identity layers is what a linear map can stand in for. Every step is
+# a forward-only pass; nothing is tuned to the model.
 DEFAULT_PIPELINE: dict[str, Any] = {"metric": "block-influence", "metric_options": {},
-                                    "compensation": ("replaceme",), "schedule": "one-shot"}
+                                    "compensation": ("magnitude", "replaceme"), "schedule": "one-shot"}
 
 
 def default_pipeline_name() -> str:
