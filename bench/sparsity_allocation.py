@@ -163,7 +163,29 @@ def table(out: Path) -> str:
                      f"{_per_seed([r['ppl'] for r in g], '.1f')} | {zs} | "
                      f"{_mean([r.get('redundancy_std', float('nan')) for r in g]):.4f} | "
                      f"{_mean([r['sparsify_s'] for r in g]):.0f} |")
-    return "\n".join(lines)
+    return "\n".join(lines + ["", *paired(rows)])
+
+
+def paired(rows: list[dict]) -> list[str]:
+    """MRP against OWL and uniform on the same calibration draw: the PPL ratio and the zero-shot
+    average difference per seed (the seeds both sides share), so agreement across seeds shows."""
+    by = {_key(r): r for r in rows if r.get("pattern") is None and r["allocation"] != "dense"}
+    out = ["| sparsity | score | vs | PPL ratio MRP / other, per seed | zero-shot Δ points, per seed |",
+           "|---|---|---|---|---|"]
+    for s, alloc, score, pattern, seed in sorted({k for k in by if k[1] == "mrp"}, key=lambda k: (-k[0], k[2])):
+        if seed != min(k[4] for k in by if k[:4] == (s, "mrp", score, None)):
+            continue  # one line per (sparsity, score), listing every shared seed
+        for other in ("owl", "uniform"):
+            seeds = sorted(k[4] for k in by if k[:4] == (s, "mrp", score, None)
+                           and (s, other, score, None, k[4]) in by)
+            if not seeds:
+                continue
+            pairs = [(by[(s, "mrp", score, None, d)], by[(s, other, score, None, d)]) for d in seeds]
+            ratio = " / ".join(f"s{d}: {a['ppl'] / b['ppl']:.3f}" for d, (a, b) in zip(seeds, pairs))
+            zs = " / ".join(f"s{d}: {100 * (a['zero_shot'] - b['zero_shot']):+.2f}"
+                            for d, (a, b) in zip(seeds, pairs) if "zero_shot" in a and "zero_shot" in b)
+            out.append(f"| {s:.0%} | {score} | {other} | {ratio} | {zs or '-'} |")
+    return out
 
 
 if __name__ == "__main__":
