@@ -91,8 +91,11 @@ def _extension_kwargs():
         """build_ext that tries CUDA, then CPU-only, then gives up quietly: never fails the install."""
 
         def run(self):
+            # build_ext.run replaces self.compiler (a name) by a compiler object, which a second
+            # run cannot take: each attempt starts from the name, or the CPU retry fails too
+            compiler = self.compiler
             for i, ext in enumerate(attempts):
-                self.extensions = [ext]
+                self.extensions, self.compiler = [ext], compiler
                 try:
                     super().run()
                     return
