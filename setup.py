@@ -93,8 +93,12 @@ def _extension_kwargs():
         def run(self):
             # build_ext.run replaces self.compiler (a name) by a compiler object, which a second
             # run cannot take: each attempt starts from the name, or the CPU retry fails too
+            # finalize_options annotated only the first attempt; the retry has the same name
             compiler = self.compiler
             for i, ext in enumerate(attempts):
+                for attr in ("_full_name", "_links_to_dynamic", "_needs_stub", "_file_name"):
+                    if hasattr(attempts[0], attr):
+                        setattr(ext, attr, getattr(attempts[0], attr))
                 self.extensions, self.compiler = [ext], compiler
                 try:
                     super().run()
