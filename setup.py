@@ -93,13 +93,15 @@ def _extension_kwargs():
         def run(self):
             # build_ext.run replaces self.compiler (a name) by a compiler object, which a second
             # run cannot take: each attempt starts from the name, or the CPU retry fails too
-            # finalize_options annotated only the first attempt; the retry has the same name
-            compiler = self.compiler
+            # a failed attempt leaves build_ext half-run: each attempt starts from the compiler
+            # name and the inplace flag it was given, and takes the annotations finalize_options
+            # gave the first attempt (same module name)
+            compiler, inplace = self.compiler, self.inplace
             for i, ext in enumerate(attempts):
                 for attr in ("_full_name", "_links_to_dynamic", "_needs_stub", "_file_name"):
                     if hasattr(attempts[0], attr):
                         setattr(ext, attr, getattr(attempts[0], attr))
-                self.extensions, self.compiler = [ext], compiler
+                self.extensions, self.compiler, self.inplace = [ext], compiler, inplace
                 try:
                     super().run()
                     return
