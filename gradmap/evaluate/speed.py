@@ -153,6 +153,13 @@ def _round_robin(prepares: dict[str, Callable], sync: dict[str, Callable], warmu
     return times
 
 
+def _record(rows: dict, times: dict[str, list[float]], kind: str, key: str, tokens: int) -> None:
+    """tokens/s from the median of each model's timed runs; the raw seconds are kept beside it."""
+    for name, ts in times.items():
+        rows[name][f"{kind}_tok_s"][key] = tokens / statistics.median(ts)
+        rows[name]["seconds"][f"{kind}_{key}" if kind == "prefill" else f"decode_b{key}"] = ts
+
+
 def _transformers_figures(models: dict, opts: dict, rows: dict) -> None:
     sync = {name: _synchronised(next(m.parameters()).device) for name, m in models.items()}
     for row in rows.values():
@@ -161,16 +168,12 @@ def _transformers_figures(models: dict, opts: dict, rows: dict) -> None:
         for length in opts["prefill"]:
             times = _round_robin({n: _prefill(m, length) for n, m in models.items()}, sync,
                                  opts["warmup"], opts["repeats"])
-            for name, ts in times.items():
-                rows[name]["prefill_tok_s"][str(length)] = length / statistics.median(ts)
-                rows[name]["seconds"][f"prefill_{length}"] = ts
+            _record(rows, times, "prefill", str(length), length)
         for batch in opts["batches"]:
             steps = opts["decode_tokens"]
             times = _round_robin({n: _decode(m, batch, steps) for n, m in models.items()}, sync,
                                  opts["warmup"], opts["repeats"])
-            for name, ts in times.items():
-                rows[name]["decode_tok_s"][str(batch)] = batch * steps / statistics.median(ts)
-                rows[name]["seconds"][f"decode_b{batch}"] = ts
+            _record(rows, times, "decode", str(batch), batch * steps)
 
 
 def _llama_cpp_figures(module, gguf_paths: dict, opts: dict, threads: int) -> dict[str, dict]:
@@ -203,13 +206,9 @@ def _llama_cpp_figures(module, gguf_paths: dict, opts: dict, threads: int) -> di
     for length in opts["prefill"]:
         times = _round_robin({n: prefill(llm, length) for n, llm in llms.items()}, none,
                              opts["warmup"], opts["repeats"])
-        for name, ts in times.items():
-            rows[name]["prefill_tok_s"][str(length)] = length / statistics.median(ts)
-            rows[name]["seconds"][f"prefill_{length}"] = ts
+        _record(rows, times, "prefill", str(length), length)
     times = _round_robin({n: decode(llm) for n, llm in llms.items()}, none, opts["warmup"], opts["repeats"])
-    for name, ts in times.items():
-        rows[name]["decode_tok_s"]["1"] = steps / statistics.median(ts)
-        rows[name]["seconds"]["decode_b1"] = ts
+    _record(rows, times, "decode", "1", steps)
     return rows
 
 
