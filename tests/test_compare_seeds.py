@@ -196,7 +196,8 @@ def test_prune_result_records_every_option_and_reruns(text_file):
     assert d["options"]["verify"] == 2 and d["options"]["offload"] is None
     pipeline = method_from_result(d)
     assert pipeline.startswith("gradmap(gradient='token',gradient_checkpointing=False,norm='l1',"
-                               "normalize='none',verify=2,verify_samples=None)+projection(")
+                               "normalize='none',verify=2,verify_holdout=False,verify_samples=None)"
+                               "+projection(")
     assert pipeline.endswith("@iterative") and "per_gap=True" in pipeline
     # the recorded string reruns the same pipeline: same layers, same weights
     again = tiny_model("llama", n_layers=N_LAYERS, seed=3)

@@ -235,6 +235,52 @@ def test_verify_removes_the_candidate_with_the_lowest_loss():
     assert ad.num_layers == 6
 
 
+def test_verify_holdout_splits_gradient_rows_from_verification_rows():
+    model = tiny_model("llama", n_layers=6, dtype=torch.float64, seed=7)
+    calib = random_ids(8, 16, seed=7)
+    held = get_metric("gradmap", verify=3, verify_samples=2, verify_holdout=True)
+    run = _run(model, calib)
+    scores = held.score(run)
+    # the ranking is the plain gradient score of the rows the verification does not use ...
+    assert scores == pytest.approx(get_metric("gradmap").score(_run(model, calib[2:])), rel=1e-9)
+    assert scores != pytest.approx(get_metric("gradmap").score(_run(model, calib)), rel=1e-6)
+    chosen = next(iter(held.plan(run, scores, 1)))
+    # ... and the choice is the lowest loss on the held-out rows alone
+    losses = {}
+    for i in sorted(run.removable, key=lambda i: scores[i])[:3]:
+        pruned = copy.deepcopy(model)
+        remove_layers(pruned, [i])
+        losses[i] = calibration_loss(pruned, calib[:2], 2)
+    assert chosen == min(losses, key=losses.get)
+    assert run.notes[0]["verify_losses"] == pytest.approx(losses, rel=1e-9)
+    assert held.plain_forward is False and type(held).plain_forward is True
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(verify_holdout=True), "pass verify=c"),
+    (dict(verify=2, verify_holdout="yes"), "True or False"),
+])
+def test_verify_holdout_bad_options_are_named(options, message):
+    with pytest.raises(GradmapError, match=message):
+        get_metric("gradmap", **options)
+
+
+def test_verify_holdout_needs_rows_left_for_the_gradient():
+    model = tiny_model("llama", n_layers=4, seed=7)
+    with pytest.raises(GradmapError, match="pass more samples"):
+        get_metric("gradmap", verify=2, verify_samples=4, verify_holdout=True).score(
+            _run(model, random_ids(4, 12, seed=7)))
+
+
+def test_verify_holdout_pipeline_runs_with_magnitude_compensation():
+    from gradmap import fast_prune
+    model = tiny_model("llama", n_layers=6, seed=11)
+    res = fast_prune(model, random_ids(8, 16, seed=11), 2, metric="gradmap", verify=2,
+                     verify_holdout=True, compensation="magnitude", progress=False)
+    assert len(res.removed_layers) == 2 and res.options["verify_holdout"] is True
+    assert get_adapter(model).num_layers == 4
+
+
 def test_bf16_model_scores_in_fp32():
     model = tiny_model("llama", n_layers=4, dtype=torch.bfloat16, seed=8)
     scores = get_metric("gradmap").score(_run(model, random_ids(2, 12)))

@@ -17,6 +17,13 @@ checks the c lowest-scoring candidates with c forwards of the real calibration
 loss (each candidate skipped) and removes the best, so a decision costs one
 backward plus c forwards. Lowest score is removed first.
 
+`verify_holdout=True` splits the calibration rows: the first `verify_rows` rows
+only verify, the rest only feed the gradient, so the loss that picks among the
+shortlist is measured on data the ranking never saw (the two pieces of evidence
+are independent). Off by default so `verify=c` results stay reproducible; the
+gradient then uses fewer rows, and the dense forward no longer covers the whole
+set, so compensators that need dense means measure them with a forward of their own.
+
 Default (chosen on SmolLM2-135M, bench/RESULTS.md "Stage 1"): gradient="token",
 normalize="none", verify=0 — verification (verify=4 on a quarter of the calibration rows)
 did not lower perplexity at the points measured, so the cheaper setting is the default;
@@ -30,7 +37,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -115,6 +122,7 @@ class GradMAP(Metric):
     norm: str = "l1"
     verify: int = 0
     verify_samples: int | None = None
+    verify_holdout: bool = False
     gradient_checkpointing: bool = False
 
     name: ClassVar[str] = "gradmap"
@@ -143,6 +151,15 @@ class GradMAP(Metric):
                                                 or self.verify_samples < 1):
             raise GradmapError(f"verify_samples must be a positive integer or None (a quarter), "
                                f"got {self.verify_samples!r}")
+        if not isinstance(self.verify_holdout, bool):
+            raise GradmapError(f"verify_holdout must be True or False, got {self.verify_holdout!r}")
+        if self.verify_holdout:
+            if not self.verify:
+                raise GradmapError("verify_holdout=True splits rows between the gradient and the "
+                                   "verification; pass verify=c (c >= 2) with it")
+            # the scoring forward sees only the gradient rows, so it cannot record the dense
+            # means a compensator expects over the whole calibration set
+            self.plain_forward = False
 
     def verify_rows(self, n_samples: int) -> int:
         """Calibration rows used to verify candidates: `verify_samples`, default a quarter (>= 1)."""
@@ -150,8 +167,21 @@ class GradMAP(Metric):
             return max(1, n_samples // 4)
         return min(self.verify_samples, n_samples)
 
+    def _split(self, calib: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(gradient rows, verification rows) of the GLOBAL calibration set."""
+        k = self.verify_rows(calib.shape[0])
+        if not self.verify_holdout:
+            return calib, calib[:k]
+        if k >= calib.shape[0]:
+            raise GradmapError(f"verify_holdout=True needs at least 2 calibration rows and "
+                               f"verify_samples below the {calib.shape[0]} given "
+                               f"(got verify_samples={self.verify_samples}); pass more samples")
+        return calib[k:], calib[:k]
+
     def score(self, run: ScoringRun) -> dict[int, float]:
         """Per-layer score of the chosen variant (one forward + one backward)."""
+        if self.verify_holdout:
+            run = replace(run, calib=self._split(run.calib)[0], dense_sink=None)
         if self.gradient == "param":
             abs_sum, sq_sum, counts = param_grad_reductions(
                 run.model, run.adapter, run.calib, run.batch_size, sink=run.dense_sink,
@@ -172,7 +202,7 @@ class GradMAP(Metric):
                 yield candidates[0]
                 continue
             # the first rows of the GLOBAL calibration set (sharded inside, summed over ranks)
-            subset = run.calib[:self.verify_rows(run.calib.shape[0])]
+            subset = self._split(run.calib)[1]
             layers = [run.adapter.layers[run.adapter.position_of(i)] for i in candidates]
             losses = dict(zip(candidates, calibration_losses(
                 run.model, subset, run.batch_size, layers, progress=run.progress,
