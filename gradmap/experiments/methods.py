@@ -6,6 +6,7 @@
     gradmap+magnitude+projection  two compensators, applied in the order written
     gradmap(verify=4)+magnitude   metric options in brackets, key=value, Python literals
     gradmap+projection(per_gap=True,top_m=0)   compensator options likewise
+    block-influence+replaceme(each_step=True)@iterative   fold after every removal, then re-score
 
 A bare metric means no compensation (`+none` says the same explicitly). Without a
 `@schedule` suffix the schedule is the metric's default, as in `fast_prune(schedule=None)`

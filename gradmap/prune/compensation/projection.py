@@ -21,6 +21,16 @@ After the last removal (`finalize`):
    time, in order) kept only if the held-out mean next-token NLL drops too; otherwise the
    fold is reverted and the report says so.
 
+`each_step=True` runs steps 1–5 after every removal instead (`after_removal`), on the model as
+it is then (earlier folds in place) against the same DENSE targets, so a re-solve at a site
+folded before is a correction, not a double count, and an iterative schedule re-scores the
+repaired model (the Prune&Comp loop). Placement per step: per_gap adds only the site of the
+block that removal created or grew; the `top_m` sites are the same selection rerun, i.e. the
+kept layers with the largest mean shift on the current model, wherever they are (a removal
+moves every layer after it, and a site tied to the new gap alone would be a layer this removal
+did not move). A fold held by a layer removed later leaves with it (`steps.StepLog`);
+`finalize` then folds nothing.
+
 ReplaceMe (Shopkhoev et al. 2025) is the same solver configured differently, see replaceme.py.
 """
 from __future__ import annotations
@@ -39,6 +49,7 @@ from gradmap.prune.compensation.fold import diagonal_only, fold_projection_
 from gradmap.prune.compensation.dense import DenseSnapshot
 from gradmap.prune.compensation.sites import Site, SiteMoments, StreamStats, merge_means
 from gradmap.prune.compensation.stats import lm_loss_sum, stream_statistics
+from gradmap.prune.compensation.steps import StepLog, block_of
 
 __all__ = ["ProjectionCompensation", "solve_sites", "regression_loss", "removed_blocks", "mean_shifts",
            "DEFAULT_RIDGE", "DEFAULT_RIDGE_GRID"]
@@ -110,7 +121,7 @@ class ProjectionCompensation(Compensator):
 
     def __init__(self, top_m: int = 1, per_gap: bool = False, ridge: float | None = None,
                  ridge_grid: Sequence[float] = DEFAULT_RIDGE_GRID, holdout: float = 0.125,
-                 safeguards: bool = True, max_stat_bytes: int = 2 ** 31):
+                 safeguards: bool = True, max_stat_bytes: int = 2 ** 31, each_step: bool = False):
         if not isinstance(top_m, int) or top_m < 0:
             raise GradmapError(f"top_m must be a non-negative integer, got {top_m!r}")
         if top_m == 0 and not per_gap:
@@ -120,9 +131,14 @@ class ProjectionCompensation(Compensator):
             raise GradmapError(f"ridge values must be non-negative numbers, got {grid!r}")
         if not 0.0 < holdout < 1.0:
             raise GradmapError(f"holdout is the held-out fraction of the calibration set, in (0, 1); got {holdout!r}")
+        if not isinstance(each_step, bool):
+            raise GradmapError(f"each_step must be True (solve and fold after every removal) or False "
+                               f"(once, after the last), got {each_step!r}")
         self.top_m, self.per_gap, self.ridge_grid = top_m, per_gap, grid
         self.holdout, self.safeguards, self.max_stat_bytes = holdout, safeguards, max_stat_bytes
+        self.each_step = each_step
         self.snapshot: DenseSnapshot | None = None
+        self.steps: StepLog | None = None
 
     # --- placement -------------------------------------------------------------------------
     def _gap_target(self, before: int, block: list[int]) -> int:
@@ -143,6 +159,22 @@ class ProjectionCompensation(Compensator):
     # --- hooks -----------------------------------------------------------------------------
     def begin(self, ctx: PruneContext) -> None:
         self.snapshot = DenseSnapshot.take(ctx)
+        self.steps = StepLog(ctx.result.compensation_report.setdefault(self.name, {})) if self.each_step else None
+
+    def after_removal(self, ctx: PruneContext, idx: int) -> None:
+        if not self.each_step:
+            return
+        if self.snapshot is None or self.steps is None:
+            raise GradmapError(f"{self.name}: after_removal() ran without begin(); call begin(ctx) on the dense "
+                               "model first")
+        step = self.steps.start(idx, ctx.result)
+        ctx.result.shifts.pop(idx, None)    # the layer is gone: its last shift describes nothing now
+        kept = ctx.adapter.original_ids
+        step["block"] = block_of(removed_blocks(self.snapshot.layer_ids, kept), idx)
+        self._compensate(ctx, [step["block"]], step)
+        if self.uses_shifts:
+            step["shifts"] = {o: ctx.result.shifts[o] for o in kept if o in ctx.result.shifts}
+        self.steps.finish(step, ctx.result)
 
     def _split(self, calib: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         # split the GLOBAL rows (the last ones are held out); each slice is sharded over ranks
@@ -157,11 +189,18 @@ class ProjectionCompensation(Compensator):
         if self.snapshot is None:
             raise GradmapError(f"{self.name}: finalize() ran without begin(); call begin(ctx) on the dense model first")
         snap, report = self.snapshot, ctx.result.compensation_report.setdefault(self.name, {})
-        kept = ctx.adapter.original_ids
-        blocks = removed_blocks(snap.layer_ids, kept)
+        if self.steps is not None:  # every gap was solved and folded when it was made
+            self.steps.summarise(report)
+            return
+        blocks = removed_blocks(snap.layer_ids, ctx.adapter.original_ids)
         if not blocks:
             report["skipped"] = "no layer was removed"
             return
+        self._compensate(ctx, blocks, report)
+
+    def _compensate(self, ctx: PruneContext, blocks: list[list[int]], report: dict) -> None:
+        """Statistics, placement, solve, safeguards and fold for the gap sites of `blocks`."""
+        snap, kept = self.snapshot, ctx.adapter.original_ids
         train, hold = self._split(ctx.calib)
         report.update(n_train_samples=int(train.shape[0]), n_holdout_samples=0 if hold is None else int(hold.shape[0]))
         if hold is None and self.safeguards:
