@@ -99,10 +99,15 @@ def run_grid(args) -> None:
     if (0.0, "dense", "-", None, None) not in done:
         evaluate({"sparsity": 0.0, "allocation": "dense", "score": "-", "pattern": None, "seed": None,
                   "sparsify_s": 0.0})
-    for seed in [int(x) for x in args.seeds.split(",")]:
+    seeds = [int(x) for x in args.seeds.split(",")]
+    for seed in seeds:
         calib = calibration_data(tok, "c4", args.n_samples, args.seq_len, seed=seed)
         for cfg in _configs(args):
             if _key({**cfg, "seed": seed}) in done:
+                continue
+            # magnitude without OWL reads no activations: another seed would repeat the same model
+            if not _uses_calibration(cfg["allocation"], cfg["score"]) and (
+                    seed != seeds[0] or any(k[:4] == _key(cfg)[:4] for k in done)):
                 continue
             model.load_state_dict(dense)
             t = time.perf_counter()
@@ -125,6 +130,11 @@ def run_grid(args) -> None:
                 path = Path(args.figures) / f"sparsify_mrp_{res.score}_{round(res.target_sparsity * 100)}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(plot_sparsity(res, title))
+
+
+def _uses_calibration(allocation: str, score: str) -> bool:
+    """Magnitude scores without OWL read no activations: one run stands for every seed."""
+    return score != "magnitude" or allocation == "owl"
 
 
 def _mean(values: list[float]) -> float:
@@ -159,7 +169,8 @@ def table(out: Path) -> str:
         s, alloc, score, pattern = key
         zs = _per_seed([r["zero_shot"] for r in g], ".4f") if all("zero_shot" in r for r in g) else "-"
         label = pattern if pattern else f"{s:.0%}"
-        lines.append(f"| {label} | {alloc} | {score} | {','.join(str(r.get('seed')) for r in g)} | "
+        seeds = ",".join(str(r.get("seed")) for r in g) if _uses_calibration(alloc, score) else "none used"
+        lines.append(f"| {label} | {alloc} | {score} | {seeds} | "
                      f"{_per_seed([r['ppl'] for r in g], '.1f')} | {zs} | "
                      f"{_mean([r.get('redundancy_std', float('nan')) for r in g]):.4f} | "
                      f"{_mean([r['sparsify_s'] for r in g]):.0f} |")
@@ -168,25 +179,31 @@ def table(out: Path) -> str:
 
 def paired(rows: list[dict]) -> list[str]:
     """MRP against OWL and uniform on the same calibration draw: the PPL ratio and the zero-shot
-    average difference per seed (the seeds both sides share), so agreement across seeds shows."""
+    average difference per seed (the seeds both sides share), so agreement across seeds shows.
+    A configuration that reads no calibration (magnitude without OWL) pairs with every seed."""
     by = {_key(r): r for r in rows if r.get("pattern") is None and r["allocation"] != "dense"}
+
+    def at(s: float, alloc: str, score: str, seed) -> dict | None:
+        if (s, alloc, score, None, seed) in by:
+            return by[(s, alloc, score, None, seed)]
+        if not _uses_calibration(alloc, score):
+            return next((r for k, r in by.items() if k[:4] == (s, alloc, score, None)), None)
+        return None
+
     out = ["| sparsity | score | vs | PPL ratio MRP / other, per seed | zero-shot Δ points, per seed |",
            "|---|---|---|---|---|"]
-    for s, alloc, score, pattern, seed in sorted({k for k in by if k[1] == "mrp"}, key=lambda k: (-k[0], k[2])):
-        if seed != min(k[4] for k in by if k[:4] == (s, "mrp", score, None)):
-            continue  # one line per (sparsity, score), listing every shared seed
+    for s, score in sorted({(k[0], k[2]) for k in by if k[1] == "mrp"}, key=lambda k: (-k[0], k[1])):
         for other in ("owl", "uniform"):
-            seeds = sorted(k[4] for k in by if k[:4] == (s, "mrp", score, None)
-                           and (s, other, score, None, k[4]) in by)
-            if not seeds:
+            seeds = sorted({k[4] for k in by if k[0] == s and k[2] == score and k[1] in ("mrp", other)})
+            pairs = [(d, at(s, "mrp", score, d), at(s, other, score, d)) for d in seeds]
+            pairs = [(d, a, b) for d, a, b in pairs if a and b]
+            if not pairs:
                 continue
-            pairs = [(by[(s, "mrp", score, None, d)], by[(s, other, score, None, d)]) for d in seeds]
-            ratio = " / ".join(f"s{d}: {a['ppl'] / b['ppl']:.3f}" for d, (a, b) in zip(seeds, pairs))
+            ratio = " / ".join(f"s{d}: {a['ppl'] / b['ppl']:.3f}" for d, a, b in pairs)
             zs = " / ".join(f"s{d}: {100 * (a['zero_shot'] - b['zero_shot']):+.2f}"
-                            for d, (a, b) in zip(seeds, pairs) if "zero_shot" in a and "zero_shot" in b)
+                            for d, a, b in pairs if "zero_shot" in a and "zero_shot" in b)
             out.append(f"| {s:.0%} | {score} | {other} | {ratio} | {zs or '-'} |")
     return out
-
 
 if __name__ == "__main__":
     main()
