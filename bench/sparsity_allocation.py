@@ -20,6 +20,9 @@ from pathlib import Path
 
 import torch
 
+# magnitude scores without OWL read no activations: one run stands for every seed
+from gradmap.sparsity.sparsify import needs_calibration
+
 HERE = Path(__file__).resolve().parent
 SCORE_ORDER = ("magnitude", "wanda", "sparsegpt")
 
@@ -106,7 +109,7 @@ def run_grid(args) -> None:
             if _key({**cfg, "seed": seed}) in done:
                 continue
             # magnitude without OWL reads no activations: another seed would repeat the same model
-            if not _uses_calibration(cfg["allocation"], cfg["score"]) and (
+            if not needs_calibration(cfg["allocation"], cfg["score"]) and (
                     seed != seeds[0] or any(k[:4] == _key(cfg)[:4] for k in done)):
                 continue
             model.load_state_dict(dense)
@@ -130,11 +133,6 @@ def run_grid(args) -> None:
                 path = Path(args.figures) / f"sparsify_mrp_{res.score}_{round(res.target_sparsity * 100)}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_bytes(plot_sparsity(res, title))
-
-
-def _uses_calibration(allocation: str, score: str) -> bool:
-    """Magnitude scores without OWL read no activations: one run stands for every seed."""
-    return score != "magnitude" or allocation == "owl"
 
 
 def _mean(values: list[float]) -> float:
@@ -169,7 +167,7 @@ def table(out: Path) -> str:
         s, alloc, score, pattern = key
         zs = _per_seed([r["zero_shot"] for r in g], ".4f") if all("zero_shot" in r for r in g) else "-"
         label = pattern if pattern else f"{s:.0%}"
-        seeds = ",".join(str(r.get("seed")) for r in g) if _uses_calibration(alloc, score) else "none used"
+        seeds = ",".join(str(r.get("seed")) for r in g) if needs_calibration(alloc, score) else "none used"
         lines.append(f"| {label} | {alloc} | {score} | {seeds} | "
                      f"{_per_seed([r['ppl'] for r in g], '.1f')} | {zs} | "
                      f"{_mean([r.get('redundancy_std', float('nan')) for r in g]):.4f} | "
@@ -186,7 +184,7 @@ def paired(rows: list[dict]) -> list[str]:
     def at(s: float, alloc: str, score: str, seed) -> dict | None:
         if (s, alloc, score, None, seed) in by:
             return by[(s, alloc, score, None, seed)]
-        if not _uses_calibration(alloc, score):
+        if not needs_calibration(alloc, score):
             return next((r for k, r in by.items() if k[:4] == (s, alloc, score, None)), None)
         return None
 
