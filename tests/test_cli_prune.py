@@ -98,3 +98,39 @@ def test_prune_cli_offload_rejects_unstreamable_metric_before_loading(tmp_path, 
     err = capsys.readouterr().err
     assert "offload='layer'" in err and "taylor" in err
     assert not (tmp_path / "o").exists()
+
+
+def test_prune_cli_method_string_carries_compensator_options(tiny_dir, tmp_path):
+    model_dir, text = tiny_dir
+    out = tmp_path / "pruned"
+    assert main(["prune", "--model", str(model_dir), "--n-prune", "2", "--calib", str(text),
+                 "--n-calib", "4", "--seq-len", "24", "--out", str(out), "--no-progress",
+                 "--method", "block-influence+magnitude+replaceme(each_step=True)@iterative"]) == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["metric"] == "block-influence" and report["schedule"] == "iterative"
+    assert report["compensation"] == ["magnitude", "replaceme"]
+    assert report["options"]["compensation_options"]["replaceme"]["each_step"] is True
+    assert report["options"]["default_pipeline"] is False
+    assert report["command"]["method"].startswith("block-influence+magnitude+replaceme(")
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 4
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--metric", "gradmap"], "--metric cannot be given"),
+    (["--compensation", "magnitude", "--schedule", "one-shot"], "--schedule, --compensation cannot"),
+    (["--metric-option", "verify=4"], "--metric-option cannot"),
+])
+def test_prune_cli_method_refuses_other_pipeline_flags_before_loading(tmp_path, capsys, extra, message):
+    code = main(["prune", "--model", str(tmp_path / "nothing"), "--n-prune", "2", "--out", str(tmp_path / "o"),
+                 "--method", "block-influence+magnitude"] + extra)
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_prune_cli_rejects_bad_method_before_loading(tmp_path, capsys):
+    code = main(["prune", "--model", str(tmp_path / "nothing"), "--n-prune", "2", "--out", str(tmp_path / "o"),
+                 "--method", "block-influence+replaceme(each_stp=True)"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "each_stp" in err and "Traceback" not in err

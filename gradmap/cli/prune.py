@@ -10,13 +10,14 @@ import argparse
 import ast
 import json
 import time
+from collections.abc import Callable
 
 from gradmap.cli.checks import (COMPENSATIONS, DEFAULT_PIPELINE_NAME, DTYPES, METRICS, check_gguf_output,
                                 compensation_names, positive, run_on_ranks)
 from gradmap.cli.speed import add_speed_arguments, speed_settings
 from gradmap.core.errors import GradmapError
 
-__all__ = ["add_parser", "run", "parse_options"]
+__all__ = ["add_parser", "run", "parse_options", "pipeline_arguments"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -39,6 +40,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compensation", default=None,
                    help=f"comma-separated compensators from {', '.join(COMPENSATIONS)} "
                         f"(default: the default pipeline's, {DEFAULT_PIPELINE_NAME})")
+    p.add_argument("--method", default=None, metavar="PIPELINE",
+                   help="the whole pipeline as one `gradmap compare` method string, compensator "
+                        "options included, e.g. 'block-influence+magnitude+replaceme(each_step=True)"
+                        "@iterative'; replaces --metric, --metric-option, --schedule and --compensation")
     p.add_argument("--calib", default="c4", help="calibration data: c4, wikitext2 or a .jsonl/.txt path")
     p.add_argument("--n-calib", type=int, default=128, help="calibration sequences (128)")
     p.add_argument("--seq-len", type=int, default=2048,
@@ -78,6 +83,30 @@ def parse_options(items: list[str]) -> dict:
     return out
 
 
+def pipeline_arguments(args: argparse.Namespace) -> tuple[dict, Callable[[], dict]]:
+    """(the pipeline as given, a factory of fresh fast_prune keyword arguments).
+
+    The first holds None for what the user left to the default pipeline. A factory, because
+    compensators configured with options keep per-run state: the cheap checks before loading
+    and the run itself each get their own.
+    """
+    if args.method is None:
+        comp = None if args.compensation is None else compensation_names(args.compensation)
+        given = {"metric": args.metric, "compensation": comp, "schedule": args.schedule,
+                 **parse_options(args.metric_option)}
+        return given, lambda: dict(given)
+    clashes = [flag for flag, value in (("--metric", args.metric), ("--metric-option", args.metric_option),
+                                         ("--schedule", args.schedule), ("--compensation", args.compensation))
+               if value]
+    if clashes:
+        raise GradmapError(f"--method names the whole pipeline, so {', '.join(clashes)} cannot be given "
+                           "with it; put metric options in brackets, e.g. --method 'gradmap(verify=4)"
+                           "+magnitude@one-shot', or drop --method")
+    from gradmap.experiments.methods import parse_method
+    spec = parse_method(args.method)  # names valid metrics, compensations and options on error
+    return spec.prune_kwargs(), spec.prune_kwargs
+
+
 def run(args: argparse.Namespace) -> int:
     """Under `torchrun` every rank runs this; calibration is data-parallel and rank 0 writes --out."""
     return run_on_ranks(args, _run)
@@ -102,11 +131,11 @@ def _run(args: argparse.Namespace, device: str) -> int:
     prepare_output_dir(args.out, args.overwrite)
     positive(args, "n_calib", "seq_len", "batch_size")
     check_source(args.calib)
-    given_options = parse_options(args.metric_option)
-    given_comp = None if args.compensation is None else compensation_names(args.compensation)
+    given, fresh_kwargs = pipeline_arguments(args)
+    given_options = {k: v for k, v in given.items() if k not in ("metric", "compensation", "schedule")}
     # what fast_prune will run, for the checks; fast_prune resolves the same defaults itself
-    metric_name, compensation, schedule, options = resolve_pipeline(args.metric, given_comp, args.schedule,
-                                                                    given_options)
+    metric_name, compensation, schedule, options = resolve_pipeline(given["metric"], given["compensation"],
+                                                                    given["schedule"], given_options)
     metric = get_metric(metric_name, **options)
     check_schedule(metric, schedule)
     compensators = resolve_compensation(compensation)
@@ -134,11 +163,10 @@ def _run(args: argparse.Namespace, device: str) -> int:
     say(f"drawing {args.n_calib} x {args.seq_len} calibration tokens from {args.calib} "
           f"(seed {args.seed}) ...", flush=True)
     calib = calibration_data(tokenizer, args.calib, args.n_calib, args.seq_len, args.seed)
-    result = fast_prune(model, calib, args.n_prune, metric=args.metric, compensation=given_comp,
-                        schedule=args.schedule, protect_first=args.protect_first,
+    result = fast_prune(model, calib, args.n_prune, protect_first=args.protect_first,
                         protect_last=args.protect_last, batch_size=args.batch_size,
                         progress=not args.no_progress and main, offload=args.offload,
-                        compute_device=device if args.offload else None, **given_options)
+                        compute_device=device if args.offload else None, **fresh_kwargs())
     if not main:  # identical result on every rank; rank 0 writes, the others wait for it
         distributed.barrier()
         return 0
