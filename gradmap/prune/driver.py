@@ -305,7 +305,7 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
                                                 if c.name != "none"})
     ctx = PruneContext(model=model, calib=calib, batch_size=comp_batch_size, result=result, progress=progress,
                        dense_layer_ids=list(ids))
-    want_means = metric_obj.plain_forward and any(c.needs_dense_means for c in compensators)
+    want_means = metric_obj.feeds_dense_means() and any(c.needs_dense_means for c in compensators)
     run = ScoringRun(model=model, adapter=adapter, calib=calib, batch_size=batch_size,
                      removable=list(removable), n_prune=n_prune,
                      dense_sink=MeanSink() if want_means else None, progress=progress)

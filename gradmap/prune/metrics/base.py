@@ -91,6 +91,10 @@ class Metric:
         """Yield `n` ORIGINAL indices to remove, lowest score first (default)."""
         yield from lowest_first(scores, run.removable)[:n]
 
+    def feeds_dense_means(self) -> bool:
+        """True when this configured metric's first score() is a plain forward over every row."""
+        return self.plain_forward
+
     def requirements(self) -> frozenset[str]:
         """The pass kinds this configured metric needs (`needs`, refined by options in subclasses)."""
         return self.needs

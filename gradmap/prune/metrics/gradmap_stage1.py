@@ -153,13 +153,14 @@ class GradMAP(Metric):
                                f"got {self.verify_samples!r}")
         if not isinstance(self.verify_holdout, bool):
             raise GradmapError(f"verify_holdout must be True or False, got {self.verify_holdout!r}")
-        if self.verify_holdout:
-            if not self.verify:
-                raise GradmapError("verify_holdout=True splits rows between the gradient and the "
-                                   "verification; pass verify=c (c >= 2) with it")
-            # the scoring forward sees only the gradient rows, so it cannot record the dense
-            # means a compensator expects over the whole calibration set
-            self.plain_forward = False
+        if self.verify_holdout and not self.verify:
+            raise GradmapError("verify_holdout=True splits rows between the gradient and the "
+                               "verification; pass verify=c (c >= 2) with it")
+
+    def feeds_dense_means(self) -> bool:
+        # with verify_holdout the scoring forward sees only the gradient rows, so it cannot
+        # record the dense means a compensator expects over the whole calibration set
+        return not self.verify_holdout
 
     def verify_rows(self, n_samples: int) -> int:
         """Calibration rows used to verify candidates: `verify_samples`, default a quarter (>= 1)."""
