@@ -81,9 +81,18 @@ def load_done(path: Path) -> dict[tuple, dict]:
     return done
 
 
+def _jsonable(obj):
+    # a compensator configured with options (`replaceme(each_step=True)`) is an object in the
+    # fast_prune arguments; the row records its name and options
+    if hasattr(obj, "options") and hasattr(obj, "name"):
+        return {"compensator": obj.name, **obj.options()}
+    raise TypeError(f"cannot record {type(obj).__name__} in a result row")
+
+
 def append(path: Path, row: dict) -> None:
+    text = json.dumps(row, default=_jsonable)  # before opening: a bad row must not leave half a line
     with path.open("a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.write(text + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -166,13 +175,14 @@ def main() -> None:
                 log.info("seed %d %s: already in %s, skipped", seed, name, args.out)
                 continue
             row = {"kind": "run", "pipeline": name, "seed": seed,
-                   "fast_prune": {"n_prune": args.n_prune, **kwargs[name],
+                   "fast_prune": {"n_prune": args.n_prune, **pipeline_kwargs(name),
                                   "batch_size": batch_size, "protect_first": 1,
                                   "protect_last": 1}}
             model = source.fresh()  # fast_prune edits in place: every run starts dense
             try:
                 t = time.perf_counter()
-                res = gradmap.fast_prune(model, calib, args.n_prune, **kwargs[name],
+                # fresh compensators for every run: configured ones keep per-run state
+                res = gradmap.fast_prune(model, calib, args.n_prune, **pipeline_kwargs(name),
                                          batch_size=batch_size)
                 row.update(prune_wall_seconds=time.perf_counter() - t,
                            prune_seconds=res.timings["total"], floor_seconds=floor,
