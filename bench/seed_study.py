@@ -125,6 +125,10 @@ def main() -> None:
                    help="micro-batch of every pass (default: fast_prune's per-phase defaults)")
     p.add_argument("--pipelines", required=True, help="comma list of method names")
     p.add_argument("--out", required=True, type=Path)
+    p.add_argument("--prune-only", action="store_true",
+                   help="time pruning against the floor and skip every evaluation (rows of kind "
+                        "'cost'; the report reads only 'run' rows): re-measures cost after a speed-up "
+                        "without re-running quality")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -144,7 +148,8 @@ def main() -> None:
 
     source = DenseSource(gradmap.load_model, args.model, None, "cpu", "reload")
     tok = source.tokenizer
-    if ("dense", None, None, json.dumps(cfg, sort_keys=True)) not in done:
+    kind = "cost" if args.prune_only else "run"
+    if not args.prune_only and ("dense", None, None, json.dumps(cfg, sort_keys=True)) not in done:
         model = source.fresh()
         t = time.perf_counter()
         row = {"kind": "dense", **evaluate(model, tok, args)}
@@ -171,10 +176,10 @@ def main() -> None:
             gc.collect()
         floor = done[floor_key]["seconds"]
         for name in names:
-            if ("run", name, seed, json.dumps(cfg, sort_keys=True)) in done:
+            if (kind, name, seed, json.dumps(cfg, sort_keys=True)) in done:
                 log.info("seed %d %s: already in %s, skipped", seed, name, args.out)
                 continue
-            row = {"kind": "run", "pipeline": name, "seed": seed,
+            row = {"kind": kind, "pipeline": name, "seed": seed,
                    "fast_prune": {"n_prune": args.n_prune, **pipeline_kwargs(name),
                                   "batch_size": batch_size, "protect_first": 1,
                                   "protect_last": 1}}
@@ -189,9 +194,10 @@ def main() -> None:
                            ratio_to_floor=res.timings["total"] / floor,
                            removed_layers=sorted(res.removed_layers),
                            removal_order=list(res.removed_layers), prune_result=res.to_dict())
-                t = time.perf_counter()
-                row.update(evaluate(model, tok, args))
-                row["eval_seconds"] = time.perf_counter() - t
+                if not args.prune_only:
+                    t = time.perf_counter()
+                    row.update(evaluate(model, tok, args))
+                    row["eval_seconds"] = time.perf_counter() - t
             except Exception as exc:  # one failing pipeline must not stop the others
                 row.update(status="failed", error=f"{type(exc).__name__}: {exc}",
                            traceback=traceback.format_exc())
@@ -202,11 +208,11 @@ def main() -> None:
             if not torch.equal(calib, calib_copy):
                 raise RuntimeError(f"{name} changed the calibration tensor in place")
             append(args.out, {**base, **row})
-            if "ppl" in row:
+            if "ppl" in row or (args.prune_only and "prune_seconds" in row):
                 log.info("seed %d %s: removed %s, ppl %.2f, average %.4f, prune %.1fs (%.2fx "
-                         "fwd+bwd), eval %.1fs", seed, name, row["removed_layers"], row["ppl"],
-                         row["average"], row["prune_seconds"], row["ratio_to_floor"],
-                         row["eval_seconds"])
+                         "fwd+bwd), eval %.1fs", seed, name, row["removed_layers"], row.get("ppl", float("nan")),
+                         row.get("average", float("nan")), row["prune_seconds"], row["ratio_to_floor"],
+                         row.get("eval_seconds", 0.0))
 
 
 if __name__ == "__main__":

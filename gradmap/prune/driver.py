@@ -34,7 +34,7 @@ from gradmap.prune.compensation.base import Compensator, NoCompensation, PruneCo
 from gradmap.core.errors import GradmapError
 from gradmap.prune.metrics import Metric, ScoringRun, get_metric
 from gradmap.prune.metrics.base import check_choice
-from gradmap.runtime.batching import MeanSink, default_batch_size, preserved_state
+from gradmap.runtime.batching import AbsSink, MeanSink, Sinks, default_batch_size, preserved_state
 from gradmap.runtime.memory import limit_heap_fragmentation
 from gradmap.runtime.support import requirements_of
 from gradmap.runtime.placement import model_device
@@ -165,6 +165,7 @@ def _peak_memory(model: nn.Module, result: PruneResult):
 def _remove(ctx: PruneContext, compensators: list[Compensator], run: ScoringRun, idx: int) -> None:
     for c in compensators:
         c.before_removal(ctx, idx)
+    ctx.scored_abs = None  # recorded on the model as it was; it changes now
     t = time.perf_counter()
     adapter = ctx.adapter
     module = adapter.layers[adapter.position_of(idx)]
@@ -178,12 +179,36 @@ def _remove(ctx: PruneContext, compensators: list[Compensator], run: ScoringRun,
         c.after_removal(ctx, idx)
 
 
-def _timed_score(metric: Metric, run: ScoringRun, result: PruneResult) -> dict[int, float]:
+def _timed_score(metric: Metric, run: ScoringRun, ctx: PruneContext, means: MeanSink | None,
+                 abs_device: torch.device | None) -> dict[int, float]:
+    """One scoring pass; with `abs_device` it also records every layer's magnitudes for the
+    removal that follows (`ctx.scored_abs`), with `means` the dense means (first pass only)."""
+    scored = AbsSink(abs_device) if abs_device is not None else None
+    run.sink = None if means is None and scored is None else Sinks(means, scored)
     t = time.perf_counter()
-    scores = metric.score(run)
-    result.add_time("scoring", time.perf_counter() - t)
-    result.scores.append(dict(scores))
+    try:
+        scores = metric.score(run)
+    finally:
+        run.sink = None
+    ctx.result.add_time("scoring", time.perf_counter() - t)
+    ctx.result.scores.append(dict(scores))
+    ctx.scored_abs = scored.moments if scored is not None else None
     return scores
+
+
+def _scored_abs_device(metric: Metric, compensators: list[Compensator], model: nn.Module,
+                       batch_size: int, comp_batch_size: int) -> torch.device | None:
+    """Where the scoring pass should record layer magnitudes, or None when it should not.
+
+    Only a forward-only pass over every row, in the compensators' own micro-batches, sees
+    exactly what magnitude compensation would measure (bit for bit), so only then is its
+    forward skipped; a gradient pass may recompute layers (checkpointing) or batch differently.
+    """
+    grads = bool(requirements_of(metric) & {"activation_grads", "weight_grads"})
+    wanted = any(c.reads_scored_abs for c in compensators)
+    if not wanted or grads or not metric.feeds_dense_means() or batch_size != comp_batch_size:
+        return None
+    return model_device(model)
 
 
 def _next_choice(plan, result: PruneResult) -> int:
@@ -306,19 +331,19 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     ctx = PruneContext(model=model, calib=calib, batch_size=comp_batch_size, result=result, progress=progress,
                        dense_layer_ids=list(ids))
     want_means = metric_obj.feeds_dense_means() and any(c.needs_dense_means for c in compensators)
+    means = MeanSink() if want_means else None
+    abs_device = _scored_abs_device(metric_obj, compensators, model, batch_size, comp_batch_size)
     run = ScoringRun(model=model, adapter=adapter, calib=calib, batch_size=batch_size,
-                     removable=list(removable), n_prune=n_prune,
-                     dense_sink=MeanSink() if want_means else None, progress=progress)
+                     removable=list(removable), n_prune=n_prune, progress=progress)
     limit_heap_fragmentation()  # freed activations go back to the OS (runtime/memory.py)
     start = time.perf_counter()
     plan = None
     offloaded = layer_offload(model, compute_device) if offload else nullcontext()
     with offloaded, _peak_memory(model, result), preserved_state(model):
         try:
-            scores = _timed_score(metric_obj, run, result)
-            if run.dense_sink is not None:
-                ctx.dense_means = run.dense_sink.means()
-                run.dense_sink = None
+            scores = _timed_score(metric_obj, run, ctx, means, abs_device)
+            if means is not None:
+                ctx.dense_means = means.means()
             for c in compensators:
                 c.begin(ctx)
             bar = tqdm(total=n_prune, desc=f"prune ({metric_obj.name}, {schedule})", unit="layer",
@@ -332,7 +357,7 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
                 else:
                     for decision in range(n_prune):
                         if decision > 0:
-                            scores = _timed_score(metric_obj, run, result)
+                            scores = _timed_score(metric_obj, run, ctx, None, abs_device)
                         plan = metric_obj.plan(run, scores, 1)
                         _remove(ctx, compensators, run, _next_choice(plan, result))
                         plan.close()

@@ -14,8 +14,9 @@ from tqdm.auto import tqdm
 
 from gradmap.core import distributed
 from gradmap.core.errors import GradmapError
+from gradmap.ops import Moments, accumulate_moments
 
-__all__ = ["TOKENS_PER_BATCH", "ACTIVATION_BUDGET", "MeanSink", "default_batch_size", "activation_bytes_per_token", "micro_batches", "shard", "check_finite",
+__all__ = ["TOKENS_PER_BATCH", "ACTIVATION_BUDGET", "MeanSink", "AbsSink", "Sinks", "default_batch_size", "activation_bytes_per_token", "micro_batches", "shard", "check_finite",
            "preserved_state"]
 
 # default micro-batch size in tokens: keeps fp32 logits (tokens x vocab) and their gradient modest
@@ -31,7 +32,7 @@ class MeanSink:
         self.sums: dict[int, torch.Tensor] = {}
         self.counts: dict[int, int] = {}
 
-    def add(self, layer_id: int, h_out: torch.Tensor) -> None:
+    def add(self, layer_id: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
         flat = h_out.detach().reshape(-1, h_out.shape[-1])
         s = flat.float().sum(0)
         if layer_id in self.sums:
@@ -54,6 +55,39 @@ class MeanSink:
                               device=sums.device)
         distributed.all_reduce_sums_([sums, counts])
         return {i: sums[k] / counts[k].item() for k, i in enumerate(keys)}
+
+
+class AbsSink:
+    """Per-channel Σ|h_in| and Σ|h_out| of every layer (this rank's rows), micro-batch by micro-batch.
+
+    Exactly the moments magnitude compensation takes before a removal (`Moments` without XᵀX,
+    on `device`, fp32 sums in micro-batch order), so a scoring pass that already runs the current
+    model over every row can hand them over instead of a second forward.
+    """
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = device
+        self.moments: dict[int, tuple[Moments, Moments]] = {}
+
+    def add(self, layer_id: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+        pair = self.moments.get(layer_id)
+        if pair is None:
+            d = h_in.shape[-1]
+            pair = self.moments[layer_id] = (Moments(d, want_xtx=False, device=self.device),
+                                             Moments(d, want_xtx=False, device=self.device))
+        accumulate_moments(pair[0], h_in.detach().abs())
+        accumulate_moments(pair[1], h_out.detach().abs())
+
+
+class Sinks:
+    """Several sinks fed by one pass, in order."""
+
+    def __init__(self, *sinks) -> None:
+        self.sinks = [s for s in sinks if s is not None]
+
+    def add(self, layer_id: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+        for sink in self.sinks:
+            sink.add(layer_id, h_in, h_out)
 
 
 def activation_bytes_per_token(config, backward: bool = True) -> int:

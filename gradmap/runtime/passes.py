@@ -38,7 +38,7 @@ def _io_hooks(adapter: ModelAdapter, on_layer: LayerFn | None, sink) -> ExitStac
     ids = adapter.original_ids
     fns = []
     if sink is not None:
-        fns.append(lambda pos, h_in, h_out: sink.add(ids[pos], h_out))
+        fns.append(lambda pos, h_in, h_out: sink.add(ids[pos], h_in, h_out))
     if on_layer is not None:
         fns.append(on_layer)
     if fns:

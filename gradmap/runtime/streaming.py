@@ -109,7 +109,7 @@ def run_layers(model: nn.Module, adapter: ModelAdapter, inputs: StreamInputs, de
                 h_in = hidden[j].to(device)
                 h_out = layer_out(layer, h_in, inputs.kw(pos, j, device))
                 if sink is not None:
-                    sink.add(ids[pos], h_out)
+                    sink.add(ids[pos], h_in, h_out)
                 if on_layer is not None:
                     on_layer(pos, h_in, h_out)
                 hidden[j] = h_out.to(host)

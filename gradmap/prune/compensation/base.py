@@ -26,6 +26,7 @@ from torch import nn
 
 from gradmap.core.adapter import ModelAdapter, get_adapter
 from gradmap.core.result import PruneResult
+from gradmap.ops import Moments
 
 __all__ = ["Compensator", "PruneContext", "NoCompensation"]
 
@@ -51,6 +52,10 @@ class PruneContext:
     dense_layer_ids: list[int] = field(default_factory=list)
     # show tqdm bars for the compensators' calibration passes (fast_prune's `progress`)
     progress: bool = False
+    # ORIGINAL index -> (Σ|h_in|, Σ|h_out|) Moments of this rank's rows, recorded by the last scoring
+    # pass on the model exactly as it is now (same micro-batches as the compensators' passes);
+    # None when there is none. The driver clears it before the model next changes.
+    scored_abs: dict[int, tuple[Moments, Moments]] | None = None
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -68,6 +73,9 @@ class Compensator:
     name = "none"
     # True when the compensator needs ctx.dense_means (the driver then records them if it can)
     needs_dense_means = False
+    # True when before_removal reads ctx.scored_abs when it is there (the driver then has a
+    # forward-only scoring pass record it, instead of the compensator running a forward itself)
+    reads_scored_abs = False
     # the calibration passes it uses (gradmap.runtime.support.PASS_KINDS); a compensator that
     # runs forwards of its own cannot be streamed or sharded by the runtime
     needs: frozenset[str] = frozenset({"own_passes"})

@@ -30,17 +30,23 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def residual_gain(ctx: PruneContext, idx: int, calib: torch.Tensor) -> tuple[float, int]:
+def residual_gain(ctx: PruneContext, idx: int, calib: torch.Tensor,
+                  scored: tuple[Moments, Moments] | None = None) -> tuple[float, int]:
     """s = mean_c E|h_out|_c / E|h_in|_c of layer `idx` (ORIGINAL id) over `calib`.
 
     Returns (s, number of channels skipped because E|h_in|_c = 0). Distributed: `calib` is
     the GLOBAL slice; each rank streams its share and the sums are added over ranks.
+    `scored`: this rank's (Σ|h_in|, Σ|h_out|) over the same rows and micro-batches, already
+    recorded by the scoring pass (`ctx.scored_abs`); then no forward runs here.
     """
-    adapter = ctx.adapter
-    d = ctx.model.config.hidden_size
-    dev = model_device(ctx.model)
-    abs_in, abs_out = Moments(d, want_xtx=False, device=dev), Moments(d, want_xtx=False, device=dev)
-    layer_abs_moments(ctx, adapter.position_of(idx), calib, abs_in, abs_out)
+    if scored is None:
+        adapter = ctx.adapter
+        d = ctx.model.config.hidden_size
+        dev = model_device(ctx.model)
+        abs_in, abs_out = Moments(d, want_xtx=False, device=dev), Moments(d, want_xtx=False, device=dev)
+        layer_abs_moments(ctx, adapter.position_of(idx), calib, abs_in, abs_out)
+    else:
+        abs_in, abs_out = scored
     distributed.all_reduce_moments_([abs_in, abs_out])
     e_in, e_out = abs_in.mean.double(), abs_out.mean.double()
     if not (torch.isfinite(e_in).all() and torch.isfinite(e_out).all()):
@@ -62,6 +68,11 @@ class MagnitudeCompensation(Compensator):
     name = "magnitude"
     needs = frozenset({"layer_io", "weights"})
 
+    @property
+    def reads_scored_abs(self) -> bool:
+        # the scoring pass covers every row; with max_samples the statistic is a subset's
+        return self.max_samples is None
+
     def __init__(self, max_samples: int | None = None):
         if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
             raise GradmapError(f"max_samples must be a positive integer or None, got {max_samples!r}")
@@ -79,9 +90,13 @@ class MagnitudeCompensation(Compensator):
             raise GradmapError("magnitude: before_removal() ran without begin(); call begin(ctx) first")
         t0 = time.perf_counter()
         calib = ctx.calib if self.max_samples is None else ctx.calib[:self.max_samples]
-        s, skipped = residual_gain(ctx, idx, calib)
+        # popped: the moments are reduced over ranks in place, and the model changes next anyway
+        scored = ctx.scored_abs.pop(idx, None) if self.reads_scored_abs and ctx.scored_abs else None
+        s, skipped = residual_gain(ctx, idx, calib, scored)
         self._pending[idx] = s
         report = ctx.result.compensation_report[self.name]
+        if scored is not None:
+            report.setdefault("statistics_from_scoring_pass", []).append(idx)
         report["samples"] = int(calib.shape[0])
         if skipped:
             report["skipped_channels"][idx] = skipped

@@ -75,7 +75,7 @@ class Angular(Metric):
         def after_batch(start: int, stop: int) -> None:
             check_finite(sums, "hidden state", start, stop, run.model)
 
-        forward_pass(run.model, run.adapter, run.calib, run.batch_size, on_layer, sink=run.dense_sink,
+        forward_pass(run.model, run.adapter, run.calib, run.batch_size, on_layer, sink=run.sink,
                      progress=run.progress, desc="angular distance", after_batch=after_batch)
         distributed.all_reduce_sum_(sums)
         vals = (sums[:starts] / sums[starts].clamp_min(1)).cpu()

@@ -23,7 +23,7 @@ from torch import nn
 
 from gradmap.core.adapter import ModelAdapter
 from gradmap.core.errors import GradmapError
-from gradmap.runtime.batching import MeanSink
+from gradmap.runtime.batching import AbsSink, MeanSink, Sinks
 
 __all__ = ["Metric", "ScoringRun", "lowest_first", "check_choice"]
 
@@ -34,8 +34,9 @@ class ScoringRun:
 
     `removable` lists the ORIGINAL indices of the layers still present that may be
     removed (protected layers excluded); the driver keeps it current.
-    `dense_sink` is set only for the first scoring pass on the dense model and only
-    when a compensator wants dense means; metrics that run a plain forward feed it.
+    `sink` collects what the driver asks a plain scoring pass to record as it goes (dense means
+    on the first pass, layer magnitudes for the compensation that follows; runtime.batching
+    sinks); metrics that run a plain pass over every row pass it to that pass.
     """
 
     model: nn.Module
@@ -44,7 +45,7 @@ class ScoringRun:
     batch_size: int
     removable: list[int]
     n_prune: int
-    dense_sink: MeanSink | None = None
+    sink: MeanSink | AbsSink | Sinks | None = None
     progress: bool = False
     # per-decision details a metric wants in the report (e.g. verification losses)
     notes: list[dict[str, Any]] = field(default_factory=list)

@@ -45,7 +45,7 @@ class BlockInfluence(Metric):
         def after_batch(start: int, stop: int) -> None:
             check_finite(sums, "hidden state", start, stop, run.model)
 
-        forward_pass(run.model, run.adapter, run.calib, run.batch_size, on_layer, sink=run.dense_sink,
+        forward_pass(run.model, run.adapter, run.calib, run.batch_size, on_layer, sink=run.sink,
                      progress=run.progress, desc="block influence", after_batch=after_batch)
         distributed.all_reduce_sum_(sums)
         vals = (sums[:n] / sums[n]).cpu()

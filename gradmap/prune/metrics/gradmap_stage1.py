@@ -105,7 +105,7 @@ def gate_statistics(run: ScoringRun, normalizations: tuple[str, ...] = ("none",)
             b.zero_()
 
     backward_pass(run.model, adapter, run.calib, run.batch_size, weight_grads=False,
-                  on_layer=on_layer, sink=run.dense_sink, after_batch=after_batch,
+                  on_layer=on_layer, sink=run.sink, after_batch=after_batch,
                   gradient_checkpointing=gradient_checkpointing, progress=run.progress,
                   desc="gradmap gradient")
     distributed.all_reduce_sums_(list(acc.values()))
@@ -182,10 +182,10 @@ class GradMAP(Metric):
     def score(self, run: ScoringRun) -> dict[int, float]:
         """Per-layer score of the chosen variant (one forward + one backward)."""
         if self.verify_holdout:
-            run = replace(run, calib=self._split(run.calib)[0], dense_sink=None)
+            run = replace(run, calib=self._split(run.calib)[0], sink=None)
         if self.gradient == "param":
             abs_sum, sq_sum, counts = param_grad_reductions(
-                run.model, run.adapter, run.calib, run.batch_size, sink=run.dense_sink,
+                run.model, run.adapter, run.calib, run.batch_size, sink=run.sink,
                 gradient_checkpointing=self.gradient_checkpointing, progress=run.progress,
                 desc="gradmap param gradient")
             vals = (abs_sum.double() / counts if self.norm == "l1"

@@ -30,6 +30,6 @@ class Taylor(Metric):
     def score(self, run: ScoringRun) -> dict[int, float]:
         abs_sum, _, _ = param_grad_reductions(
             run.model, run.adapter, run.calib, run.batch_size, times_weight=True,
-            sink=run.dense_sink, gradient_checkpointing=self.gradient_checkpointing,
+            sink=run.sink, gradient_checkpointing=self.gradient_checkpointing,
             progress=run.progress, desc="taylor")
         return {i: float(abs_sum[p]) for p, i in enumerate(run.adapter.original_ids)}
