@@ -1,6 +1,7 @@
 """Markdown report of a multi-seed study JSONL (bench/seed_study.py output), issue 14.
 
     python bench/seed_study_report.py results/seed_study_8.jsonl [--reference PIPELINE] [--out F]
+                                     [--plot F.png]
 
 Prints, per protocol found in the file (rows are grouped by their `settings`), the table of
 `gradmap compare --seeds`: PPL and task averages as mean ± s.e. over seeds, paired
@@ -102,14 +103,56 @@ def report(rows: list[dict], reference: str | None = None) -> str:
     return "\n\n".join(parts) + "\n"
 
 
+def plot(rows: list[dict], path: Path) -> None:
+    """PPL and 7-task average (mean ± s.e. over seeds) against × one forward+backward, per
+    protocol in the file (one row of panels each); single-seed points have no error bar."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    groups: dict[str, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(json.dumps(row.get("settings"), sort_keys=True), []).append(row)
+    groups = {k: g for k, g in groups.items() if latest_runs(g)}
+    fig = Figure(figsize=(12, 4.2 * len(groups)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(groups), 2, squeeze=False)
+    for (text, group), (ax_ppl, ax_acc) in zip(groups.items(), axes):
+        s = json.loads(text) or {}
+        for m in summarize(latest_runs(group))["methods"]:
+            cost, ppl, acc = m["ratio_to_floor"], m["ppl"], m["avg"]
+            if cost is None or ppl is None:
+                continue
+            label = f"{m['method']} ({len(m['seeds'])} seed{'s' if len(m['seeds']) > 1 else ''})"
+            for ax, level, scale in ((ax_ppl, ppl, 1.0), (ax_acc, acc, 100.0)):
+                if level is None:
+                    continue
+                ax.errorbar(cost["mean"], scale * level["mean"], xerr=cost["se"] or None,
+                            yerr=scale * level["se"] if level["se"] else None, fmt="o", capsize=3,
+                            label=label)
+        where = (f"{s.get('model')}, {s.get('n_prune')} layers removed; calibration "
+                 f"{s.get('n_calib')}x{s.get('seq_len')} per seed")
+        ax_ppl.set(xlabel="pruning cost (x one forward+backward)", ylabel=f"WikiText-2 PPL "
+                   f"({s.get('ppl_windows')} windows)", yscale="log", title=where)
+        ax_acc.set(xlabel="pruning cost (x one forward+backward)",
+                   ylabel=f"7-task average % ({s.get('limit')} examples per task)", title=where)
+        ax_acc.legend(fontsize=6, loc="best")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("jsonl", type=Path)
     p.add_argument("--reference", default=None,
                    help="pipeline the others are compared with (default: the first in the file)")
     p.add_argument("--out", type=Path, default=None, help="also write the markdown here")
+    p.add_argument("--plot", type=Path, default=None,
+                   help="also draw PPL and 7-task average against cost into this PNG")
     args = p.parse_args(argv)
-    text = report(load_rows(args.jsonl), args.reference)
+    rows = load_rows(args.jsonl)
+    if args.plot is not None:
+        plot(rows, args.plot)
+    text = report(rows, args.reference)
     print(text, end="")
     if args.out is not None:
         args.out.write_text(text)
