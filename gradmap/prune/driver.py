@@ -196,6 +196,11 @@ def _timed_score(metric: Metric, run: ScoringRun, ctx: PruneContext, means: Mean
     return scores
 
 
+def _backward(metric: Metric) -> bool:
+    """True when the metric's scoring passes run a backward (gradient metrics)."""
+    return bool(requirements_of(metric) & {"activation_grads", "weight_grads"})
+
+
 def _scored_abs_device(metric: Metric, compensators: list[Compensator], model: nn.Module,
                        batch_size: int, comp_batch_size: int) -> torch.device | None:
     """Where the scoring pass should record layer magnitudes, or None when it should not.
@@ -204,9 +209,8 @@ def _scored_abs_device(metric: Metric, compensators: list[Compensator], model: n
     exactly what magnitude compensation would measure (bit for bit), so only then is its
     forward skipped; a gradient pass may recompute layers (checkpointing) or batch differently.
     """
-    grads = bool(requirements_of(metric) & {"activation_grads", "weight_grads"})
     wanted = any(c.reads_scored_abs for c in compensators)
-    if not wanted or grads or not metric.feeds_dense_means() or batch_size != comp_batch_size:
+    if not wanted or _backward(metric) or not metric.feeds_dense_means() or batch_size != comp_batch_size:
         return None
     return model_device(model)
 
@@ -310,8 +314,7 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     protected, removable = check_prune_plan(ids, n_prune, protect_first, protect_last)
     comp_batch_size = batch_size
     if batch_size is None:  # backward passes keep every layer's activations: a smaller budget share
-        grads = bool(requirements_of(metric_obj) & {"activation_grads", "weight_grads"})
-        batch_size = default_batch_size(calib.shape[1], config=model.config, backward=grads)
+        batch_size = default_batch_size(calib.shape[1], config=model.config, backward=_backward(metric_obj))
         comp_batch_size = default_batch_size(calib.shape[1], config=model.config, backward=False)
     elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise GradmapError(f"batch_size must be a positive integer or None, got {batch_size!r}")
