@@ -31,9 +31,20 @@ METRIC_SCHEDULES = {
     "angular": ("one-shot",), "taylor": ("one-shot", "iterative"), "ppl": ("one-shot",),
     "sleb": ("iterative",), "magnitude": ("one-shot", "iterative"),
 }
+def _ratio():
+    # the records predate the least-squares statistic: magnitude runs with the paper's ratio
+    from gradmap.prune.compensation.magnitude import MagnitudeCompensation
+    return MagnitudeCompensation(statistic="ratio")
+
+
 COMPENSATIONS = {
-    "none": "none", "projection": "projection", "magnitude": "magnitude", "replaceme": "replaceme",
-    "magnitude+projection": ["magnitude", "projection"],
+    "none": "none", "projection": "projection", "magnitude": _ratio, "replaceme": "replaceme",
+    "magnitude+projection": lambda: [_ratio(), "projection"],
+}
+# cases recorded after the records above, under the current defaults (safeguard included)
+NEW_CASES = {
+    "magnitude-lsq": dict(metric="block-influence", schedule="iterative", compensation="magnitude"),
+    "default": dict(),
 }
 GRADMAP_VARIANTS = {
     "gate": dict(gradient="gate"), "fisher": dict(gradient="fisher"), "param": dict(gradient="param"),
@@ -129,6 +140,8 @@ def tiny_prune_cases():
             yield f"{family}/{metric}/{schedule}/{comp}/offload-layer", family, dict(
                 metric=metric, schedule=schedule, compensation=COMPENSATIONS[comp], offload="layer",
                 compute_device="cpu", **opts)
+        for name, cfg in NEW_CASES.items():
+            yield f"{family}/{name}", family, dict(cfg, safeguard=True)
 
 
 def _tiny_calib():
@@ -143,8 +156,9 @@ def run_tiny(select=None) -> dict:
         if select and not select(name):
             continue
         cfg = dict(cfg)
-        if callable(cfg["compensation"]):
+        if callable(cfg.get("compensation")):
             cfg["compensation"] = cfg["compensation"]()
+        cfg.setdefault("safeguard", False)  # the records predate the pipeline safeguard
         model = tiny_model(family, n_layers=7, dtype=torch.float64, seed=0)
         res = fast_prune(model, _tiny_calib(), 3, batch_size=3, **cfg)
         out[name] = _prune_record(res, model, exact=True)
@@ -163,8 +177,8 @@ def run_tiny(select=None) -> dict:
 
 SMOL_PRUNE = {
     "gradmap/one-shot/projection": dict(metric="gradmap", compensation="projection", schedule="one-shot"),
-    "gradmap/one-shot/magnitude": dict(metric="gradmap", compensation="magnitude", schedule="one-shot"),
-    "block-influence/iterative/magnitude": dict(metric="block-influence", compensation="magnitude",
+    "gradmap/one-shot/magnitude": dict(metric="gradmap", compensation=_ratio, schedule="one-shot"),
+    "block-influence/iterative/magnitude": dict(metric="block-influence", compensation=_ratio,
                                                 schedule="iterative"),
     "angular/one-shot/replaceme": dict(metric="angular", compensation="replaceme", schedule="one-shot"),
 }
@@ -183,7 +197,10 @@ def run_smollm2(select=None) -> dict:
         if select and not select(name):
             continue
         model, _ = load_model("smollm2-135m")
-        res = fast_prune(model, calib, 3, batch_size=2, **cfg)
+        cfg = dict(cfg)
+        if callable(cfg["compensation"]):
+            cfg["compensation"] = cfg["compensation"]()
+        res = fast_prune(model, calib, 3, batch_size=2, safeguard=False, **cfg)
         out[name] = _prune_record(res, model, exact=False)
     name = "sparsify/mrp/wanda"
     if not select or select(name):

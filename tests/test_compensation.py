@@ -407,10 +407,14 @@ def test_magnitude_scale_and_fold(family):
     with torch.no_grad():
         hs = dense(calib, output_hidden_states=True).hidden_states
     e_in, e_out = hs[3].abs().mean((0, 1)), hs[4].abs().mean((0, 1))     # layer 3's input and output
-    expected = float((e_out / e_in).mean())
+    lsq = float((hs[3] * hs[4]).sum() / hs[3].square().sum())             # argmin_s Σ‖s·h_in − h_out‖²
+    ratio = float((e_out / e_in).mean())
+    other = copy.deepcopy(model)
+    s = drive(other, calib, [3], [MagnitudeCompensation(statistic="ratio")]).result.compensation_report
+    assert s["magnitude"]["scales"][3] == pytest.approx(ratio, rel=1e-6)
     ctx = drive(model, calib, [3], [MagnitudeCompensation()])
     s = ctx.result.compensation_report["magnitude"]["scales"][3]
-    assert s == pytest.approx(expected, rel=1e-6)
+    assert s == pytest.approx(lsq, rel=1e-6) and s != pytest.approx(ratio, rel=1e-3)
     emb = get_adapter(model).embed_tokens.weight
     torch.testing.assert_close(emb, s * get_adapter(dense).embed_tokens.weight, rtol=1e-12, atol=0)
     torch.testing.assert_close(ctx.original_params["model.embed_tokens.weight"],

@@ -10,7 +10,7 @@ from typing import Any
 __all__ = ["PruneResult", "json_text", "finite_json"]
 
 # phases every driver reports, in seconds (compensators add to the last three)
-TIMING_PHASES = ("scoring", "removal", "compensation_statistics", "solve", "total")
+TIMING_PHASES = ("scoring", "removal", "compensation_statistics", "solve", "safeguard", "total")
 
 
 @dataclass
@@ -30,6 +30,8 @@ class PruneResult:
     # per-compensator free-form report (placements, ridge, held-out loss before/after, reverts...)
     compensation_report: dict[str, Any] = field(default_factory=dict)
     options: dict[str, Any] = field(default_factory=dict)
+    # the pipeline safeguard's held-out checks (gradmap.prune.safeguard); empty when it did not run
+    safeguard: dict[str, Any] = field(default_factory=dict)
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
@@ -37,11 +39,16 @@ class PruneResult:
     def compensation_summary(self) -> list[str]:
         """One plain line per compensator: what was applied and what was reverted or skipped."""
         lines = []
+        reverted = self.safeguard.get("reverted", [])
         for name in self.compensation:
             rep = self.compensation_report.get(name)
             if name == "none":
                 continue
-            if not isinstance(rep, dict):
+            if name in reverted:
+                why = next((e["reason"] for e in self.safeguard.get("stages", [])
+                            if name in e["compensators"] and not e["kept"]), "")
+                lines.append(f"{name}: reverted by the pipeline safeguard ({why})")
+            elif not isinstance(rep, dict):
                 lines.append(f"{name}: applied")
             elif rep.get("skipped"):
                 lines.append(f"{name}: skipped ({rep['skipped']})")
@@ -55,6 +62,12 @@ class PruneResult:
                 lines.append(line)
             else:
                 lines.append(f"{name}: applied")
+        if "final_loss" in self.safeguard:
+            sg = self.safeguard
+            lines.append(f"safeguard: held-out loss {sg['final_loss']:.4f} vs {sg['plain_removal_loss']:.4f} "
+                         f"for the plain removal ({sg['holdout_samples']} held-out rows)")
+        elif self.safeguard.get("skipped"):
+            lines.append(f"safeguard: not run ({self.safeguard['skipped']})")
         return lines
 
     def to_dict(self) -> dict[str, Any]:

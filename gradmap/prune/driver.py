@@ -40,6 +40,8 @@ from gradmap.runtime.support import requirements_of
 from gradmap.runtime.placement import model_device
 from gradmap.core.result import PruneResult
 from gradmap.core.surgery import remove_layers
+from gradmap.prune.safeguard import PipelineSafeguard, split_holdout
+from gradmap.prune.pipeline import DEFAULT_PIPELINE, default_pipeline_name, resolve_pipeline
 
 __all__ = ["fast_prune", "check_calibration", "resolve_compensation", "protected_layers", "check_schedule",
            "check_prune_plan", "SCHEDULES", "DEFAULT_PIPELINE", "resolve_pipeline", "default_pipeline_name"]
@@ -162,9 +164,20 @@ def _peak_memory(model: nn.Module, result: PruneResult):
             result.options["peak_memory"] = "process peak RSS (ru_maxrss), not reset per call"
 
 
+@contextmanager
+def _editing(ctx: PruneContext, c: Compensator):
+    """Attribute the weight changes of `c`'s hook to it (the pipeline safeguard reports them)."""
+    ctx.editing = c.name
+    try:
+        yield
+    finally:
+        ctx.editing = None
+
+
 def _remove(ctx: PruneContext, compensators: list[Compensator], run: ScoringRun, idx: int) -> None:
     for c in compensators:
-        c.before_removal(ctx, idx)
+        with _editing(ctx, c):
+            c.before_removal(ctx, idx)
     ctx.scored_abs = None  # recorded on the model as it was; it changes now
     t = time.perf_counter()
     adapter = ctx.adapter
@@ -176,14 +189,15 @@ def _remove(ctx: PruneContext, compensators: list[Compensator], run: ScoringRun,
     ctx.result.add_time("removal", time.perf_counter() - t)
     log.info("removed original layer %d (%d layers left)", idx, adapter.num_layers)
     for c in compensators:
-        c.after_removal(ctx, idx)
+        with _editing(ctx, c):
+            c.after_removal(ctx, idx)
 
 
 def _timed_score(metric: Metric, run: ScoringRun, ctx: PruneContext, means: MeanSink | None,
-                 abs_device: torch.device | None) -> dict[int, float]:
+                 abs_device: tuple[torch.device, str] | None) -> dict[int, float]:
     """One scoring pass; with `abs_device` it also records every layer's magnitudes for the
     removal that follows (`ctx.scored_abs`), with `means` the dense means (first pass only)."""
-    scored = AbsSink(abs_device) if abs_device is not None else None
+    scored = AbsSink(*abs_device) if abs_device is not None else None
     run.sink = None if means is None and scored is None else Sinks(means, scored)
     t = time.perf_counter()
     try:
@@ -202,17 +216,18 @@ def _backward(metric: Metric) -> bool:
 
 
 def _scored_abs_device(metric: Metric, compensators: list[Compensator], model: nn.Module,
-                       batch_size: int, comp_batch_size: int) -> torch.device | None:
-    """Where the scoring pass should record layer magnitudes, or None when it should not.
+                       batch_size: int, comp_batch_size: int) -> tuple[torch.device, str] | None:
+    """(device, statistic) where the scoring pass should record layer magnitudes, or None when
+    it should not.
 
     Only a forward-only pass over every row, in the compensators' own micro-batches, sees
     exactly what magnitude compensation would measure (bit for bit), so only then is its
     forward skipped; a gradient pass may recompute layers (checkpointing) or batch differently.
     """
-    wanted = any(c.reads_scored_abs for c in compensators)
-    if not wanted or _backward(metric) or not metric.feeds_dense_means() or batch_size != comp_batch_size:
+    statistics = {getattr(c, "statistic", "ratio") for c in compensators if c.reads_scored_abs}
+    if len(statistics) != 1 or _backward(metric) or not metric.feeds_dense_means() or batch_size != comp_batch_size:
         return None
-    return model_device(model)
+    return model_device(model), statistics.pop()
 
 
 def _next_choice(plan, result: PruneResult) -> int:
@@ -222,53 +237,11 @@ def _next_choice(plan, result: PruneResult) -> int:
     return idx
 
 
-# What fast_prune and `gradmap prune` run when no metric / compensation is named: chosen from the
-# multi-seed study of issue 14 (bench/RESULTS.md "Default pipeline (issue 14)"): at 8 of 30
-# layers of SmolLM2 the lowest mean PPL of every pipeline measured over 3 calibration seeds
-# (significantly below the previous one-shot default) and a 7-task average tied with the best,
-# within 3x one forward+backward. Why it should hold beyond SmolLM2: block influence removes the
-# layer that rotates the residual stream least; magnitude compensation restores the norm the
-# removed layer added (a scalar per gap, folded), and re-scoring the compensated model before the
-# next choice lets each decision see the earlier ones (the Prune&Comp loop), where one-shot
-# scores all layers on the dense model; ReplaceMe then fits one least-squares linear map per
-# removed run from the dense model's own outputs. Every pass is forward-only and the magnitude
-# statistics come from the scoring pass itself. Measured limit: at 12 of 30 layers the loop
-# grows one 8-layer run that one linear map repairs less well, and one-shot scoring is better
-# there (RESULTS "4 and 12 of 30 layers"); `schedule="one-shot"` keeps it. Nothing is tuned to
-# the model.
-DEFAULT_PIPELINE: dict[str, Any] = {"metric": "block-influence", "metric_options": {},
-                                    "compensation": ("magnitude", "replaceme"), "schedule": "iterative"}
-
-
-def default_pipeline_name() -> str:
-    """The default pipeline as a `gradmap compare` method string."""
-    d = DEFAULT_PIPELINE
-    opts = ",".join(f"{k}={v!r}" for k, v in d["metric_options"].items())
-    return f"{d['metric']}{f'({opts})' if opts else ''}+{'+'.join(d['compensation'])}@{d['schedule']}"
-
-
-def resolve_pipeline(metric: Any, compensation: Any, schedule: str | None, metric_options: dict
-                     ) -> tuple[Any, Any, str | None, dict]:
-    """Fill what the caller left None from DEFAULT_PIPELINE.
-
-    `metric=None`: the default metric with its options (the caller's `metric_options` on top)
-    and, when `schedule` is None too, the default schedule. `compensation=None`: the default
-    compensation, whatever the metric. Anything named explicitly is kept as given.
-    """
-    if metric is None:
-        metric = DEFAULT_PIPELINE["metric"]
-        metric_options = {**DEFAULT_PIPELINE["metric_options"], **metric_options}
-        schedule = DEFAULT_PIPELINE["schedule"] if schedule is None else schedule
-    if compensation is None:
-        compensation = list(DEFAULT_PIPELINE["compensation"])
-    return metric, compensation, schedule, metric_options
-
-
 def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str | Metric | None = None,
                compensation: Any = None, schedule: str | None = None, protect_first: int = 1,
                protect_last: int = 1, batch_size: int | None = None, progress: bool = True,
                offload: str | None = None, compute_device: str | torch.device | None = None,
-               **metric_options) -> PruneResult:
+               safeguard: bool = True, holdout: float = 0.125, **metric_options) -> PruneResult:
     """Remove `n_prune` decoder layers of `model` in place and return what was done.
 
     With `metric`, `compensation` and `schedule` left None this runs the default pipeline
@@ -300,6 +273,13 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     available), see `gradmap.runtime.streaming`; it supports every metric and compensator whose
     declared `needs` the streaming runtime can execute (`gradmap.runtime.support.STREAMABLE`),
     and raises GradmapError for the others before any work.
+
+    `safeguard=True` (with any compensation): the last `holdout` fraction of the calibration
+    rows (at least one) is kept out of every score and fit, and each compensation stage is
+    kept only if it lowers the held-out loss below the best so far, starting from the plain
+    removal, so the returned model is never worse than the removal alone on those rows
+    (`gradmap.prune.safeguard`; what was reverted is in `result.safeguard` and the summary).
+    `safeguard=False` uses every row for scoring and fitting and checks nothing.
     """
     adapter = get_adapter(model)
     defaulted = metric is None and compensation is None
@@ -308,6 +288,12 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     metric_obj = get_metric(metric, **metric_options)
     schedule = check_schedule(metric_obj, schedule)
     calib = check_calibration(model, calib)
+    if not isinstance(safeguard, bool):
+        raise GradmapError(f"safeguard must be True or False, got {safeguard!r}")
+    compensators = resolve_compensation(compensation)
+    hold = None
+    if safeguard and any(c.name != "none" for c in compensators):
+        calib, hold = split_holdout(calib, holdout)
     distributed.shard_bounds(calib.shape[0])  # every rank needs at least one calibration row
     progress = progress and distributed.is_main()
     ids = adapter.original_ids
@@ -318,7 +304,6 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
         comp_batch_size = default_batch_size(calib.shape[1], config=model.config, backward=False)
     elif not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise GradmapError(f"batch_size must be a positive integer or None, got {batch_size!r}")
-    compensators = resolve_compensation(compensation)
     check_choice("offload", offload, OFFLOAD_MODES)
     if offload == "layer":
         check_prune_support(metric_obj, compensators)
@@ -330,6 +315,7 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
                           protect_last=protect_last, batch_size=batch_size,
                           compensation_batch_size=comp_batch_size,
                           n_calib=int(calib.shape[0]), seq_len=int(calib.shape[1]),
+                          safeguard=safeguard, n_holdout=0 if hold is None else int(hold.shape[0]),
                           protected_layers=sorted(protected), offload=offload,
                           default_pipeline=defaulted and schedule == DEFAULT_PIPELINE["schedule"],
                           compute_device=None if compute_device is None else str(compute_device),
@@ -352,6 +338,9 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
             scores = _timed_score(metric_obj, run, ctx, means, abs_device)
             if means is not None:
                 ctx.dense_means = means.means()
+            guard = PipelineSafeguard(ctx, hold) if hold is not None else None
+            if safeguard and hold is None and any(c.name != "none" for c in compensators):
+                result.safeguard = {"skipped": "a single calibration row: nothing to hold out"}
             for c in compensators:
                 c.begin(ctx)
             bar = tqdm(total=n_prune, desc=f"prune ({metric_obj.name}, {schedule})", unit="layer",
@@ -370,8 +359,11 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
                         _remove(ctx, compensators, run, _next_choice(plan, result))
                         plan.close()
                         bar.update(1)
+            if guard is not None:
+                guard.after_removals(list(ctx.editors))
             for c in compensators:
-                c.finalize(ctx)
+                with guard.finalize_stage(c.name) if guard is not None else nullcontext(), _editing(ctx, c):
+                    c.finalize(ctx)
         finally:
             if plan is not None:
                 plan.close()

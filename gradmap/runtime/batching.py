@@ -16,7 +16,7 @@ from gradmap.core import distributed
 from gradmap.core.errors import GradmapError
 from gradmap.ops import Moments, accumulate_moments
 
-__all__ = ["TOKENS_PER_BATCH", "ACTIVATION_BUDGET", "MeanSink", "AbsSink", "Sinks", "default_batch_size", "activation_bytes_per_token", "micro_batches", "shard", "check_finite",
+__all__ = ["TOKENS_PER_BATCH", "ACTIVATION_BUDGET", "MeanSink", "AbsSink", "MAGNITUDE_TERMS", "magnitude_terms", "Sinks", "default_batch_size", "activation_bytes_per_token", "micro_batches", "shard", "check_finite",
            "preserved_state"]
 
 # default micro-batch size in tokens: keeps fp32 logits (tokens x vocab) and their gradient modest
@@ -57,16 +57,36 @@ class MeanSink:
         return {i: sums[k] / counts[k].item() for k, i in enumerate(keys)}
 
 
+# Per-token terms whose channel sums magnitude compensation reduces to one residual scale s:
+#   "ratio" (Prune&Comp): Σ|h_in|, Σ|h_out|  ->  s = mean_c E|h_out|_c / E|h_in|_c
+#   "lsq": Σ h_in², Σ h_in·h_out            ->  s = argmin_s E‖s·h_in − h_out‖²
+# One definition here, for the scoring pass and for the compensator's own forwards alike.
+MAGNITUDE_TERMS = {
+    "ratio": lambda h_in, h_out: (h_in.abs(), h_out.abs()),
+    "lsq": lambda h_in, h_out: (h_in.square(), h_in * h_out),
+}
+
+
+def magnitude_terms(statistic: str, h_in: torch.Tensor, h_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two per-channel terms of `statistic` (fp32 when the states are fp32 or wider)."""
+    h_in, h_out = h_in.detach(), h_out.detach()
+    if statistic == "lsq":  # products of bf16/fp16 states would round before the fp32 sums
+        h_in, h_out = h_in.float(), h_out.float()
+    return MAGNITUDE_TERMS[statistic](h_in, h_out)
+
+
 class AbsSink:
-    """Per-channel Σ|h_in| and Σ|h_out| of every layer (this rank's rows), micro-batch by micro-batch.
+    """Per-channel sums of magnitude compensation's terms (`MAGNITUDE_TERMS[statistic]`) for
+    every layer (this rank's rows), micro-batch by micro-batch.
 
     Exactly the moments magnitude compensation takes before a removal (`Moments` without XᵀX,
     on `device`, fp32 sums in micro-batch order), so a scoring pass that already runs the current
     model over every row can hand them over instead of a second forward.
     """
 
-    def __init__(self, device: torch.device | str) -> None:
+    def __init__(self, device: torch.device | str, statistic: str = "ratio") -> None:
         self.device = device
+        self.statistic = statistic
         self.moments: dict[int, tuple[Moments, Moments]] = {}
 
     def add(self, layer_id: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
@@ -75,8 +95,9 @@ class AbsSink:
             d = h_in.shape[-1]
             pair = self.moments[layer_id] = (Moments(d, want_xtx=False, device=self.device),
                                              Moments(d, want_xtx=False, device=self.device))
-        accumulate_moments(pair[0], h_in.detach().abs())
-        accumulate_moments(pair[1], h_out.detach().abs())
+        a, b = magnitude_terms(self.statistic, h_in, h_out)
+        accumulate_moments(pair[0], a)
+        accumulate_moments(pair[1], b)
 
 
 class Sinks:

@@ -56,6 +56,12 @@ class PruneContext:
     # pass on the model exactly as it is now (same micro-batches as the compensators' passes);
     # None when there is none. The driver clears it before the model next changes.
     scored_abs: dict[int, tuple[Moments, Moments]] | None = None
+    # the pipeline safeguard (gradmap.prune.safeguard): while `journal` is a dict, the value of
+    # every parameter just before its first change in the current stage; `editing` names the
+    # compensator whose hook is running, and `editors` collects those that changed a weight
+    journal: dict[str, torch.Tensor] | None = None
+    editing: str | None = None
+    editors: list[str] = field(default_factory=list)
 
     @property
     def adapter(self) -> ModelAdapter:
@@ -63,6 +69,10 @@ class PruneContext:
 
     def remember_original(self, name: str, param: torch.Tensor) -> None:
         """Keep a copy of `param` before its first change, so the dense path can be rebuilt."""
+        if self.journal is not None and name not in self.journal:
+            self.journal[name] = param.detach().clone()
+        if self.editing is not None and self.editing not in self.editors:
+            self.editors.append(self.editing)
         if name not in self.original_params:
             self.original_params[name] = param.detach().clone()
 

@@ -2,10 +2,24 @@
 
 Removing layer i leaves layer i+1 reading h_in(i) where it used to read h_out(i), whose
 magnitude is usually larger. Before the removal, on calibration data (the current,
-already compensated model):
-    s = mean_c  E|h_out(i)|_c / E|h_in(i)|_c          (mean over channels c)
-and after it, s is folded into every write into the residual stream before the cut
-(`fold.fold_residual_scale_`), so the stream that reaches layer i+1 is s·h_in(i).
+already compensated model), one scalar s is estimated and after it folded into every write
+into the residual stream before the cut (`fold.fold_residual_scale_`), so the stream that
+reaches layer i+1 is s·h_in(i). Two estimates (`statistic`):
+
+* "lsq" (default): s = Σ_t <h_in, h_out> / Σ_t ‖h_in‖², the least-squares fit of h_out by
+  s·h_in. It scales up only the part of h_out that h_in already carries.
+* "ratio" (the paper's magnitude gap): s = mean_c E|h_out(i)|_c / E|h_in(i)|_c.
+
+Why "lsq" is the default: the ratio measures how much LARGER the stream becomes, not how much
+of it h_in can stand in for. When the removed layer writes across h_in rather than along it
+(low cosine: typical of early layers, and of post-norm families such as Gemma-2/3 whose
+fixed-size writes dominate a small early stream), and when one channel's input is near zero
+or one channel carries a massive activation born in that layer, the ratio is far above the
+best scale; scaling the whole stream up by s then shrinks every later layer's write relative
+to it by s, and several removals compound it (a real Gemma-3 model went from PPL 293 without
+compensation to 313,426 with "ratio"). The least-squares scale ignores energy orthogonal to
+h_in and is weighted by each channel's own energy, so neither failure moves it; for a layer
+that mostly rescales its input (what block influence removes) both estimates agree.
 Run with schedule="iterative" this is Prune&Comp's prune → compensate → re-score loop.
 """
 from __future__ import annotations
@@ -22,33 +36,40 @@ from gradmap.prune.compensation.base import Compensator, PruneContext
 from gradmap.prune.compensation.fold import fold_residual_scale_
 from gradmap.prune.compensation.dense import DenseSnapshot
 from gradmap.prune.compensation.stats import layer_abs_moments
+from gradmap.runtime.batching import MAGNITUDE_TERMS
 from gradmap.runtime.placement import model_device
 
-__all__ = ["MagnitudeCompensation", "residual_gain"]
+__all__ = ["MagnitudeCompensation", "residual_gain", "STATISTICS"]
 
 log = logging.getLogger(__name__)
 
 
+STATISTICS = tuple(MAGNITUDE_TERMS)
+
+
 @torch.no_grad()
 def residual_gain(ctx: PruneContext, idx: int, calib: torch.Tensor,
-                  scored: tuple[Moments, Moments] | None = None) -> tuple[float, int]:
-    """s = mean_c E|h_out|_c / E|h_in|_c of layer `idx` (ORIGINAL id) over `calib`.
+                  scored: tuple[Moments, Moments] | None = None, statistic: str = "ratio") -> tuple[float, int]:
+    """The residual scale s of layer `idx` (ORIGINAL id) over `calib` (module docstring).
 
-    Returns (s, number of channels skipped because E|h_in|_c = 0). Distributed: `calib` is
-    the GLOBAL slice; each rank streams its share and the sums are added over ranks.
-    `scored`: this rank's (Σ|h_in|, Σ|h_out|) over the same rows and micro-batches, already
-    recorded by the scoring pass (`ctx.scored_abs`); then no forward runs here.
+    Returns (s, number of channels skipped because E|h_in|_c = 0; always 0 for "lsq").
+    Distributed: `calib` is the GLOBAL slice; each rank streams its share and the sums are
+    added over ranks. `scored`: this rank's sums of the statistic's terms over the same rows
+    and micro-batches, already recorded by the scoring pass (`ctx.scored_abs`); then no
+    forward runs here.
     """
     if scored is None:
         adapter = ctx.adapter
         d = ctx.model.config.hidden_size
         dev = model_device(ctx.model)
         abs_in, abs_out = Moments(d, want_xtx=False, device=dev), Moments(d, want_xtx=False, device=dev)
-        layer_abs_moments(ctx, adapter.position_of(idx), calib, abs_in, abs_out)
+        layer_abs_moments(ctx, adapter.position_of(idx), calib, abs_in, abs_out, statistic)
     else:
         abs_in, abs_out = scored
     distributed.all_reduce_moments_([abs_in, abs_out])
     e_in, e_out = abs_in.mean.double(), abs_out.mean.double()
+    if statistic == "lsq":
+        return _lsq_gain(idx, e_in, e_out), 0
     if not (torch.isfinite(e_in).all() and torch.isfinite(e_out).all()):
         raise GradmapError(f"hidden-state magnitudes around layer {idx} are NaN/inf; the calibration forward "
                            "overflowed — run the model in bf16/fp32 rather than fp16")
@@ -59,10 +80,25 @@ def residual_gain(ctx: PruneContext, idx: int, calib: torch.Tensor,
     return float((e_out[ok] / e_in[ok]).mean()), int((~ok).sum())
 
 
+def _lsq_gain(idx: int, sq_in: torch.Tensor, cross: torch.Tensor) -> float:
+    energy, dot = float(sq_in.sum()), float(cross.sum())
+    if not (energy < float("inf") and abs(dot) < float("inf")):
+        raise GradmapError(f"hidden states around layer {idx} are NaN/inf; the calibration forward "
+                           "overflowed — run the model in bf16/fp32 rather than fp16")
+    if energy <= 0:
+        raise GradmapError(f"the input of layer {idx} is all zeros on the calibration data; "
+                           "magnitude compensation needs non-degenerate calibration text")
+    if dot <= 0:  # h_out points away from h_in: no positive scale fits, so leave the stream as it is
+        log.info("layer %d: its output is not positively aligned with its input; residual scale kept at 1", idx)
+        return 1.0
+    return dot / energy
+
+
 class MagnitudeCompensation(Compensator):
     """`compensation="magnitude"`: Prune&Comp's per-removal residual rescaling.
 
     `max_samples` limits the calibration rows used per removal (None: all of them).
+    `statistic`: "lsq" (default) or "ratio" (the paper's), see the module docstring.
     """
 
     name = "magnitude"
@@ -73,10 +109,15 @@ class MagnitudeCompensation(Compensator):
         # the scoring pass covers every row; with max_samples the statistic is a subset's
         return self.max_samples is None
 
-    def __init__(self, max_samples: int | None = None):
-        if max_samples is not None and (not isinstance(max_samples, int) or max_samples < 1):
+    def __init__(self, max_samples: int | None = None, statistic: str = "lsq"):
+        if max_samples is not None and (not isinstance(max_samples, int) or isinstance(max_samples, bool)
+                                        or max_samples < 1):
             raise GradmapError(f"max_samples must be a positive integer or None, got {max_samples!r}")
+        if statistic not in STATISTICS:
+            raise GradmapError(f"magnitude statistic must be one of {', '.join(map(repr, STATISTICS))}, "
+                               f"got {statistic!r}")
         self.max_samples = max_samples
+        self.statistic = statistic
         self.snapshot: DenseSnapshot | None = None
         self._pending: dict[int, float] = {}
 
@@ -92,7 +133,7 @@ class MagnitudeCompensation(Compensator):
         calib = ctx.calib if self.max_samples is None else ctx.calib[:self.max_samples]
         # popped: the moments are reduced over ranks in place, and the model changes next anyway
         scored = ctx.scored_abs.pop(idx, None) if self.reads_scored_abs and ctx.scored_abs else None
-        s, skipped = residual_gain(ctx, idx, calib, scored)
+        s, skipped = residual_gain(ctx, idx, calib, scored, self.statistic)
         self._pending[idx] = s
         report = ctx.result.compensation_report[self.name]
         if scored is not None:

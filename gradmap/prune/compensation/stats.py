@@ -27,7 +27,7 @@ from gradmap.prune.compensation.base import PruneContext
 from gradmap.prune.compensation.dense import DenseSnapshot, dense_view, start_from
 from gradmap.prune.compensation.sites import (Site, SiteMoments, StreamStats, all_reduce_stats_, mlp_output_module,
                                               moments_in, stream_plan)
-from gradmap.runtime.batching import micro_batches
+from gradmap.runtime.batching import magnitude_terms, micro_batches
 from gradmap.runtime.hooks import StopForward, capture
 from gradmap.runtime.loss import next_token_loss_sum
 from gradmap.runtime.placement import model_device, offload_of
@@ -67,18 +67,20 @@ def lm_loss_sum(model: nn.Module, calib: torch.Tensor, batch_size: int, progress
 
 @torch.no_grad()
 def layer_abs_moments(ctx: PruneContext, position: int, calib: torch.Tensor, abs_in: Moments,
-                      abs_out: Moments) -> None:
-    """Accumulate |h_in| and |h_out| of the layer at current `position` over this rank's share of `calib`."""
+                      abs_out: Moments, statistic: str = "ratio") -> None:
+    """Accumulate the magnitude terms (`MAGNITUDE_TERMS[statistic]`, |h_in| and |h_out| for
+    "ratio") of the layer at current `position` over this rank's share of `calib`."""
     if offload_of(ctx.model) is not None:
-        streamed.streamed_layer_abs(ctx, position, calib, abs_in, abs_out)
+        streamed.streamed_layer_abs(ctx, position, calib, abs_in, abs_out, statistic)
         return
     layer = ctx.adapter.layers[position]
     for _, ids in micro_batches(distributed.shard_rows(calib, allow_empty=True), ctx.batch_size, ctx.progress,
                                 "magnitude statistics"):
         with capture({"out": layer}, stop_at=layer, inputs={"in": layer}) as got:
             run_decoder(ctx.model, ids)
-        accumulate_moments(abs_in, got["in"].abs())
-        accumulate_moments(abs_out, got["out"].abs())
+        a, b = magnitude_terms(statistic, got["in"], got["out"])
+        accumulate_moments(abs_in, a)
+        accumulate_moments(abs_out, b)
 
 
 @torch.no_grad()  # statistics only: an autograd graph here would chain every micro-batch together

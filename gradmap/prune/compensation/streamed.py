@@ -29,6 +29,7 @@ from gradmap.prune.compensation.base import PruneContext
 from gradmap.prune.compensation.dense import DenseSnapshot, dense_view
 from gradmap.prune.compensation.sites import (Site, SiteMoments, StreamStats, all_reduce_stats_, mlp_output_module,
                                               moments_in, stream_plan)
+from gradmap.runtime.batching import magnitude_terms
 from gradmap.runtime.hooks import capture
 from gradmap.runtime.loss import head_loss_sum
 from gradmap.runtime import placement
@@ -90,15 +91,17 @@ def streamed_lm_loss(model: nn.Module, calib: torch.Tensor, batch_size: int) -> 
 
 @torch.no_grad()
 def streamed_layer_abs(ctx: PruneContext, position: int, calib: torch.Tensor,
-                       abs_in: Moments, abs_out: Moments) -> None:
-    """Accumulate |h_in| and |h_out| of the layer at current `position` over this rank's share of `calib`."""
+                       abs_in: Moments, abs_out: Moments, statistic: str = "ratio") -> None:
+    """Accumulate the magnitude terms (`MAGNITUDE_TERMS[statistic]`) of the layer at current
+    `position` over this rank's share of `calib`."""
     model, adapter, device = ctx.model, ctx.adapter, _device(ctx.model)
     inputs = StreamInputs(model, adapter, calib, ctx.batch_size, device)
 
     def step(pos, j, h_in, h_out, got):
         if pos == position:
-            accumulate_moments(abs_in, h_in.abs())
-            accumulate_moments(abs_out, h_out.abs())
+            a, b = magnitude_terms(statistic, h_in, h_out)
+            accumulate_moments(abs_in, a)
+            accumulate_moments(abs_out, b)
     _run(adapter, inputs, list(inputs.hidden), range(position + 1), device, host_device(model), step)
 
 
