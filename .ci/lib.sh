@@ -17,9 +17,11 @@ heartbeat() {
 }
 
 # build_stamp: a hash of everything that decides gradmap's build (the torch it compiles
-# against, setup.py, pyproject.toml, csrc/); .ci/setup rebuilds only when it changes.
+# against, whether the extension is built, setup.py, pyproject.toml, csrc/); .ci/setup
+# rebuilds only when it changes.
 build_stamp() {
   { "${PYTHON_BIN:-python}" -c "import torch; print(torch.__version__)" 2>/dev/null || echo no-torch
+    echo "GRADMAP_BUILD_EXT=${GRADMAP_BUILD_EXT:-1}"
     cat setup.py pyproject.toml
     find csrc -type f 2>/dev/null | LC_ALL=C sort | xargs -r cat
   } | sha256sum | cut -d' ' -f1

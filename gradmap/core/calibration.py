@@ -83,7 +83,7 @@ def missing_data_message(rel: str, what: str) -> str:
     """One line: which data file is missing, where it was looked for, and how to point at it."""
     return (f"{what} needs {rel}, which is in no data folder (${DATA_ENV} is unset and "
             f"{DEFAULT_DATA_DIR} does not exist) and the Hugging Face hub is unreachable; set "
-            f"{DATA_ENV}=/path/to/data, a folder holding {rel} (layout: the shared data README)")
+            f"{DATA_ENV}=/path/to/data, a folder holding {rel} (layout: docs/data.md)")
 
 
 def _read_file(path: Path) -> tuple[list[str], bool]:
