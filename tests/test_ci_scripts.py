@@ -65,3 +65,11 @@ def test_tests_read_gradmap_data_dir(tmp_path, monkeypatch):
     monkeypatch.setenv("GRADMAP_DATA_DIR", str(tmp_path))
     namespace = runpy.run_path(str(ROOT / "tests" / "conftest.py"))
     assert namespace["DATA"] == str(tmp_path)
+
+
+def test_run_calls_the_readme_test_command():
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    command = re.search(r"```bash\n(python -m pytest [^\n]*)\n```", readme).group(1)
+    assert f'{command} "$@"' in (CI / "run").read_text()

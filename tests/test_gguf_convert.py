@@ -205,7 +205,7 @@ def test_prune_cli_writes_gguf_from_hf_folder(tok, tmp_path):
 
 def test_prune_speed_times_llama_cpp_on_a_dense_export_of_an_hf_folder(tok, tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the gguf-runtime "
-                                            "extra; .ci/setup installs it unless GGUF_RUNTIME=0)")
+                                            "extra; .ci/gguf-runtime installs it unless GGUF_RUNTIME=0)")
     model_dir, text = tmp_path / "model", tmp_path / "calib.txt"
     tiny_model("llama", 6, vocab_size=len(tok)).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)

@@ -32,7 +32,7 @@ __all__ = ["convert_to_gguf", "check_read_back", "FAMILIES", "CONVERT_DTYPES", "
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
             "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
 CONVERT_DTYPES = ("auto", "f32", "f16", "bf16", "q8_0")
-AUTO_DTYPE = "f16"  # near-lossless for every family (measured: README), half the fp32 size
+AUTO_DTYPE = "f16"  # near-lossless for every family (measured: docs/guide.md), half the fp32 size
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
               "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
 # config entries that change the forward pass: each must read back from the file as it is

@@ -134,7 +134,7 @@ def _task_file(spec: TaskSpec, rel: str, root: Path | None) -> Path:
         raise GradmapError(
             f"data file {str(path)!r} for task {spec.name!r} is missing; restore it in the shared "
             f"data dir or set ${DATA_ENV} to a folder holding {rel} (built from the Hugging Face "
-            f"dataset {spec.hub}; see the data README)")
+            f"dataset {spec.hub}; layout: docs/data.md)")
     return path
 
 
