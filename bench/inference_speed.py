@@ -1,7 +1,7 @@
 """What removing k decoder layers buys at inference: throughput, parameters and bytes, vs dense in one run.
 
     OMP_NUM_THREADS=1 taskset -c 0 python bench/inference_speed.py --remove 4,8,12 --threads 1 \
-        --out runs/inference_speed.json                  # SmolLM2-135M, the README table (~20 min)
+        --out runs/inference_speed.json                  # SmolLM2-135M, the docs/guide.md table (~20 min)
     python bench/inference_speed.py --tiny --out /tmp/speed.json   # smoke test, seconds
 
 For dense and each pruned model (the k layers before the last one removed with `remove_layers`; all

@@ -11,13 +11,16 @@ import torch  # noqa: E402
 sys.path.insert(0, os.path.dirname(__file__))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
-DATA = os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
+# as gradmap itself reads it (gradmap.core.calibration.data_dir): $GRADMAP_DATA_DIR, else ../shared/data
+DATA = os.path.abspath(os.environ.get("GRADMAP_DATA_DIR")
+                       or os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data"))
 
 
 @pytest.fixture(scope="session")
 def data_dir():
     if not os.path.isdir(DATA):
-        pytest.fail(f"evaluation data not found at {DATA}; the project expects ../shared/data")
+        pytest.fail(f"evaluation data not found at {DATA}; set GRADMAP_DATA_DIR to the folder "
+                    "holding c4/, wikitext2/ and tasks/ (default: ../shared/data)")
     return DATA
 
 

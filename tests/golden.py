@@ -50,7 +50,7 @@ GRADMAP_VARIANTS = {
     "gate": dict(gradient="gate"), "fisher": dict(gradient="fisher"), "param": dict(gradient="param"),
     "l2-normalized-hin": dict(norm="l2", normalize="h_in"), "verify3": dict(verify=3),
 }
-# metrics and compensators the layer streaming supports (README "Models larger than one device")
+# metrics and compensators the layer streaming supports (docs/guide.md "Models larger than one device")
 STREAMED = [("gradmap", "one-shot", "projection", {}), ("gradmap", "iterative", "magnitude", {}),
             ("gradmap", "one-shot", "none", {"verify": 3}), ("block-influence", "one-shot", "replaceme", {}),
             ("angular", "one-shot", "magnitude+projection", {}), ("ppl", "one-shot", "none", {}),

@@ -14,7 +14,7 @@ from gradmap.cli import app as cli
 from gradmap import remove_layers
 from gradmap.experiments.compare import CompareConfig, DenseSource, forward_backward_seconds, run_compare, weights_fingerprint
 from gradmap.prune.compensation import COMPENSATORS
-from gradmap.experiments.compare_report import accuracy_standard_errors
+from gradmap.experiments.compare_report import accuracy_standard_errors, wilson_interval
 from gradmap.core.errors import GradmapError
 from gradmap.experiments.methods import MethodSpec, parse_method, parse_methods
 from gradmap.prune.metrics import METRICS
@@ -45,11 +45,14 @@ def text_file(tmp_path_factory, data_dir):
     return str(path)
 
 
-def fake_zero_shot(model, tokenizer, tasks, limit=None, batch_size=32, progress=True):
+FAKE_N = 100  # examples per task the fake claims: enough for the full table (SMALL_SAMPLE)
+
+
+def fake_zero_shot(model, tokenizer, tasks, limit=None, batch_size=32, progress=True, n=FAKE_N):
     """Deterministic accuracies that depend on the depth, so retention is a known number."""
     depth = model.config.num_hidden_layers
     names = gradmap.evaluate.tasks.resolve_tasks(tasks)
-    entries = {t: {"acc": depth / 10, "n": 2, "metric": "acc", "value": depth / 10} for t in names}
+    entries = {t: {"acc": depth / 10, "n": n, "metric": "acc", "value": depth / 10} for t in names}
     return {"tasks": entries, "average": depth / 10, "average_metrics": {t: "acc" for t in names},
             "limit": limit, "requests": 0, "tokens": 0, "forwarded_tokens": 0, "seconds": 0.0,
             "tokens_per_s": 0.0}
@@ -254,8 +257,8 @@ def test_results_files_hold_the_expected_columns_and_settings(tmp_path, text_fil
     assert rows[1].rstrip(" |").endswith(f"{100 * 4 / 6:.1f}")
     assert "L=64, first 2 windows only (--ppl-windows 2)" in md
     assert "first 2 examples per task (--limit)" in md
-    # dense depth 6 -> p = 0.6 on n = 2: se = 100*sqrt(0.24/2) = 34.6 per task, /sqrt(7) for the mean
-    assert "per task 34.6–34.6 points, of the 7-task average 13.09 points" in md
+    # dense depth 6 -> p = 0.6 on n = 100: se = 100*sqrt(0.24/100) = 4.9 per task, /sqrt(7) for the mean
+    assert "per task 4.9–4.9 points, of the 7-task average 1.85 points" in md
     assert "forward+backward" in md and "requires_grad=True" in md
     res = json.loads((out / "results.json").read_text())
     assert res["status"] == "complete"
@@ -270,6 +273,28 @@ def test_results_files_hold_the_expected_columns_and_settings(tmp_path, text_fil
     assert sorted(res["plots"]) == ["layer_scores.png", "ppl_vs_time.png"]
     for name in res["plots"]:
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_small_samples_show_the_interval_and_n_and_no_retention(tmp_path, text_file, monkeypatch):
+    """3 examples per task (the demo): no per-task columns, no retention, avg with its interval."""
+    monkeypatch.setattr(gradmap.evaluate, "zero_shot",
+                        lambda *a, **k: fake_zero_shot(*a, **{**k, "n": 3}))
+    out = tmp_path / "o"
+    res = run_compare(config(text_file, tasks="all", limit=3), out, progress=False,
+                      loader=tiny_loader(), prune_fn=fake_prune)
+    md = (out / "results.md").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method"))
+    assert [c.strip() for c in header.strip("|").split("|")][5:] == ["avg (7) % [95%]", "n"]
+    assert "retention %" not in md and "fewer than 100 examples per task" in md
+    lo, hi = wilson_interval(0.6, 21)  # dense: depth 6 -> 60% on 7 tasks x 3 examples
+    assert f"| 60.0 [{100 * lo:.1f}, {100 * hi:.1f}] | 21 |" in md
+    assert res["methods"][0].get("retention") is None
+
+
+def test_wilson_interval_known_values():
+    # Wilson (1927), z = 1.96: 0 of 3 -> [0, 56.1%]; 30 of 100 -> [21.9%, 39.6%]
+    assert wilson_interval(0.0, 3) == pytest.approx((0.0, 0.5615), abs=1e-4)
+    assert wilson_interval(0.3, 100) == pytest.approx((0.2189, 0.3958), abs=1e-4)
 
 
 def test_accuracy_standard_errors_are_binomial():

@@ -1,5 +1,6 @@
 """Compensators driven through PruneContext directly: statistics, solve, safeguards, placements."""
 import copy
+import logging
 
 import pytest
 import torch
@@ -320,7 +321,7 @@ def test_regression_gate_rejects_a_bad_projection(trained, monkeypatch):
     assert all(torch.equal(v, twin.state_dict()[k]) for k, v in model.state_dict().items())
 
 
-def test_lm_gate_reverts_folds_that_hurt_the_heldout_loss(trained, monkeypatch):
+def test_lm_gate_reverts_folds_that_hurt_the_heldout_loss(trained, monkeypatch, caplog):
     model = copy.deepcopy(trained["llama"])
     calib = markov_ids(8, 24, seed=9)
     twin = copy.deepcopy(model)
@@ -335,10 +336,16 @@ def test_lm_gate_reverts_folds_that_hurt_the_heldout_loss(trained, monkeypatch):
         return torch.where((p[:, 0, 0] < 0), torch.full_like(out, -1.0), out)
     monkeypatch.setattr(projection_mod, "projection_solve", bad_solve)
     monkeypatch.setattr(projection_mod, "regression_loss", fooled_loss)
-    ctx = drive(model, calib, [3], [ProjectionCompensation()])
+    with caplog.at_level(logging.INFO, logger="gradmap"):
+        ctx = drive(model, calib, [3], [ProjectionCompensation()])
     rep = ctx.result.compensation_report["projection"]
     (site,) = rep["sites"]
     assert rep["reverted"] == [site["layer"]]
+    # a revert is the safeguard working: INFO, never WARNING, with the reason in the summary
+    reverts = [r for r in caplog.records if "reverted" in r.getMessage()]
+    assert reverts and all(r.levelno == logging.INFO for r in reverts)
+    summary = " ".join(ctx.result.compensation_summary())
+    assert f"NOT applied at layer {site['layer']} (reverted: held-out LM loss did not drop)" in summary
     assert site["holdout_lm_loss_with_fold"] > rep["holdout_lm_loss_before"]
     assert rep["holdout_lm_loss_after"] == rep["holdout_lm_loss_before"]
     assert site["reason"].startswith("reverted") and not site["folded"]

@@ -3,6 +3,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 
 import numpy as np
 import pytest
@@ -171,6 +172,20 @@ def test_settings_a_gguf_cannot_carry_are_refused(tok, tmp_path, family, kw, rem
     _one_line_refusal(match, tmp_path, lambda: export_gguf(model, tok, tmp_path / "m.gguf"))
 
 
+@pytest.mark.parametrize("family,n_layers,period", [("gemma2", 6, 2), ("gemma3_text", 12, 6)])
+def test_gemma_pattern_refusal_says_how_to_export_and_the_advice_works(family, n_layers, period, tok, tmp_path):
+    broken = tiny_model(family, n_layers, vocab_size=len(tok), **FAMILY_KW[family])
+    remove_layers(broken, [1])
+    run = list(range(1, 1 + period))
+    _one_line_refusal(rf"to export it, remove layers in runs of {period} adjacent layers .*"
+                      rf"remove_layers\(model, {re.escape(str(run))}\)",
+                      tmp_path, lambda: export_gguf(broken, tok, tmp_path / "m.gguf"))
+    kept = tiny_model(family, n_layers, vocab_size=len(tok), **FAMILY_KW[family])
+    remove_layers(kept, run)  # what the message proposes
+    export_gguf(kept, tok, tmp_path / "m.gguf", dtype="f32")
+    assert (tmp_path / "m.gguf").stat().st_size > 0
+
+
 def test_failed_write_leaves_nothing_and_keeps_existing_output(tok, tmp_path, monkeypatch):
     import gguf
     out = tmp_path / "m.gguf"
@@ -205,7 +220,7 @@ def test_prune_cli_writes_gguf_from_hf_folder(tok, tmp_path):
 
 def test_prune_speed_times_llama_cpp_on_a_dense_export_of_an_hf_folder(tok, tmp_path):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (the gguf-runtime "
-                                            "extra; .ci/setup installs it unless GGUF_RUNTIME=0)")
+                                            "extra; .ci/gguf-runtime installs it unless GGUF_RUNTIME=0)")
     model_dir, text = tmp_path / "model", tmp_path / "calib.txt"
     tiny_model("llama", 6, vocab_size=len(tok)).save_pretrained(model_dir)
     tok.save_pretrained(model_dir)

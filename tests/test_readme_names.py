@@ -1,5 +1,6 @@
-"""Every import in README.md's Python blocks, every `gradmap.<name>` and every repository path it
-mentions resolves: a move of a module cannot leave the README pointing nowhere."""
+"""Every import in the README's and docs/'s Python blocks, every `gradmap.<name>` and every
+repository path they mention resolves, and every link between them leads to a file: a move of a
+module cannot leave the documentation pointing nowhere."""
 from __future__ import annotations
 
 import ast
@@ -7,11 +8,17 @@ import importlib
 import re
 from pathlib import Path
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+DOCS = [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _text() -> str:
+    return "\n".join(p.read_text() for p in DOCS)
 
 
 def _python_blocks() -> list[str]:
-    return re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
+    return re.findall(r"```python\n(.*?)```", _text(), re.S)
 
 
 def test_readme_python_imports_resolve():
@@ -30,7 +37,7 @@ def test_readme_python_imports_resolve():
 
 
 def test_readme_dotted_gradmap_names_resolve():
-    names = set(re.findall(r"`(gradmap(?:\.[A-Za-z_][A-Za-z0-9_]*)+)", README.read_text()))
+    names = set(re.findall(r"`(gradmap(?:\.[A-Za-z_][A-Za-z0-9_]*)+)", _text()))
     assert len(names) >= 5
     missing = []
     for name in sorted(names):
@@ -50,7 +57,22 @@ def test_readme_dotted_gradmap_names_resolve():
 
 
 def test_readme_file_paths_exist():
-    root = README.parent
-    paths = set(re.findall(r"`((?:gradmap|tests|bench|kernels|csrc|\.ci)/[A-Za-z0-9_./-]*)`", README.read_text()))
+    paths = set(re.findall(r"`((?:gradmap|tests|bench|kernels|csrc|\.ci|docs)/[A-Za-z0-9_./-]*)`", _text()))
     assert len(paths) > 10
-    assert sorted(p for p in paths if not (root / p).exists()) == []
+    assert sorted(p for p in paths if not (ROOT / p).exists()) == []
+
+
+def test_markdown_links_between_readme_and_docs_resolve():
+    broken = []
+    for doc in DOCS:
+        for target in re.findall(r"\]\(([^)#]+)(?:#[^)]*)?\)", doc.read_text()):
+            if "://" not in target and not (doc.parent / target).exists():
+                broken.append(f"{doc.name}: {target}")
+    assert broken == []
+    assert all(f"(docs/{p.name})" in README.read_text() for p in DOCS[1:]), "README links every doc"
+
+
+def test_readme_is_short_and_says_no_internal_words():
+    text = README.read_text()
+    assert len(text.splitlines()) <= 250
+    assert not re.search(r"\b(issue \d+|this stop|stop \d+)\b", text, re.I)

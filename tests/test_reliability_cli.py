@@ -142,9 +142,10 @@ def test_help_lists_values_and_version_and_bare_command_prints_help(capsys):
     with pytest.raises(SystemExit):
         main(["--version"])
     assert capsys.readouterr().out.startswith("gradmap 0.")
-    assert main([]) == 0
-    out = capsys.readouterr().out
-    assert "usage: gradmap" in out and "cli_" not in out and "prune" in out
+    assert main([]) == 2  # no command: the help, on stderr, and the usage-error status
+    captured = capsys.readouterr()
+    out = captured.err
+    assert captured.out == "" and "usage: gradmap" in out and "cli_" not in out and "prune" in out
 
 
 def test_sparsify_cli_copies_of_the_library_names_match():

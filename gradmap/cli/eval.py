@@ -73,14 +73,14 @@ def _zero_shot_tables(res: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     """Validate the arguments, load the model, evaluate, print the tables (and write JSON)."""
     from gradmap.evaluate import perplexity_report, zero_shot
-    from gradmap.evaluate.perplexity import load_text
-    from gradmap.evaluate.tasks import resolve_tasks
+    from gradmap.evaluate.perplexity import check_text
+    from gradmap.evaluate.tasks import check_task_files
 
     positive(args, "seq_len", "max_windows", "limit", "batch_size")
-    tasks = resolve_tasks(args.tasks) if args.tasks else None  # validate before loading
+    tasks = check_task_files(args.tasks) if args.tasks else None  # validate before loading
     ppl_data = args.ppl if args.ppl or tasks else "wikitext2"
     if ppl_data:
-        load_text(ppl_data)  # a missing file fails here, before the slow model load
+        check_text(ppl_data)  # a missing file fails here, before the slow model load
     if args.json:
         check_json_target(args.json)
     check_runtime(args)

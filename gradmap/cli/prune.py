@@ -57,12 +57,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="torch device (default: cpu)")
     p.add_argument("--offload", choices=("layer",), default=None,
                    help="'layer': keep the weights in host memory and bring one decoder layer at a "
-                        "time to --device (models larger than the device; see README)")
+                        "time to --device (models larger than the device; see docs/guide.md)")
     p.add_argument("--out", required=True, help="output directory for the pruned checkpoint")
     p.add_argument("--gguf", default=None, metavar="FILE",
                    help="also write the pruned model as FILE.gguf for llama.cpp/ollama (a .gguf --model "
                         "keeps its untouched tensors' quantisation, an HF model is converted to F16; "
-                        "see README)")
+                        "see docs/guide.md)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (and --gguf)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_speed_arguments(p, "the dense model (a copy kept in host memory) and the pruned one")

@@ -164,7 +164,7 @@ def _check_eval(args: argparse.Namespace) -> None:
     """The evaluation options, checked with the others before the model loads."""
     from gradmap.core.calibration import check_source
     from gradmap.core.errors import GradmapError
-    from gradmap.evaluate.tasks import resolve_tasks
+    from gradmap.evaluate.tasks import check_task_files
 
     check_source(args.ppl_data, "--ppl-data")
     positive(args, "ppl_windows")
@@ -173,7 +173,7 @@ def _check_eval(args: argparse.Namespace) -> None:
     if args.limit < 0:
         raise GradmapError(f"--limit must be 0 (all examples) or a positive integer, got {args.limit}")
     if args.tasks.strip().lower() != "none":
-        resolve_tasks(args.tasks)
+        check_task_files(args.tasks)
 
 
 def _evaluate(model, tokenizer, args: argparse.Namespace) -> dict:

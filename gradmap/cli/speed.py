@@ -21,7 +21,7 @@ def add_speed_arguments(p: argparse.ArgumentParser, models: str) -> None:
                    help=f"also measure what pruning buys at inference: parameters, checkpoint bytes, "
                         f"prefill and decode tokens/s of {models}, timed round-robin in one run, "
                         "medians and x dense (plus llama.cpp on the GGUFs when exported and "
-                        "llama-cpp-python is installed). Minutes on a CPU; see README")
+                        "llama-cpp-python is installed). Minutes on a CPU; see docs/guide.md")
     p.add_argument("--speed-prefill", default=None, metavar="L1,L2",
                    help="with --speed: prefill lengths, batch 1 (512,2048)")
     p.add_argument("--speed-decode", default=None, metavar="N",

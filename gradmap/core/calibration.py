@@ -13,13 +13,16 @@ import json
 import logging
 import os
 import random
+import socket
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 
 from gradmap.core.errors import GradmapError
 
-__all__ = ["calibration_data", "data_dir", "load_documents", "check_source", "DATA_ENV", "NAMED_SOURCES"]
+__all__ = ["calibration_data", "data_dir", "load_documents", "check_source", "hub_reachable",
+           "missing_data_message", "DATA_ENV", "NAMED_SOURCES", "DEFAULT_DATA_DIR"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +34,13 @@ NAMED_SOURCES = {
     "c4": "c4/validation_2k.jsonl",
     "wikitext2": "wikitext2/test.txt",
 }
+
+# the layout the project's tests, CI and benchmarks use: <project root>/../shared/data
+DEFAULT_DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+# one TCP connect, no retries: an offline machine must fail in seconds, not after a retry storm
+HUB_TIMEOUT_S = 3.0
+_OFFLINE_VARS = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+_hub_answers: dict[tuple, bool] = {}
 
 
 def data_dir() -> Path | None:
@@ -47,8 +57,33 @@ def data_dir() -> Path | None:
             raise GradmapError(f"${DATA_ENV} points to {str(path)!r}, which is not a directory; "
                                "set it to the folder holding c4/, wikitext2/ and tasks/, or unset it")
         return path
-    path = Path(__file__).resolve().parents[2].parent / "shared" / "data"
-    return path if path.is_dir() else None
+    return DEFAULT_DATA_DIR if DEFAULT_DATA_DIR.is_dir() else None
+
+
+def hub_reachable(timeout: float = HUB_TIMEOUT_S) -> bool:
+    """True when the Hugging Face hub (`$HF_ENDPOINT`) accepts a TCP connection within `timeout`.
+
+    False at once when an HF offline variable is set. The answer is kept for the process, so
+    the checks before loading and the load itself ask at most once.
+    """
+    if any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on") for v in _OFFLINE_VARS):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    key = (url.hostname, url.port)
+    if key not in _hub_answers:
+        try:
+            with socket.create_connection((url.hostname or "", url.port or 443), timeout=timeout):
+                _hub_answers[key] = True
+        except OSError:
+            _hub_answers[key] = False
+    return _hub_answers[key]
+
+
+def missing_data_message(rel: str, what: str) -> str:
+    """One line: which data file is missing, where it was looked for, and how to point at it."""
+    return (f"{what} needs {rel}, which is in no data folder (${DATA_ENV} is unset and "
+            f"{DEFAULT_DATA_DIR} does not exist) and the Hugging Face hub is unreachable; set "
+            f"{DATA_ENV}=/path/to/data, a folder holding {rel} (layout: docs/data.md)")
 
 
 def _read_file(path: Path) -> tuple[list[str], bool]:
@@ -85,9 +120,21 @@ def _parse_file(path: Path) -> tuple[list[str], bool]:
 
 def _hub_documents(name: str, split: str) -> tuple[list[str], bool]:
     """The named corpus from the Hugging Face hub, as the SparseGPT/Wanda code loads it."""
+    if not hub_reachable():
+        raise GradmapError(missing_data_message(NAMED_SOURCES[name], f"data {name!r}"))
+    log.info("no local data dir; loading %s (%s) from the Hugging Face hub", name, split)
+    try:
+        return _load_from_hub(name, split)
+    except Exception as exc:  # noqa: BLE001 - network and hub failures come in many classes
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise GradmapError(f"loading {name!r} from the Hugging Face hub failed ({first}); set "
+                           f"{DATA_ENV} to a folder holding {NAMED_SOURCES[name]} to work "
+                           "offline") from None
+
+
+def _load_from_hub(name: str, split: str) -> tuple[list[str], bool]:
     from datasets import load_dataset  # imported lazily: only online users reach this
 
-    log.info("no local data dir; loading %s (%s) from the Hugging Face hub", name, split)
     if name == "c4":
         shard = ("en/c4-train.00000-of-01024.json.gz" if split == "train"
                  else "en/c4-validation.00000-of-00008.json.gz")
@@ -132,6 +179,8 @@ def check_source(source: str | os.PathLike, option: str = "--calib") -> None:
         if root is not None and not (root / NAMED_SOURCES[text]).is_file():
             raise GradmapError(f"data file {str(root / NAMED_SOURCES[text])!r} for {text!r} is "
                                f"missing; restore the shared data dir or set ${DATA_ENV}")
+        if root is None and not hub_reachable():
+            raise GradmapError(missing_data_message(NAMED_SOURCES[text], f"{option} {text}"))
         return
     path = Path(text).expanduser()
     if not path.is_file():

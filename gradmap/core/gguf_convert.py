@@ -32,7 +32,7 @@ __all__ = ["convert_to_gguf", "check_read_back", "FAMILIES", "CONVERT_DTYPES", "
 FAMILIES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3",
             "gemma2": "gemma2", "gemma3_text": "gemma3", "phi3": "phi3"}
 CONVERT_DTYPES = ("auto", "f32", "f16", "bf16", "q8_0")
-AUTO_DTYPE = "f16"  # near-lossless for every family (measured: README), half the fp32 size
+AUTO_DTYPE = "f16"  # near-lossless for every family (measured: docs/guide.md), half the fp32 size
 FILE_TYPES = {"f32": LlamaFileType.ALL_F32, "f16": LlamaFileType.MOSTLY_F16,
               "bf16": LlamaFileType.MOSTLY_BF16, "q8_0": LlamaFileType.MOSTLY_Q8_0}
 # config entries that change the forward pass: each must read back from the file as it is
@@ -144,11 +144,32 @@ def check_read_back(config, arch: str, fill) -> None:
     for key, want in _expected(config).items():
         got = getattr(back, key, missing)
         if not _same(want, None if got is missing else got):
+            if key == "layer_types" and got is not missing:
+                raise GradmapError(_pattern_message(config, got))
             raise GradmapError(
                 f"a GGUF file cannot carry this {config.model_type} model's {key}={want!r}: "
                 f"transformers' GGUF reader would rebuild it as {key}="
                 f"{'(unset)' if got is missing else repr(got)}, a different model; keep the "
                 "safetensors checkpoint (gradmap.save_pretrained) for it")
+
+
+def _pattern_message(config, got: list) -> str:
+    """The refusal for a sliding/full attention pattern that pruning shifted, with the way out.
+
+    The reader derives each layer's type from its position (full every `period`-th layer), so
+    removing whole periods of adjacent layers keeps every later layer's type where it was.
+    """
+    period = 2 if config.model_type == "gemma2" else (
+        getattr(config, "sliding_window_pattern", None) or getattr(config, "_sliding_window_pattern", None)
+        or next((i + 1 for i, t in enumerate(got) if t == "full_attention"), len(got)))
+    return (f"a GGUF file cannot carry this {config.model_type} model's layer_types= "
+            f"({len(config.layer_types)} layers, "
+            "the sliding/full attention pattern shifted by the removal): transformers derives each "
+            "layer's type from its position and llama.cpp reads it per layer, so they would load "
+            f"different models; to export it, remove layers in runs of {period} adjacent layers "
+            f"(the number removed before every kept layer a multiple of {period}), e.g. "
+            f"gradmap.remove_layers(model, {list(range(1, 1 + period))}) on the dense model, or keep "
+            "the safetensors checkpoint (gradmap.save_pretrained) for it")
 
 
 def _tensors(model, layout: GGUFLayout) -> list[tuple[str, object]]:

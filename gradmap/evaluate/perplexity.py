@@ -20,10 +20,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from gradmap.core.calibration import NAMED_SOURCES, load_documents
+from gradmap.core.calibration import NAMED_SOURCES, check_source, load_documents
 from gradmap.core.errors import GradmapError
 
-__all__ = ["PerplexityReport", "perplexity", "perplexity_report", "load_text", "TEXT_PREFIX", "window_nll", "input_device"]
+__all__ = ["PerplexityReport", "perplexity", "perplexity_report", "load_text", "check_text", "TEXT_PREFIX", "window_nll", "input_device"]
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,14 @@ def load_text(data: str | os.PathLike) -> tuple[str, str]:
                            f"'{TEXT_PREFIX}<your text>' to score literal text")
     docs, _ = load_documents(os.path.expanduser(text))
     return "\n\n".join(docs), text
+
+
+def check_text(data: str | os.PathLike, option: str = "--ppl") -> None:
+    """`load_text`'s checks without downloading: a named source must be local or on a reachable hub."""
+    if os.fspath(data) in NAMED_SOURCES:
+        check_source(data, option)
+    else:
+        load_text(data)
 
 
 def window_nll(model, input_ids: torch.Tensor) -> torch.Tensor:

@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from gradmap.core.calibration import DATA_ENV, data_dir
+from gradmap.core.calibration import DATA_ENV, data_dir, missing_data_message
 from gradmap.core.errors import GradmapError
 
 __all__ = ["Example", "TaskSpec", "TASKS", "TASK_NAMES", "build_examples", "resolve_tasks",
-           "hellaswag_preprocess"]
+           "check_task_files", "hellaswag_preprocess"]
 
 DELIM = " "  # lm-eval's default target_delimiter between context and continuation
 
@@ -127,18 +127,27 @@ def resolve_tasks(tasks: str | list[str] | tuple[str, ...]) -> list[str]:
 
 
 def _task_file(spec: TaskSpec, rel: str, root: Path | None) -> Path:
-    if root is None:
-        raise GradmapError(
-            f"no evaluation data directory for task {spec.name!r}: expected <project root>/../shared/"
-            f"data or ${DATA_ENV}; set ${DATA_ENV} to a folder holding {rel} (built from the "
-            f"Hugging Face dataset {spec.hub}; see the data README)")
+    if root is None:  # the task files are only ever read locally: no hub fallback
+        raise GradmapError(missing_data_message(rel, f"zero-shot task {spec.name!r}"))
     path = root / rel
     if not path.is_file():
         raise GradmapError(
             f"data file {str(path)!r} for task {spec.name!r} is missing; restore it in the shared "
             f"data dir or set ${DATA_ENV} to a folder holding {rel} (built from the Hugging Face "
-            f"dataset {spec.hub}; see the data README)")
+            f"dataset {spec.hub}; layout: docs/data.md)")
     return path
+
+
+def check_task_files(tasks: str | list[str] | tuple[str, ...], root: Path | None = None) -> list[str]:
+    """Resolve `tasks` and check every file they read exists; the names, before any model loads."""
+    names = resolve_tasks(tasks)
+    root = data_dir() if root is None else Path(root)
+    for name in names:
+        spec = TASKS[name]
+        for rel in (spec.file, spec.labels_file):
+            if rel is not None:
+                _task_file(spec, rel, root)
+    return names
 
 
 def _rows(path: Path, limit: int | None) -> Iterator[dict]:

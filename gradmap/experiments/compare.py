@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 from gradmap.core.checkpoint import prepare_output_dir, save_pretrained
 from gradmap.core.errors import GradmapError
 from gradmap.experiments.compare_checks import check_before_loading, unfinished_run
+from gradmap.experiments.compare_report import small_sample
 from gradmap.experiments.compare_speed import measure_row
 from gradmap.experiments.dense_source import DenseSource, check_calibration_untouched, weights_fingerprint
 from gradmap.experiments.methods import (MethodSpec, method_from_result, parse_methods,
@@ -352,7 +353,8 @@ def run_method(model, tokenizer, calib, spec: MethodSpec, row: dict, cfg: Compar
     row["prune_result"] = res.to_dict()
     row["pipeline"] = method_from_result(row["prune_result"])  # reruns it, every option spelled out
     row.update(evaluate_model(model, tokenizer, cfg, tasks, progress, per_example))
-    dense_avg = (results["dense"] or {}).get("average")
-    if row.get("average") is not None and dense_avg:
-        row["retention"] = 100.0 * row["average"] / dense_avg
+    dense = results["dense"] or {}
+    # no retention from a handful of examples: the ratio of two noisy averages is noise squared
+    if row.get("average") is not None and dense.get("average") and not small_sample(dense.get("zero_shot")):
+        row["retention"] = 100.0 * row["average"] / dense["average"]
     row["status"] = "ok"

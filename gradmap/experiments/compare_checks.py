@@ -26,10 +26,13 @@ def check_before_loading(cfg, default_loader: bool) -> None:
     """Data files, device and (for the default loader) the layer count, before anything loads."""
     from gradmap.core.calibration import check_source
     from gradmap.core.model_checks import check_device, check_dtype
-    from gradmap.evaluate.perplexity import load_text
+    from gradmap.evaluate.perplexity import check_text
+    from gradmap.evaluate.tasks import check_task_files
 
     check_source(cfg.calib, "--calib")
-    load_text(cfg.ppl_data)
+    check_text(cfg.ppl_data, "--ppl-data")
+    if cfg.tasks:
+        check_task_files(cfg.tasks)
     check_dtype(cfg.dtype)
     check_device(cfg.device)
     if default_loader:  # a custom loader may load anything; its model is checked once loaded

@@ -15,9 +15,13 @@ from gradmap.core.result import json_text
 from gradmap.experiments.compare_speed import speed_markdown
 
 __all__ = ["write_results", "markdown_table", "settings_lines", "accuracy_standard_errors",
-           "plot_ppl_vs_time", "plot_layer_scores"]
+           "plot_ppl_vs_time", "plot_layer_scores", "fewest_examples", "small_sample",
+           "wilson_interval", "SMALL_SAMPLE"]
 
 DASH = "—"
+# Fewer examples per task than this and per-task accuracies and retention are not shown: at
+# n = 100 a task's 95% interval is already about ±10 points, at n = 3 it spans most of [0, 100].
+SMALL_SAMPLE = 100
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -55,6 +59,33 @@ def accuracy_standard_errors(zero_shot: dict[str, Any]) -> tuple[dict[str, float
     return per_task, math.sqrt(sum(v * v for v in per_task.values())) / len(per_task)
 
 
+def fewest_examples(zero_shot: dict[str, Any] | None) -> int | None:
+    """The smallest per-task example count of a zero-shot result (None without counts)."""
+    counts = [t.get("n") for t in ((zero_shot or {}).get("tasks") or {}).values()]
+    return min(counts) if counts and all(isinstance(n, int) for n in counts) else None
+
+
+def small_sample(zero_shot: dict[str, Any] | None) -> bool:
+    """True when some task has fewer than `SMALL_SAMPLE` examples (or the counts are unknown)."""
+    n = fewest_examples(zero_shot)
+    return n is None or n < SMALL_SAMPLE
+
+
+def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval of a proportion `p` measured on `n` trials (95% for z = 1.96).
+
+    Unlike p ± z·se it stays inside [0, 1] and is not zero-width at p = 0 or 1, which matters
+    exactly where it is used: a handful of examples.
+    """
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def _pooled_n(zero_shot: dict[str, Any] | None) -> int:
+    return sum(t.get("n") or 0 for t in ((zero_shot or {}).get("tasks") or {}).values())
+
+
 def settings_lines(results: dict[str, Any]) -> list[str]:
     """Human-readable settings, stated above the table (what every number was measured on)."""
     s = results["settings"]
@@ -80,7 +111,12 @@ def settings_lines(results: dict[str, Any]) -> list[str]:
         lines.append(f"- zero-shot: {limit}; accuracy in %; metric per task: "
                      + ", ".join(f"{t} {metrics.get(t, '?')}" for t in s["tasks"]))
         se = accuracy_standard_errors(zero_shot)
-        if se:
+        if small_sample(zero_shot):
+            lines.append(f"- small sample: fewer than {SMALL_SAMPLE} examples per task, so the "
+                         "table shows only the task average with its 95% interval (Wilson, the "
+                         "examples of all tasks pooled) and n, and no per-task accuracy or "
+                         "retention; results.json keeps the raw figures")
+        elif se:
             lines.append(f"- noise: binomial standard error of the dense accuracies, per task "
                          f"{min(se[0].values()):.1f}–{max(se[0].values()):.1f} points, "
                          f"of the {len(se[0])}-task average {se[1]:.2f} points")
@@ -109,10 +145,14 @@ def _time_cell(row: dict) -> str:
 def markdown_table(results: dict[str, Any]) -> str:
     """The results table: one row for the dense model and one per method, in run order."""
     tasks = results["settings"].get("tasks") or []
-    metrics = ((results.get("dense") or {}).get("zero_shot") or {}).get("average_metrics", {})
+    dense_zs = (results.get("dense") or {}).get("zero_shot")
+    metrics = (dense_zs or {}).get("average_metrics", {})
+    small = bool(tasks) and dense_zs is not None and small_sample(dense_zs)
     header = ["method", "removed layers", "pruning s", "x fwd+bwd", "PPL"]
-    header += [f"{t} ({metrics.get(t, 'acc')})" for t in tasks]
-    if tasks:
+    if small:
+        header += [f"avg ({len(tasks)}) % [95%]", "n"]
+    elif tasks:
+        header += [f"{t} ({metrics.get(t, 'acc')})" for t in tasks]
         header += [f"avg ({len(tasks)})", "retention %"]
     rows = []
     dense = results.get("dense")
@@ -129,6 +169,10 @@ def markdown_table(results: dict[str, Any]) -> str:
         cells.append(_time_cell(row))
         cells.append(_num(row.get("ratio_to_floor"), ".1f"))
         cells.append(_num(row.get("ppl"), ".2f"))
+        if small:
+            cells += _small_sample_cells(row)
+            rows.append(cells)
+            continue
         for t in tasks:
             cells.append(_num(100 * row["tasks"][t] if t in row.get("tasks", {}) else None, ".1f"))
         if tasks:
@@ -140,6 +184,14 @@ def markdown_table(results: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
+
+
+def _small_sample_cells(row: dict) -> list[str]:
+    n = _pooled_n(row.get("zero_shot"))
+    if row.get("average") is None or not n:
+        return [DASH, DASH]
+    lo, hi = wilson_interval(row["average"], n)
+    return [f"{100 * row['average']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]", str(n)]
 
 
 def _notes(results: dict[str, Any]) -> list[str]:

@@ -337,7 +337,9 @@ class ProjectionCompensation(Compensator):
                 t.data.copy_(old)
             e["folded"], e["reason"] = False, "reverted: held-out LM loss did not drop"
             reverted.append(site.layer)
-            logging.getLogger(f"gradmap.{self.name}").warning(
+            # INFO, not WARNING: the safeguard doing its job is a normal outcome, not a failure;
+            # the reason stays in the report and in PruneResult.compensation_summary()
+            logging.getLogger(f"gradmap.{self.name}").info(
                 "fold at layer %d reverted (held-out LM loss %.4f -> %.4f)", site.layer, best, loss)
         report["holdout_lm_loss_after"] = best
         report["reverted"] = reverted

@@ -1,0 +1,40 @@
+"""The README states the default pipeline once, generated from `DEFAULT_PIPELINE` (issue 29: it
+named three different defaults), and no other pipeline is called the default anywhere in it."""
+import re
+from pathlib import Path
+
+from gradmap.prune.driver import DEFAULT_PIPELINE, default_pipeline_name
+
+ROOT = Path(__file__).resolve().parent.parent
+README = ROOT / "README.md"
+MARKER = "<!-- generated from gradmap.prune.driver.DEFAULT_PIPELINE; tests/test_readme_default.py checks it -->"
+# a `gradmap compare` method string: metric[(options)][+compensation...][@schedule]
+METHOD = re.compile(r"`([a-z][a-z-]*(?:\([^`]*\))?(?:\+[a-z][a-z-]*(?:\([^`]*\))?)*(?:@[a-z-]+)?)`")
+
+
+def default_pipeline_line() -> str:
+    """The README's line, written from DEFAULT_PIPELINE (paste this when the default changes)."""
+    d = DEFAULT_PIPELINE
+    opts = ", ".join(f"{k}={v!r}" for k, v in d["metric_options"].items())
+    comps = (d["compensation"],) if isinstance(d["compensation"], str) else tuple(d["compensation"])
+    metric = f"`{d['metric']}`" + (f" ({opts})" if opts else "")
+    compensation = ", then ".join(f"`{c}`" for c in comps) if comps else "none"
+    return (f"**Default pipeline: `{default_pipeline_name()}`**: metric {metric}, schedule "
+            f"`{d['schedule']}`, compensation {compensation}.")
+
+
+def test_readme_states_the_default_pipeline_from_default_pipeline():
+    lines = README.read_text().splitlines()
+    assert MARKER in lines, "README lost its generated default-pipeline line"
+    want = default_pipeline_line()
+    assert lines[lines.index(MARKER) + 1] == want, f"README's default is stale; the line should read:\n{want}"
+
+
+def test_no_other_pipeline_is_called_the_default():
+    name = default_pipeline_name()
+    for line in README.read_text().splitlines():
+        if "default" not in line.lower():
+            continue
+        others = [m for m in METHOD.findall(line) if ("+" in m or "@" in m) and m != name]
+        assert others == [], f"README calls {others} the default? {line!r}"
+    assert not re.search(r"`[^`]+`\s*\((?:the\s+)?default\)", README.read_text())
