@@ -5,6 +5,7 @@ import argparse
 import time
 
 from gradmap.cli.checks import DTYPES, check_json_target, check_runtime, positive, write_json
+from gradmap.core.errors import GradmapError
 
 __all__ = ["add_parser", "run", "format_table"]
 
@@ -77,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     from gradmap.evaluate.tasks import resolve_tasks
 
     positive(args, "seq_len", "max_windows", "limit", "batch_size")
+    if args.tasks is not None and not args.tasks.strip():  # used to run perplexity instead
+        raise GradmapError("--tasks is empty; pass 'all' or a comma list such as boolq,piqa, or "
+                           "drop --tasks for perplexity only")
     tasks = resolve_tasks(args.tasks) if args.tasks else None  # validate before loading
     ppl_data = args.ppl if args.ppl or tasks else "wikitext2"
     if ppl_data:
