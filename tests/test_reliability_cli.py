@@ -191,3 +191,23 @@ def test_security_no_unsafe_loading_or_execution_in_the_package():
                 if hit and not (needle == "torch.load(" and "weights_only=True" in code):
                     problems.append(f"{path.relative_to(ROOT)}:{n}: {what}")
     assert problems == []
+
+
+@pytest.mark.parametrize("cmd,match", [
+    (lambda r, t: _prune(r, t, "--compensation", "magnitude,magnitude"), "'magnitude' is given twice"),
+    (lambda r, t: _prune(r, t, "--metric", "gradmap", "--metric-option", "verify=2",
+                         "--metric-option", "verify=4"), "--metric-option verify is given twice"),
+    (lambda r, t: _prune(r, t, "--seed", "-7"), "--seed must be a non-negative integer"),
+    (lambda r, t: _prune(r, t, "--method", "block-influence+replaceme(safeguards='False')"),
+     "safeguards must be True or False"),
+    (lambda r, t: ["eval", "--model", "m", "--tasks", ""], "--tasks is empty"),
+    (lambda r, t: ["sparsify", "--model", str(r / "model"), "--out", str(t / "s"), "--tasks", "boolq"],
+     "--tasks only apply with --eval"),
+    (lambda r, t: ["sparsify", "--model", str(r / "model"), "--out", str(t / "s"), "--seed", "-1"],
+     "--seed must be a non-negative integer"),
+])
+def test_silent_reinterpretations_are_refused_before_loading(tiny_dir, tmp_path, capsys, no_load, cmd,
+                                                            match):
+    assert main(cmd(tiny_dir, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and match in err, err

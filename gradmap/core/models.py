@@ -62,8 +62,8 @@ def resolve_model_path(name_or_path: str, check_hub: bool = False) -> tuple[str,
         if not os.path.isfile(expanded):
             raise GradmapError(f"GGUF file {name_or_path!r} does not exist")
         gguf_metadata(expanded, stop_at="general.architecture")
-        path = Path(expanded)
-        return str(path.resolve().parent), path.name
+        path = Path(expanded).resolve()  # a symlink (as in the HF cache) names its target's folder
+        return str(path.parent), path.name
     if os.path.isdir(expanded):
         check_local_model(expanded)
         return expanded, None
