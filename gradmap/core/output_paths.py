@@ -105,8 +105,13 @@ def input_paths(model=None, data: Iterable = ()) -> list[Path]:
     out: list[Path] = []
     if model is not None:
         from gradmap.core.models import resolve_model_path
-        source, gguf_file = resolve_model_path(model)
-        if gguf_file is not None:
+        try:
+            source, gguf_file = resolve_model_path(model)
+        except GradmapError:  # a missing model is reported where the command checks it
+            source, gguf_file = None, None
+        if source is None:
+            pass
+        elif gguf_file is not None:
             out.append(Path(source, gguf_file))
         elif os.path.isdir(source):
             out.append(Path(source))
