@@ -211,3 +211,20 @@ def test_silent_reinterpretations_are_refused_before_loading(tiny_dir, tmp_path,
     assert main(cmd(tiny_dir, tmp_path)) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and match in err, err
+
+
+@pytest.mark.parametrize("cmd,match", [
+    (lambda r, t: ["compare", "--model", str(r / "model"), "--n-prune", "1", "--tasks", "none",
+                   "--calib", str(r / "calib.txt"), "--seq-len", "5000", "--out", str(t / "c")],
+     "--seq-len 5000 exceeds the model's context of 256"),
+    (lambda r, t: ["sparsify", "--model", str(r / "model"), "--out", str(t / "s"), "--score", "magnitude",
+                   "--allocation", "uniform", "--eval", "--ppl-seq-len", "100000"],
+     "--ppl-seq-len 100000 exceeds"),
+    (lambda r, t: _prune(r, t, "--speed", "--speed-prefill", "100000"), "--speed-prefill 100000 exceeds"),
+])
+def test_lengths_beyond_the_context_are_refused_before_loading(tiny_dir, tmp_path, capsys, no_load, cmd,
+                                                               match):
+    assert main(cmd(tiny_dir, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and match in err, err
+    assert os.listdir(tmp_path) == []

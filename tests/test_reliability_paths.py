@@ -56,7 +56,7 @@ def _prune(project, out, *extra):
     lambda P: ["sparsify", "--model", str(P / "models" / "tiny"), "--out", str(P / "models" / "tiny"),
                "--score", "magnitude", "--allocation", "uniform", "--force-overwrite"],
     lambda P: ["compare", "--model", str(P / "models" / "tiny"), "--n-prune", "1", "--calib",
-               str(P / "calib.txt"), "--tasks", "none", "--out", str(P.parent / "c"),
+               str(P / "calib.txt"), "--tasks", "none", "--seq-len", "16", "--ppl-seq-len", "64", "--out", str(P.parent / "c"),
                "--save", str(P / "models"), "--force-overwrite"],
 ])
 def test_an_output_over_or_inside_an_input_is_refused_before_loading(project, capsys, no_load, argv):
@@ -87,10 +87,10 @@ def test_overwrite_replaces_only_what_gradmap_wrote(project):
 @pytest.mark.parametrize("argv,match", [
     (lambda P, T: _prune(P, T / "D", "--gguf", str(T / "D" / "m.gguf"), "--overwrite"), "--out .* contains --gguf"),
     (lambda P, T: ["compare", "--model", str(P / "models" / "tiny"), "--n-prune", "1", "--tasks", "none",
-                   "--calib", str(P / "calib.txt"), "--out", str(T / "k" / "res"), "--save", str(T / "k"),
+                   "--seq-len", "16", "--ppl-seq-len", "64", "--calib", str(P / "calib.txt"), "--out", str(T / "k" / "res"), "--save", str(T / "k"),
                    "--overwrite"], "--out .* lies inside --save"),
     (lambda P, T: ["compare", "--model", str(P / "models" / "tiny"), "--n-prune", "1", "--tasks", "none",
-                   "--calib", str(P / "calib.txt"), "--out", str(T / "k"), "--save", str(T / "s"),
+                   "--seq-len", "16", "--ppl-seq-len", "64", "--calib", str(P / "calib.txt"), "--out", str(T / "k"), "--save", str(T / "s"),
                    "--save-gguf", str(T / "s" / "m.gguf")], "--save .* contains --save-gguf"),
 ])
 def test_outputs_of_one_command_must_not_overlap(project, tmp_path, capsys, no_load, argv, match):

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gradmap.core.errors import GradmapError
 
-__all__ = ["positive", "check_gguf_output", "add_overwrite_arguments", "overwrite_mode", "check_runtime", "run_on_ranks", "compensation_names", "check_json_target",
+__all__ = ["positive", "check_context", "check_gguf_output", "add_overwrite_arguments", "overwrite_mode", "check_runtime", "run_on_ranks", "compensation_names", "check_json_target",
            "write_json", "METRICS", "COMPENSATIONS", "DEFAULT_PIPELINE_NAME", "DTYPES"]
 
 # Listed here so `--help` can show them without importing torch; tests/test_reliability_cli.py
@@ -58,6 +58,22 @@ def compensation_names(spec: str) -> list[str]:
         raise GradmapError(f"--compensation {spec!r} has an empty name; pass a comma-separated list "
                            f"of {', '.join(COMPENSATIONS)} (e.g. --compensation projection)")
     return names
+
+
+def check_context(model: str, lengths: dict) -> None:
+    """Each `{flag: tokens}` fits the model's context (config.json or GGUF header, no weights): a
+    window too long used to fail after the work it followed."""
+    from gradmap.core.model_checks import config_context
+    from gradmap.core.models import resolve_model_path
+    try:
+        folder, gguf_file = resolve_model_path(model)
+    except GradmapError:  # reported by the command's own model check
+        return
+    context = config_context(folder if gguf_file or os.path.isdir(folder) else None, gguf_file)
+    for flag, tokens in lengths.items():
+        if context is not None and tokens is not None and tokens > context:
+            raise GradmapError(f"{flag} {tokens} exceeds the model's context of {context} tokens "
+                               f"(max_position_embeddings); pass {flag} {context} or less")
 
 
 def check_json_target(path: str) -> None:

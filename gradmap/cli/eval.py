@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from gradmap.cli.checks import DTYPES, check_json_target, check_runtime, positive, write_json
+from gradmap.cli.checks import DTYPES, check_context, check_json_target, check_runtime, positive, write_json
 from gradmap.core.errors import GradmapError
 
 __all__ = ["add_parser", "run", "format_table"]
@@ -88,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         check_json_target(args.json)
     check_runtime(args)
+    check_context(args.model, {"--seq-len": args.seq_len if ppl_data else None})
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     out: dict = {"model": args.model, "dtype": str(next(model.parameters()).dtype),

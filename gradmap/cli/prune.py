@@ -15,7 +15,7 @@ from collections.abc import Callable
 from gradmap.cli.checks import (COMPENSATIONS, DEFAULT_PIPELINE_NAME, DTYPES, METRICS, add_overwrite_arguments,
                                 check_gguf_output, compensation_names, overwrite_mode, positive,
                                 run_on_ranks)
-from gradmap.cli.speed import add_speed_arguments, speed_settings
+from gradmap.cli.speed import add_speed_arguments, speed_lengths, speed_settings
 from gradmap.core.errors import GradmapError
 
 __all__ = ["add_parser", "run", "parse_options", "pipeline_arguments"]
@@ -139,6 +139,8 @@ def _run(args: argparse.Namespace, device: str) -> int:
     positive(args, "n_calib", "seq_len", "batch_size")
     check_source(args.calib)
     check_seed(args.seed)
+    from gradmap.cli.checks import check_context
+    check_context(args.model, {"--seq-len": args.seq_len, **speed_lengths(speed)})
     given, fresh_kwargs = pipeline_arguments(args)
     given_options = {k: v for k, v in given.items() if k not in ("metric", "compensation", "schedule")}
     # what fast_prune will run, for the checks; fast_prune resolves the same defaults itself

@@ -15,7 +15,8 @@ import time
 
 from typing import TYPE_CHECKING
 
-from gradmap.cli.checks import add_overwrite_arguments, overwrite_mode, positive, run_on_ranks
+from gradmap.cli.checks import (add_overwrite_arguments, check_context, overwrite_mode, positive,
+                                run_on_ranks)
 from gradmap.core.model_checks import DTYPE_NAMES
 
 if TYPE_CHECKING:
@@ -129,6 +130,8 @@ def _run(args: argparse.Namespace, device: str) -> int:
         check_source(args.calib_source, "--calib-source")
     if args.eval:
         _check_eval(args)
+    check_context(args.model, {"--seq-len": args.seq_len if needs_calib else None,
+                               "--ppl-seq-len": args.ppl_seq_len})
 
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)

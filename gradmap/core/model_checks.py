@@ -177,6 +177,28 @@ def _check_config(path: Path) -> None:
                                f"[1, {MAX_LAYERS}]; fix config.json or download the model again")
 
 
+def config_context(directory: str | os.PathLike | None, gguf_file: str | None) -> int | None:
+    """The model's context length (max_position_embeddings), from config.json or the GGUF header;
+    None when it cannot be read without loading."""
+    if directory is None:
+        return None
+    if gguf_file:
+        path = Path(directory) / gguf_file
+        arch = gguf_metadata(path, stop_at="general.architecture").get("general.architecture")
+        n = gguf_metadata(path, stop_at=f"{arch}.context_length").get(f"{arch}.context_length")
+    else:
+        try:
+            config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(config, dict):
+            return None
+        inner = config.get("text_config")
+        n = config.get("max_position_embeddings", inner.get("max_position_embeddings")
+                       if isinstance(inner, dict) else None)
+    return int(n) if isinstance(n, int) and n > 0 else None
+
+
 def config_layer_ids(directory: str | os.PathLike | None, gguf_file: str | None) -> list[int] | None:
     """ORIGINAL indices of the decoder layers, from config.json or the GGUF header.
 

@@ -38,6 +38,10 @@ def check_before_loading(cfg, default_loader: bool) -> None:
         ids = model_layer_ids(cfg.model)
         if ids is not None:
             check_prune_plan(ids, cfg.n_prune, cfg.protect_first, cfg.protect_last)
+        from gradmap.cli.checks import check_context
+        from gradmap.cli.speed import speed_lengths
+        check_context(cfg.model, {"--seq-len": cfg.seq_len, "--ppl-seq-len": cfg.ppl_seq_len,
+                                  **speed_lengths(cfg.speed)})
 
 
 def open_results_dir(out_dir, cfg, default_loader: bool) -> tuple[Path, int | None]:
