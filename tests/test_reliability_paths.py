@@ -153,3 +153,18 @@ def test_missing_parent_folders_are_created_and_files_follow_the_umask(tmp_path)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir()}
     assert set(modes.values()) == {0o644}, modes  # model.safetensors used to be 0600
     assert stat.S_IMODE((tmp_path / "runs").stat().st_mode) == 0o755
+
+
+def test_a_failing_gguf_export_keeps_the_saved_checkpoint(project, tmp_path, monkeypatch, capsys):
+    import gradmap.core.gguf_export as gguf_export
+
+    def fail(*a, **k):
+        raise GradmapError("GGUF export failed")
+    monkeypatch.setattr(gguf_export, "export_gguf", fail)
+    out = tmp_path / "out"
+    argv = _prune(project, out, "--metric", "block-influence", "--compensation", "none",
+                  "--gguf", str(tmp_path / "m.gguf"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "GGUF export failed (the pruned checkpoint is saved in" in err, err
+    assert (out / "model.safetensors").is_file() and (out / "report.json").is_file()
