@@ -228,3 +228,9 @@ def test_lengths_beyond_the_context_are_refused_before_loading(tiny_dir, tmp_pat
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and match in err, err
     assert os.listdir(tmp_path) == []
+
+
+def test_a_tiny_mrp_step_is_refused_before_loading(tiny_dir, tmp_path, capsys, no_load):
+    assert main(["sparsify", "--model", str(tiny_dir / "model"), "--out", str(tmp_path / "s"),
+                 "--mrp-step", "1e-300"]) == 2  # used to run ~1e300 steps
+    assert "mrp_step" in capsys.readouterr().err and os.listdir(tmp_path) == []
