@@ -17,14 +17,18 @@ def test_refuses_non_empty_dir_and_keeps_it(tmp_path):
     with pytest.raises(GradmapError, match="not empty"):
         save_pretrained(tiny_model("llama", 2), None, out)
     assert sorted(os.listdir(out)) == ["keep.txt"]
-    save_pretrained(tiny_model("llama", 2), None, out, overwrite=True)
+    # --overwrite replaces only what gradmap wrote; this folder needs the explicit force
+    with pytest.raises(GradmapError, match="not written by gradmap .* --force-overwrite"):
+        save_pretrained(tiny_model("llama", 2), None, out, overwrite=True)
+    assert sorted(os.listdir(out)) == ["keep.txt"]
+    save_pretrained(tiny_model("llama", 2), None, out, overwrite="force")
     assert "keep.txt" not in os.listdir(out) and (out / "config.json").is_file()
+    save_pretrained(tiny_model("llama", 2), None, out, overwrite=True)  # now gradmap's own
     assert [p for p in os.listdir(tmp_path) if p != "out"] == []  # no temp leftovers
 
 
-def test_unwritable_parent(tmp_path):
-    # /proc refuses new directories even for root, unlike a chmod'ed directory
-    with pytest.raises(GradmapError, match="cannot write into '/proc'"):
+def test_system_folder_is_refused(tmp_path):
+    with pytest.raises(GradmapError, match="system folder /proc"):
         save_pretrained(tiny_model("llama", 2), None, "/proc/gradmap-out")
     assert not os.path.exists("/proc/gradmap-out")
 

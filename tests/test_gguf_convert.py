@@ -142,8 +142,9 @@ def test_bad_input_is_refused_before_writing(tok, tmp_path):
     out = tmp_path / "m.gguf"
     _one_line_refusal("dtype 'q4_k' is not one of", tmp_path,
                       lambda: export_gguf(model, tok, out, dtype="q4_k"))
-    _one_line_refusal("folder of GGUF output .* does not exist", tmp_path,
-                      lambda: export_gguf(model, tok, tmp_path / "no" / "m.gguf"))
+    (tmp_path / "file").write_text("x")
+    _one_line_refusal("is a file, not a folder", tmp_path,
+                      lambda: export_gguf(model, tok, tmp_path / "file" / "m.gguf"))
     _one_line_refusal("needs its tokenizer", tmp_path, lambda: export_gguf(model, None, out))
     gpt2 = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=len(tok))).eval()
     _one_line_refusal(r"'gpt2' models is not supported; supported: gemma2, gemma3_text, llama", tmp_path,

@@ -192,3 +192,46 @@ def test_security_no_unsafe_loading_or_execution_in_the_package():
                 if hit and not (needle == "torch.load(" and "weights_only=True" in code):
                     problems.append(f"{path.relative_to(ROOT)}:{n}: {what}")
     assert problems == []
+
+
+@pytest.mark.parametrize("cmd,match", [
+    (lambda r, t: _prune(r, t, "--compensation", "magnitude,magnitude"), "'magnitude' is given twice"),
+    (lambda r, t: _prune(r, t, "--metric", "gradmap", "--metric-option", "verify=2",
+                         "--metric-option", "verify=4"), "--metric-option verify is given twice"),
+    (lambda r, t: _prune(r, t, "--seed", "-7"), "--seed must be a non-negative integer"),
+    (lambda r, t: _prune(r, t, "--method", "block-influence+replaceme(safeguards='False')"),
+     "safeguards must be True or False"),
+    (lambda r, t: ["eval", "--model", "m", "--tasks", ""], "--tasks is empty"),
+    (lambda r, t: ["sparsify", "--model", str(r / "model"), "--out", str(t / "s"), "--tasks", "boolq"],
+     "--tasks only apply with --eval"),
+    (lambda r, t: ["sparsify", "--model", str(r / "model"), "--out", str(t / "s"), "--seed", "-1"],
+     "--seed must be a non-negative integer"),
+])
+def test_silent_reinterpretations_are_refused_before_loading(tiny_dir, tmp_path, capsys, no_load, cmd,
+                                                            match):
+    assert main(cmd(tiny_dir, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and match in err, err
+
+
+@pytest.mark.parametrize("cmd,match", [
+    (lambda r, t: ["compare", "--model", str(r / "model"), "--n-prune", "1", "--tasks", "none",
+                   "--calib", str(r / "calib.txt"), "--seq-len", "5000", "--out", str(t / "c")],
+     "--seq-len 5000 exceeds the model's context of 256"),
+    (lambda r, t: ["sparsify", "--model", str(r / "model"), "--out", str(t / "s"), "--score", "magnitude",
+                   "--allocation", "uniform", "--eval", "--ppl-seq-len", "100000"],
+     "--ppl-seq-len 100000 exceeds"),
+    (lambda r, t: _prune(r, t, "--speed", "--speed-prefill", "100000"), "--speed-prefill 100000 exceeds"),
+])
+def test_lengths_beyond_the_context_are_refused_before_loading(tiny_dir, tmp_path, capsys, no_load, cmd,
+                                                               match):
+    assert main(cmd(tiny_dir, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and match in err, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_tiny_mrp_step_is_refused_before_loading(tiny_dir, tmp_path, capsys, no_load):
+    assert main(["sparsify", "--model", str(tiny_dir / "model"), "--out", str(tmp_path / "s"),
+                 "--mrp-step", "1e-300"]) == 2  # used to run ~1e300 steps
+    assert "mrp_step" in capsys.readouterr().err and os.listdir(tmp_path) == []

@@ -1,5 +1,6 @@
 """Model loading fails in one clear line, fast, and without a hub request for local paths."""
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -138,3 +139,46 @@ def test_cuda_index_beyond_the_gpus(monkeypatch):
 def test_gguf_name_is_not_saved_as_model_name(smollm2):
     model, _ = smollm2
     assert "_model_name_or_path" not in model.config.to_json_string()
+
+
+def test_checkpoint_missing_a_tensor_is_refused(saved, tmp_path):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    d = tmp_path / "m"
+    shutil.copytree(saved, d)
+    weights = load_file(d / "model.safetensors")
+    del weights["model.layers.0.self_attn.q_proj.weight"]  # used to load with a random tensor
+    save_file(weights, d / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(GradmapError, match=r"lack tensors \(1, e.g. model.layers.0.self_attn.q_proj"):
+        load_model(str(d))
+
+
+@pytest.mark.parametrize("config,match", [("[]", "holds a JSON list"),
+                                          ('{"model_type": "llama", "num_hidden_layers": 1e12}',
+                                           "num_hidden_layers is 1000000000000.0, not an integer"),
+                                          ("{not json", "is not valid JSON")])
+def test_malformed_config_is_one_line_before_any_weights(saved, tmp_path, config, match):
+    import shutil
+    d = tmp_path / "m"
+    shutil.copytree(saved, d)
+    (d / "config.json").write_text(config)
+    with pytest.raises(GradmapError, match=match):
+        model_layer_ids(str(d))
+
+
+def test_gguf_through_a_symlink_resolves_to_its_target(tmp_path):
+    from gguf import GGUFWriter
+    blob = tmp_path / "blobs" / "abc123"  # as in the HF cache: a content-named file
+    blob.parent.mkdir()
+    w = GGUFWriter(blob, "llama")
+    w.add_block_count(2)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    link = tmp_path / "snap" / "model.gguf"
+    link.parent.mkdir()
+    link.symlink_to(blob)
+    folder, name = resolve_model_path(str(link))
+    assert Path(folder, name) == blob  # was the link's name in the target's folder: a missing file

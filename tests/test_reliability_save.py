@@ -197,3 +197,54 @@ def test_report_nan_is_written_as_null(tmp_path):
     text = (out / "report.json").read_text()
     assert "NaN" not in text and "Infinity" not in text
     assert json.loads(text) == {"ppl": None, "x": [None, 1.5]}
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    import torch
+    model = tiny_model("llama", 2)
+    with torch.no_grad():
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = float("nan")
+    with pytest.raises(GradmapError, match="down_proj.weight holds NaN or infinite values"):
+        save_pretrained(model, None, tmp_path / "out")
+    assert os.listdir(tmp_path) == []
+
+
+def test_huge_ridge_and_string_booleans_are_refused():
+    from gradmap.experiments.methods import parse_method
+    with pytest.raises(GradmapError, match=r"ridge values must be numbers in \[0, 1e\+06\]"):
+        parse_method("block-influence+replaceme(ridge=1e999,safeguards=False)")
+    with pytest.raises(GradmapError, match="safeguards must be True or False"):
+        parse_method("block-influence+replaceme(safeguards='False')")
+
+
+def test_extra_file_cannot_replace_a_checkpoint_file(tmp_path):
+    with pytest.raises(GradmapError, match="'model.safetensors' would replace a file of the checkpoint"):
+        save_pretrained(tiny_model("llama", 2), None, tmp_path / "out",
+                        extra_files={"model.safetensors": b"junk"})
+    assert os.listdir(tmp_path) == []
+
+
+def test_gguf_writer_uses_the_checkpoint_writers_safeguards(tmp_path, monkeypatch):
+    from gradmap.core import gguf_write
+    out = tmp_path / "m.gguf"
+    stale = tmp_path / f".m.gguf.gradmap-tmp-{_dead_pid()}-0badc0de"  # from a killed export
+    stale.write_bytes(b"\0" * 100)
+    real = gguf_write.GGUFWriter
+
+    def racing_writer(path, arch):  # another export lands the file while this one writes
+        out.write_bytes(b"theirs")
+        return real(path, arch)
+    monkeypatch.setattr(gguf_write, "GGUFWriter", racing_writer)
+    with pytest.raises(GradmapError, match="written by another process meanwhile"):
+        gguf_write.write_gguf(out, "llama", lambda w: None)
+    assert out.read_bytes() == b"theirs" and sorted(os.listdir(tmp_path)) == ["m.gguf"]
+
+    def read_only(path, arch):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+    monkeypatch.setattr(gguf_write, "GGUFWriter", read_only)
+    with pytest.raises(GradmapError, match=r"writing .*m2.gguf' failed \(Permission denied\)"):
+        gguf_write.write_gguf(tmp_path / "m2.gguf", "llama", lambda w: None)
+    assert sorted(os.listdir(tmp_path)) == ["m.gguf"]
+    monkeypatch.setattr(gguf_write, "GGUFWriter", real)
+    gguf_write.write_gguf(tmp_path / "new" / "m3.gguf", "llama", lambda w: None)  # folder created
+    assert (tmp_path / "new" / "m3.gguf").stat().st_size > 0

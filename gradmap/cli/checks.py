@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gradmap.core.errors import GradmapError
 
-__all__ = ["positive", "check_gguf_output", "check_runtime", "run_on_ranks", "compensation_names", "check_json_target",
+__all__ = ["positive", "check_context", "check_gguf_output", "add_overwrite_arguments", "overwrite_mode", "check_runtime", "run_on_ranks", "compensation_names", "check_json_target",
            "write_json", "METRICS", "COMPENSATIONS", "DEFAULT_PIPELINE_NAME", "DTYPES"]
 
 # Listed here so `--help` can show them without importing torch; tests/test_reliability_cli.py
@@ -60,6 +60,22 @@ def compensation_names(spec: str) -> list[str]:
     return names
 
 
+def check_context(model: str, lengths: dict) -> None:
+    """Each `{flag: tokens}` fits the model's context (config.json or GGUF header, no weights): a
+    window too long used to fail after the work it followed."""
+    from gradmap.core.model_checks import config_context
+    from gradmap.core.models import resolve_model_path
+    try:
+        folder, gguf_file = resolve_model_path(model)
+    except GradmapError:  # reported by the command's own model check
+        return
+    context = config_context(folder if gguf_file or os.path.isdir(folder) else None, gguf_file)
+    for flag, tokens in lengths.items():
+        if context is not None and tokens is not None and tokens > context:
+            raise GradmapError(f"{flag} {tokens} exceeds the model's context of {context} tokens "
+                               f"(max_position_embeddings); pass {flag} {context} or less")
+
+
 def check_json_target(path: str) -> None:
     """--json must be a file path we can create: checked with a real write next to it."""
     target = Path(path)
@@ -86,17 +102,32 @@ def write_json(path: str, value) -> None:
     write_file_atomic(path, json_text(value).encode())
 
 
-def check_gguf_output(model: str, path: str, overwrite: bool, flag: str) -> None:
+def add_overwrite_arguments(p, what: str) -> None:
+    p.add_argument("--overwrite", action="store_true",
+                   help=f"replace {what} when gradmap wrote it (a folder with a .gradmap-output file)")
+    p.add_argument("--force-overwrite", action="store_true",
+                   help=f"replace {what} even when gradmap did not write it (never an input, "
+                        "system or home folder)")
+
+
+def overwrite_mode(args):
+    """The `overwrite` argument of the writers: False, True or "force"."""
+    from gradmap.core.output_paths import FORCE
+    return FORCE if args.force_overwrite else args.overwrite
+
+
+def check_gguf_output(model: str, path: str, overwrite, flag: str, inputs=()) -> None:
     """The GGUF output file, and the model: a GGUF file (its tensors are copied) or an HF folder of a
-    family the converter supports (its config.json is read); both checked before loading."""
+    family the converter supports (its config.json is read); both checked before loading. The
+    output must not be one of `inputs` or inside one."""
     from gradmap.core.gguf_export import check_gguf_paths
     from gradmap.core.gguf_write import check_gguf_target
     from gradmap.core.models import resolve_model_path
     folder, gguf_file = resolve_model_path(model)
     if gguf_file is not None:
-        check_gguf_paths(f"{folder}/{gguf_file}", path, overwrite)
+        check_gguf_paths(f"{folder}/{gguf_file}", path, overwrite, inputs)
         return
-    check_gguf_target(path, overwrite)
+    check_gguf_target(path, overwrite, inputs)
     config = Path(folder, "config.json")
     if config.is_file():  # a hub id that is not cached is checked once loaded
         import json

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import re
 
-from gradmap.cli.checks import DTYPES, check_gguf_output, check_runtime
+from gradmap.cli.checks import (DTYPES, add_overwrite_arguments, check_gguf_output, check_runtime,
+                                overwrite_mode)
 from gradmap.cli.speed import add_speed_arguments, speed_settings
 from gradmap.core.errors import GradmapError
 
@@ -63,8 +64,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "memory (half the memory, slower)")
     p.add_argument("--out", default=None,
                    help="results folder (default: runs/compare-<model>-n<N>)")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing non-empty --out (and --save) folder")
+    add_overwrite_arguments(p, "an existing non-empty --out (and --save) folder")
     p.add_argument("--save", metavar="DIR", default=None,
                    help="save the pruned checkpoint of --save-method here (plain HF checkpoint)")
     p.add_argument("--save-method", default=None,
@@ -106,7 +106,10 @@ def run(args: argparse.Namespace) -> int:
     if args.save_gguf is not None:
         if args.save is None:
             raise GradmapError("--save-gguf needs --save DIR (the GGUF is written next to that checkpoint)")
-        check_gguf_output(args.model, args.save_gguf, args.overwrite, "--save-gguf")
+        from gradmap.core.output_paths import check_apart, input_paths
+        check_apart({"--save": args.save, "--save-gguf": args.save_gguf})
+        check_gguf_output(args.model, args.save_gguf, overwrite_mode(args), "--save-gguf",
+                          input_paths(args.model, [args.calib, args.ppl_data]))
     cfg = CompareConfig(
         model=args.model, n_prune=args.n_prune, methods=args.methods, tasks=tasks,
         limit=args.limit, calib=args.calib, n_calib=args.n_calib, seq_len=args.seq_len,
@@ -116,7 +119,7 @@ def run(args: argparse.Namespace) -> int:
         protect_first=args.protect_first, protect_last=args.protect_last,
         restore="reload" if args.reload else "copy", save_dir=args.save,
         save_method=args.save_method, save_gguf=args.save_gguf, generate=args.generate,
-        max_new_tokens=args.max_new_tokens, overwrite=args.overwrite, speed=speed)
+        max_new_tokens=args.max_new_tokens, overwrite=overwrite_mode(args), speed=speed)
     out = args.out or _default_out(args.model, args.n_prune)
     if args.seeds is not None:
         return _run_seeds(cfg, args, out)

@@ -4,7 +4,8 @@ from __future__ import annotations
 import argparse
 import time
 
-from gradmap.cli.checks import DTYPES, check_json_target, check_runtime, positive, write_json
+from gradmap.cli.checks import DTYPES, check_context, check_json_target, check_runtime, positive, write_json
+from gradmap.core.errors import GradmapError
 
 __all__ = ["add_parser", "run", "format_table"]
 
@@ -77,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     from gradmap.evaluate.tasks import check_task_files
 
     positive(args, "seq_len", "max_windows", "limit", "batch_size")
+    if args.tasks is not None and not args.tasks.strip():  # used to run perplexity instead
+        raise GradmapError("--tasks is empty; pass 'all' or a comma list such as boolq,piqa, or "
+                           "drop --tasks for perplexity only")
     tasks = check_task_files(args.tasks) if args.tasks else None  # validate before loading
     ppl_data = args.ppl if args.ppl or tasks else "wikitext2"
     if ppl_data:
@@ -84,6 +88,7 @@ def run(args: argparse.Namespace) -> int:
     if args.json:
         check_json_target(args.json)
     check_runtime(args)
+    check_context(args.model, {"--seq-len": args.seq_len if ppl_data else None})
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     out: dict = {"model": args.model, "dtype": str(next(model.parameters()).dtype),

@@ -12,9 +12,10 @@ import json
 import time
 from collections.abc import Callable
 
-from gradmap.cli.checks import (COMPENSATIONS, DEFAULT_PIPELINE_NAME, DTYPES, METRICS, check_gguf_output,
-                                compensation_names, positive, run_on_ranks)
-from gradmap.cli.speed import add_speed_arguments, speed_settings
+from gradmap.cli.checks import (COMPENSATIONS, DEFAULT_PIPELINE_NAME, DTYPES, METRICS, add_overwrite_arguments,
+                                check_gguf_output, compensation_names, overwrite_mode, positive,
+                                run_on_ranks)
+from gradmap.cli.speed import add_speed_arguments, speed_lengths, speed_settings
 from gradmap.core.errors import GradmapError
 
 __all__ = ["add_parser", "run", "parse_options", "pipeline_arguments"]
@@ -63,7 +64,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also write the pruned model as FILE.gguf for llama.cpp/ollama (a .gguf --model "
                         "keeps its untouched tensors' quantisation, an HF model is converted to F16; "
                         "see docs/guide.md)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out (and --gguf)")
+    add_overwrite_arguments(p, "a non-empty --out (and an existing --gguf)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_speed_arguments(p, "the dense model (a copy kept in host memory) and the pruned one")
     return p
@@ -76,9 +77,11 @@ def parse_options(items: list[str]) -> dict:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise GradmapError(f"--metric-option {item!r} is not KEY=VALUE (e.g. --metric-option verify=4)")
+        if key in out:  # the last one used to win silently
+            raise GradmapError(f"--metric-option {key} is given twice; give each option once")
         try:
             out[key] = ast.literal_eval(value)
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, RecursionError, MemoryError):
             out[key] = value
     return out
 
@@ -114,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, device: str) -> int:
     from gradmap.core import distributed
-    from gradmap.core.calibration import calibration_data, check_source
+    from gradmap.core.calibration import calibration_data, check_seed, check_source
     from gradmap.prune.support import check_prune_support
     from gradmap.core.checkpoint import prepare_output_dir, save_pretrained
     from gradmap.core.models import load_model, model_layer_ids
@@ -128,9 +131,16 @@ def _run(args: argparse.Namespace, device: str) -> int:
     if speed is not None and args.offload:
         raise GradmapError("--speed times whole models on --device, which --offload says they do not "
                            "fit; drop --speed (or --offload)")
-    prepare_output_dir(args.out, args.overwrite)
+    from gradmap.core.output_paths import check_apart, input_paths
+    overwrite = overwrite_mode(args)
+    check_apart({"--out": args.out, "--gguf": args.gguf})
+    inputs = input_paths(args.model, [args.calib])
+    prepare_output_dir(args.out, overwrite, inputs)
     positive(args, "n_calib", "seq_len", "batch_size")
     check_source(args.calib)
+    check_seed(args.seed)
+    from gradmap.cli.checks import check_context
+    check_context(args.model, {"--seq-len": args.seq_len, **speed_lengths(speed)})
     given, fresh_kwargs = pipeline_arguments(args)
     given_options = {k: v for k, v in given.items() if k not in ("metric", "compensation", "schedule")}
     # what fast_prune will run, for the checks; fast_prune resolves the same defaults itself
@@ -144,7 +154,7 @@ def _run(args: argparse.Namespace, device: str) -> int:
     if args.n_prune <= 0:
         raise GradmapError(f"--n-prune must be a positive integer, got {args.n_prune}")
     if args.gguf:
-        check_gguf_output(args.model, args.gguf, args.overwrite, "--gguf")
+        check_gguf_output(args.model, args.gguf, overwrite, "--gguf", inputs)
     layer_ids = model_layer_ids(args.model)  # from config.json or the GGUF header: no weights
     if layer_ids is not None:
         check_prune_plan(layer_ids, args.n_prune, args.protect_first, args.protect_last)
@@ -173,17 +183,13 @@ def _run(args: argparse.Namespace, device: str) -> int:
     report = result.to_dict()
     report["world_size"] = distributed.world_size()
     report["command"] = {k: v for k, v in vars(args).items() if not k.startswith("_")}
-    if args.gguf:
-        from gradmap.core.gguf_export import export_gguf
-        report["gguf"] = export_gguf(model, tokenizer, args.gguf, overwrite=args.overwrite)
-    if dense is not None:
-        from gradmap.experiments.compare_speed import speed_vs_dense
-        say("timing the dense and the pruned model (--speed) ...", flush=True)
-        report["speed"] = speed_vs_dense(dense, model, tokenizer, speed, gguf=args.gguf)
-        del dense
     png = plot_scores(result)
-    out = save_pretrained(model, tokenizer, args.out, report=report, overwrite=args.overwrite,
+    # the checkpoint first: a failing GGUF export or timing must not lose a finished prune
+    out = save_pretrained(model, tokenizer, args.out, report=report, overwrite=overwrite,
                           extra_files={"scores.png": png})
+    if args.gguf or dense is not None:
+        _after_save(model, tokenizer, dense, report, out, args, speed, overwrite, say)
+        del dense
     t = result.timings
     print(f"removed layers (original indices, in order): {result.removed_layers}")
     for line in result.compensation_summary() or ["compensation: none"]:
@@ -203,3 +209,21 @@ def _run(args: argparse.Namespace, device: str) -> int:
     if args.verbose:
         print(json.dumps(report["scores"][-1], indent=None))
     return 0
+
+
+def _after_save(model, tokenizer, dense, report: dict, out, args, speed, overwrite, say) -> None:
+    """GGUF export and --speed, after the checkpoint is saved; report.json is updated with them."""
+    from gradmap.core.checkpoint import write_file_atomic
+    from gradmap.core.result import json_text
+    try:
+        if args.gguf:
+            from gradmap.core.gguf_export import export_gguf
+            report["gguf"] = export_gguf(model, tokenizer, args.gguf, overwrite=overwrite)
+        if dense is not None:
+            from gradmap.experiments.compare_speed import speed_vs_dense
+            say("timing the dense and the pruned model (--speed) ...", flush=True)
+            report["speed"] = speed_vs_dense(dense, model, tokenizer, speed, gguf=args.gguf)
+    except GradmapError as exc:
+        raise GradmapError(f"{exc} (the pruned checkpoint is saved in {out})") from None
+    finally:
+        write_file_atomic(out / "report.json", json_text(report).encode())

@@ -4,7 +4,8 @@ The checkpoint is saved dense with zeros (a standard HF checkpoint) together wit
 `report.json` (the SparsifyResult, including the N:M `pattern` and the per-block redundancy
 spread, plus the calibration settings) and `sparsity.png`
 (achieved sparsity per decoder layer). With `--eval` the sparse model's perplexity and 7-task
-zero-shot accuracy are measured before saving and written to report.json under "evaluation".
+zero-shot accuracy are measured after saving (a failed evaluation keeps the checkpoint) and added
+to report.json under "evaluation".
 """
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ import time
 
 from typing import TYPE_CHECKING
 
-from gradmap.cli.checks import positive, run_on_ranks
+from gradmap.cli.checks import (add_overwrite_arguments, check_context, overwrite_mode, positive,
+                                run_on_ranks)
 from gradmap.core.model_checks import DTYPE_NAMES
 
 if TYPE_CHECKING:
@@ -26,6 +28,9 @@ __all__ = ["add_parser", "run", "plot_sparsity"]
 # tests/test_reliability_cli.py checks they match
 ALLOCATIONS = ("uniform", "owl", "mrp")
 SCORES = ("wanda", "magnitude", "sparsegpt")
+# None on the command line: given only with --eval (ppl-windows' own default is None: all)
+EVAL_DEFAULTS = {"--ppl-data": "wikitext2", "--ppl-seq-len": 2048, "--ppl-windows": None,
+                 "--tasks": "all", "--limit": 100}
 OPTION_DEFAULTS = {"outlier_m": 5.0, "owl_lambda": 0.08, "mrp_delta": 0.1, "mrp_step": 0.01,
                    "mrp_cap": 0.2}
 
@@ -42,7 +47,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="N:M semi-structured sparsity, e.g. 2:4 or 4:8 (N non-zeros in every M inputs)")
     p.add_argument("--score", default="wanda", help=f"one of {', '.join(SCORES)} (default wanda)")
     p.add_argument("--out", required=True, help="output directory (must be new or empty)")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    add_overwrite_arguments(p, "a non-empty --out")
     p.add_argument("--calib-source", default="c4",
                    help="calibration text: c4, wikitext2 or a .jsonl/.txt path")
     p.add_argument("--n-samples", type=int, default=128, help="calibration samples (default 128, as Wanda)")
@@ -57,14 +62,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                        help=f"{key} (default {default}; see gradmap.sparsify)")
     p.add_argument("--eval", action="store_true",
                    help="measure the sparse model's perplexity and zero-shot accuracy (report.json)")
-    p.add_argument("--ppl-data", default="wikitext2",
+    p.add_argument("--ppl-data", default=None,
                    help="with --eval: perplexity data, wikitext2 (test split), c4 or a .txt/.jsonl path")
-    p.add_argument("--ppl-seq-len", type=int, default=2048, help="with --eval: perplexity window length (2048)")
+    p.add_argument("--ppl-seq-len", type=int, default=None, help="with --eval: perplexity window length (2048)")
     p.add_argument("--ppl-windows", type=int, default=None,
                    help="with --eval: score only the first N perplexity windows (default: all)")
-    p.add_argument("--tasks", default="all",
+    p.add_argument("--tasks", default=None,
                    help="with --eval: zero-shot tasks, 'all', 'none' or a comma list (default: all 7)")
-    p.add_argument("--limit", type=int, default=100,
+    p.add_argument("--limit", type=int, default=None,
                    help="with --eval: first N examples of each zero-shot task (100, as the sparsity "
                         "study; 0 = all)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -104,22 +109,29 @@ def run(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace, device: str) -> int:
     from gradmap.core import distributed
-    from gradmap.core.calibration import calibration_data, check_source
+    from gradmap.core.calibration import calibration_data, check_seed, check_source
     from gradmap.core.checkpoint import prepare_output_dir, save_pretrained
     from gradmap.core.models import load_model
     from gradmap.sparsity.sparsify import check_options, needs_calibration, resolve_pattern, sparsify
 
+    from gradmap.core.output_paths import input_paths
+
     # everything checkable without the model is checked before any work
-    prepare_output_dir(args.out, args.overwrite)
+    _eval_arguments(args)
+    overwrite = overwrite_mode(args)
+    prepare_output_dir(args.out, overwrite, input_paths(args.model, [args.calib_source, args.ppl_data]))
     options = {k: getattr(args, k) for k in OPTION_DEFAULTS}
     _, args.sparsity, args.allocation = resolve_pattern(args.pattern, args.sparsity, args.allocation)
     check_options(args.sparsity, args.allocation, args.score, args.batch_size, options)
     positive(args, "n_samples", "seq_len")
+    check_seed(args.seed)
     needs_calib = needs_calibration(args.allocation, args.score)
     if needs_calib:
         check_source(args.calib_source, "--calib-source")
     if args.eval:
         _check_eval(args)
+    check_context(args.model, {"--seq-len": args.seq_len if needs_calib else None,
+                               "--ppl-seq-len": args.ppl_seq_len})
 
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
@@ -135,13 +147,16 @@ def _run(args: argparse.Namespace, device: str) -> int:
               "calibration": ({"source": str(args.calib_source), "n_samples": args.n_samples,
                                "seq_len": args.seq_len, "seed": args.seed} if needs_calib else None),
               "wall_seconds": time.perf_counter() - start, "world_size": distributed.world_size()}
-    if args.eval:
-        report["evaluation"] = _evaluate(model, tokenizer, args)
     kind = f"{args.score} {args.pattern}" if args.pattern else f"{args.allocation}/{args.score}"
     png = plot_sparsity(result, f"{args.model}: {kind}, "
                                 f"overall sparsity {result.overall_sparsity:.4f}")
-    out = save_pretrained(model, tokenizer, args.out, report=report, overwrite=args.overwrite,
+    out = save_pretrained(model, tokenizer, args.out, report=report, overwrite=overwrite,
                           extra_files={"sparsity.png": png})
+    if args.eval:  # after saving, so a failing evaluation keeps the sparse checkpoint
+        from gradmap.core.checkpoint import write_file_atomic
+        from gradmap.core.result import json_text
+        report["evaluation"] = _evaluate(model, tokenizer, args)
+        write_file_atomic(out / "report.json", json_text(report).encode())
     print(f"overall sparsity {result.overall_sparsity:.4f} (target {args.sparsity}"
           + (f", pattern {args.pattern}" if args.pattern else "") + f") over "
           f"{sum(result.block_params)} weights; saved to {out}")
@@ -158,6 +173,19 @@ def _run(args: argparse.Namespace, device: str) -> int:
                      + ", ".join(f"{k} {v['value']:.3f}" for k, v in zs["tasks"].items()))
         print(line)
     return 0
+
+
+def _eval_arguments(args: argparse.Namespace) -> None:
+    """The evaluation options apply only with --eval (they used to be ignored silently); their
+    defaults are filled in here."""
+    from gradmap.core.errors import GradmapError
+    given = [flag for flag, value in EVAL_DEFAULTS.items()
+             if getattr(args, flag[2:].replace("-", "_")) is not None]
+    if given and not args.eval:
+        raise GradmapError(f"{', '.join(given)} only apply with --eval; add --eval or drop them")
+    for flag, default in EVAL_DEFAULTS.items() if args.eval else ():
+        if getattr(args, flag[2:].replace("-", "_")) is None:
+            setattr(args, flag[2:].replace("-", "_"), default)
 
 
 def _check_eval(args: argparse.Namespace) -> None:

@@ -9,7 +9,7 @@ import argparse
 
 from gradmap.core.errors import GradmapError
 
-__all__ = ["add_speed_arguments", "speed_settings"]
+__all__ = ["add_speed_arguments", "speed_settings", "speed_lengths"]
 
 FLAGS = {"prefill": "--speed-prefill", "decode_tokens": "--speed-decode", "batches": "--speed-batches",
          "repeats": "--speed-repeats"}
@@ -44,3 +44,11 @@ def speed_settings(args: argparse.Namespace) -> dict | None:
     from gradmap.evaluate.speed import check_speed_options
     return check_speed_options(**{k: v for k, v in given.items() if v is not None}, flags=FLAGS)
 
+
+def speed_lengths(speed: dict | None) -> dict:
+    """The longest sequence --speed runs: a prefill, or the decode prompt plus its new tokens."""
+    if speed is None:
+        return {}
+    from gradmap.evaluate.speed import PROMPT
+    return {"--speed-prefill": max(speed["prefill"]),
+            "--speed-decode": PROMPT + speed["decode_tokens"]}

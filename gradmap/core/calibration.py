@@ -21,7 +21,7 @@ import torch
 
 from gradmap.core.errors import GradmapError
 
-__all__ = ["calibration_data", "data_dir", "load_documents", "check_source", "hub_reachable",
+__all__ = ["calibration_data", "data_dir", "load_documents", "check_source", "check_seed", "hub_reachable",
            "missing_data_message", "DATA_ENV", "NAMED_SOURCES", "DEFAULT_DATA_DIR"]
 
 log = logging.getLogger(__name__)
@@ -171,6 +171,13 @@ def load_documents(source: str | os.PathLike, split: str = "train") -> tuple[lis
     return _read_file(path)
 
 
+def check_seed(seed, flag: str = "--seed") -> None:
+    """A seed is a non-negative integer: random.Random(-7) draws what Random(7) does."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise GradmapError(f"{flag} must be a non-negative integer (-7 would draw what 7 draws), "
+                           f"got {seed!r}")
+
+
 def check_source(source: str | os.PathLike, option: str = "--calib") -> None:
     """Cheap check that `source` names data `load_documents` can read (a name or a file)."""
     text = os.fspath(source)
@@ -210,6 +217,7 @@ def calibration_data(tokenizer, source: str | os.PathLike = "c4", n_samples: int
         raise GradmapError(f"n_samples must be a positive integer, got {n_samples!r}")
     if not isinstance(seq_len, int) or seq_len < 1:
         raise GradmapError(f"seq_len must be a positive integer, got {seq_len!r}")
+    check_seed(seed)
     docs, is_stream = load_documents(source, split="train")
     rng = random.Random(seed)
     samples = []

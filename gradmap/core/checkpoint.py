@@ -11,11 +11,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from gradmap.core import distributed
 from gradmap.core.errors import GradmapError
 from gradmap.core.legacy_config import add_legacy_keys
+from gradmap.core.output_paths import (MARKER, check_location, check_not_input, check_overwrite_mode,
+                                       replaceable)
 from gradmap.core.result import json_text
 
 try:
@@ -23,7 +26,9 @@ try:
 except ImportError:  # Windows: no advisory locks; the re-check before the rename still runs
     fcntl = None
 
-__all__ = ["save_pretrained", "prepare_output_dir", "check_output_path", "write_file_atomic"]
+__all__ = ["save_pretrained", "prepare_output_dir", "check_output_path", "write_file_atomic",
+           "check_finite", "model_sources", "writable_ancestor", "make_parents", "work_file", "place_file",
+           "write_error"]
 
 # Work folders are siblings of the target named `.<target>.gradmap-<kind>-<pid>-<random>`, so a
 # later save can tell gradmap's own leftovers from anything else and whether their writer lives.
@@ -32,7 +37,7 @@ _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def check_output_path(out_dir: str | os.PathLike, what: str = "output directory") -> Path:
-    """Refuse output paths that would replace the working directory or the filesystem root."""
+    """Refuse output paths that would replace the working directory, a system or home folder."""
     text = os.fspath(out_dir)
     if not text.strip():
         raise GradmapError(f"the {what} is empty; pass a folder name, e.g. --out pruned-model")
@@ -43,63 +48,127 @@ def check_output_path(out_dir: str | os.PathLike, what: str = "output directory"
     if resolved == cwd or resolved in cwd.parents:
         raise GradmapError(f"the {what} {text!r} is the current directory or one above it, which "
                            "cannot be replaced; pass a new sub-folder, e.g. --out pruned-model")
+    check_location(text, what)
     return Path(text).expanduser()
 
 
-def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool = False) -> Path:
+def writable_ancestor(path: Path, what: str) -> Path:
+    """The nearest existing folder above `path`, probed for writing: missing parents of an output
+    are created when it is written (`make_parents`), so `--out runs/p8` works without `runs/`."""
+    base = path.resolve().parent
+    while not base.exists():
+        base = base.parent
+    if not base.is_dir():
+        raise GradmapError(f"{str(base)!r} on the path of the {what} {str(path)!r} is a file, not a "
+                           "folder; choose another path")
+    try:  # a real write probe: os.access() says yes to root even on read-only mounts
+        tempfile.TemporaryDirectory(dir=base).cleanup()
+    except OSError as exc:
+        raise GradmapError(f"cannot write into {str(base)!r} ({exc.strerror}); choose a writable "
+                           f"location for the {what}") from None
+    return base
+
+
+def make_parents(path: Path) -> Path:
+    """Create the missing folders above `path` (mode per the umask); its parent, resolved."""
+    parent = path.resolve().parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(path, exc) from None
+    return parent
+
+
+def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool | str = False,
+                       inputs=()) -> Path:
     """Check that `out_dir` may be written; raise a clear error before any work is done.
 
-    Also removes the work folders a killed gradmap save left next to `out_dir` (see
+    `out_dir` must not be, contain or lie inside any of `inputs` (files or folders the command
+    reads). An existing non-empty folder is replaced only with `overwrite`, and only when gradmap
+    wrote it (its marker file), unless `overwrite="force"`. Also removes the work folders a killed gradmap save left next to `out_dir` (see
     `save_pretrained`), so they neither pile up nor hide a checkpoint that should be back.
     """
+    check_overwrite_mode(overwrite)
     out = check_output_path(out_dir)
+    check_not_input(out, inputs, "output directory")
     parent = out.resolve().parent
     if parent.is_dir():
         with _dir_lock(parent):
             _clean_stale(out, parent)
     if out.exists() and not out.is_dir():
         raise GradmapError(f"output path {str(out)!r} exists and is not a directory; choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise GradmapError(f"output directory {str(out)!r} exists and is not empty; choose a new "
-                           "directory or pass overwrite=True (--overwrite)")
-    if not parent.exists():
-        raise GradmapError(f"parent directory {str(parent)!r} of the output does not exist; create it first")
-    try:  # a real write probe: os.access() says yes to root even on read-only mounts
-        tempfile.TemporaryDirectory(dir=parent).cleanup()
-    except OSError as exc:
-        raise GradmapError(f"cannot write into {str(parent)!r} ({exc.strerror}); choose a writable "
-                           "output directory") from None
+    if out.is_dir() and any(out.iterdir()) and (why := replaceable(out, overwrite)):
+        raise GradmapError(f"output directory {str(out)!r} {why}")
+    writable_ancestor(out, "output directory")
     return out
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """Refuse to write weights holding NaN or infinity: such a file looks fine until it is used."""
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise GradmapError(f"weight {name} holds NaN or infinite values, so no {what} was "
+                                   "written; an option produced them (e.g. a huge ridge): rerun with "
+                                   "its default, or with the safeguards on")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def work_file(path: Path) -> Path:
+    """A temporary sibling for writing `path`, named like the checkpoint work folders so the next
+    write to `path` removes it when its writer was killed; missing parent folders are created."""
+    parent = make_parents(path)
+    with _dir_lock(parent):
+        _clean_stale(path, parent)
+    return parent / f".{path.name}.gradmap-tmp-{os.getpid()}-{secrets.token_hex(4)}"
+
+
+def place_file(tmp: Path, path: Path, overwrite: bool, what: str = "file") -> None:
+    """Rename the finished `tmp` to `path` under the parent's lock; without `overwrite`, a file
+    another process put at `path` meanwhile is kept (of two writers exactly one wins)."""
+    with _dir_lock(tmp.parent):
+        if path.exists() and not overwrite:
+            raise GradmapError(f"{what} {str(path)!r} was written by another process meanwhile; "
+                               "nothing was replaced. Choose a new file or pass --overwrite")
+        os.replace(tmp, path)
 
 
 def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
     """Write `data` to `path` through a temporary sibling, so `path` is never left half-written."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.gradmap-tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    tmp = work_file(path)
     try:
         with open(tmp, "xb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        place_file(tmp, path, overwrite=True)
     except OSError as exc:
         tmp.unlink(missing_ok=True)
-        raise _write_error(path, exc) from None
+        raise write_error(path, exc) from None
 
 
 def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
-                    report: dict[str, Any] | None = None, overwrite: bool = False,
+                    report: dict[str, Any] | None = None, overwrite: bool | str = False,
                     extra_files: dict[str, bytes] | None = None,
                     gguf: str | os.PathLike | None = None) -> Path:
     """Write safetensors weights, config, tokenizer and `report.json` to `out_dir` atomically.
 
     Everything is written into a temporary sibling directory that is renamed
     into place only when complete, so a failure never leaves a half-written
-    output. The final rename holds a lock on the parent directory and re-checks the target,
+    output. Missing parent folders are created. The folder gets a marker file, so a later
+    `overwrite=True` may replace it; a folder without one needs `overwrite="force"`; the folder
+    (or .gguf) the model was loaded from is never replaced. Weights holding NaN or infinity are
+    refused. The final rename holds a lock on the parent directory and re-checks the target,
     so of two concurrent saves to one new folder without `overwrite` exactly one succeeds.
     Work folders left by a killed save are removed by the next save to the same target
     (a replaced checkpoint whose new copy never landed is put back first).
-    The result loads with plain `AutoModelForCausalLM.from_pretrained`.
+    Files get the umask's mode. The result loads with plain `AutoModelForCausalLM.from_pretrained`.
 
     With `gguf`, the model is also written there by `export_gguf` (from its GGUF source, else converted).
 
@@ -126,6 +195,17 @@ def _check_extra_files(extra_files: dict[str, bytes] | None) -> None:
                 or (os.altsep and os.altsep in name):
             raise GradmapError(f"extra file name {name!r} is not a plain file name; names must not "
                                "contain folders or '..' (the files go into the output folder)")
+        if name in (MARKER, "report.json"):
+            raise GradmapError(f"extra file name {name!r} is a file save_pretrained writes itself; "
+                               "pick another name")
+
+
+def model_sources(model: nn.Module) -> list[str]:
+    """The local folder or .gguf file `model` was loaded from, which its save must not replace."""
+    from gradmap.core.models import GGUF_SOURCE_ATTR
+    found = [getattr(model, GGUF_SOURCE_ATTR, None),
+             getattr(getattr(model, "config", None), "_name_or_path", None)]
+    return [s for s in found if isinstance(s, str) and s and os.path.exists(os.path.expanduser(s))]
 
 
 @contextmanager
@@ -161,7 +241,10 @@ def _clean_stale(out: Path, parent: Path) -> None:
         try:
             if m.group(1) == "old" and not out.exists() and (entry / "old").is_dir():
                 os.rename(entry / "old", out)  # killed between the two renames: restore it
-            shutil.rmtree(entry)
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:  # a single-file output's (GGUF, JSON) temporary file
+                entry.unlink()
         except OSError:  # e.g. a read-only parent; the write probe then reports the real problem
             pass
 
@@ -182,7 +265,7 @@ def _state_bytes(model: nn.Module) -> int:
     return total
 
 
-def _write_error(target: Path, exc: BaseException) -> GradmapError:
+def write_error(target: Path, exc: BaseException) -> GradmapError:
     code = getattr(exc, "errno", None)
     text = str(exc)
     if code in _DISK_FULL or "No space left" in text or "StorageFull" in text:
@@ -200,8 +283,9 @@ def _is_write_failure(exc: BaseException) -> bool:
 def _save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report: dict[str, Any] | None,
           overwrite: bool, extra_files: dict[str, bytes] | None) -> Path:
     _check_extra_files(extra_files)
-    out = prepare_output_dir(out_dir, overwrite)
-    parent = out.resolve().parent
+    out = prepare_output_dir(out_dir, overwrite, inputs=model_sources(model))
+    check_finite(model, "checkpoint")
+    parent = make_parents(out)
     need, free = _state_bytes(model), shutil.disk_usage(parent).free
     if need > free:
         raise GradmapError(f"the weights need about {need / 2**30:.2f} GiB but only "
@@ -217,10 +301,20 @@ def _save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report: dict[
             if report is not None:
                 (tmp / "report.json").write_text(json_text(report))
             for name, data in (extra_files or {}).items():
-                (tmp / name).write_bytes(data)
+                try:
+                    with open(tmp / name, "xb") as f:
+                        f.write(data)
+                except FileExistsError:
+                    raise GradmapError(f"extra file {name!r} would replace a file of the checkpoint "
+                                       "itself; pick another name") from None
+            (tmp / MARKER).write_text("written by gradmap; `--overwrite` may replace this folder\n")
+            mode = 0o666 & ~_umask()  # some writers create 0600 temporary files and rename them
+            for f in tmp.iterdir():
+                if f.is_file():
+                    os.chmod(f, mode)
         except Exception as exc:
             if _is_write_failure(exc):
-                raise _write_error(out, exc) from None
+                raise write_error(out, exc) from None
             raise
         with _dir_lock(parent):
             _move_into_place(tmp, out, parent, overwrite)
@@ -240,6 +334,8 @@ def _move_into_place(tmp: Path, out: Path, parent: Path, overwrite: bool) -> Non
             raise GradmapError(f"output directory {str(out)!r} was filled by another process while "
                                "this one was saving; nothing was replaced. Save to a new folder "
                                "or pass overwrite=True (--overwrite)")
+        if why := replaceable(out, overwrite):
+            raise GradmapError(f"output directory {str(out)!r} {why}")
         backup = _work_dir(out, parent, "old")
         os.rename(out, backup / "old")
         try:

@@ -199,7 +199,9 @@ def convert_to_gguf(model, tokenizer, path, dtype: str = "auto", overwrite: bool
     if dtype not in CONVERT_DTYPES:
         raise GradmapError(f"GGUF dtype {dtype!r} is not one of {', '.join(CONVERT_DTYPES)}")
     dtype = AUTO_DTYPE if dtype == "auto" else dtype
-    path = check_gguf_target(path, overwrite)
+    from gradmap.core.checkpoint import check_finite, model_sources
+    path = check_gguf_target(path, overwrite, inputs=model_sources(model))
+    check_finite(model, "GGUF file")
     family = model.config.model_type
     if family not in FAMILIES:
         raise GradmapError(f"GGUF export of {family!r} models is not supported; supported: "
@@ -221,7 +223,7 @@ def convert_to_gguf(model, tokenizer, path, dtype: str = "auto", overwrite: bool
             qt = GGUFLayout.storage_type(tensor, qtype)
             writer.add_tensor(name, layout.encode(tensor, name, qt), raw_dtype=qt)
             types[qt.name] += 1
-    write_gguf(path, arch, fill)
+    write_gguf(path, arch, fill, overwrite=overwrite)
     return {"path": str(path), "bytes": path.stat().st_size, "source": None, "dtype": dtype,
             "architecture": arch, "blocks": model.config.num_hidden_layers, "tensors": dict(types),
             "tokenizer": vocab_info}

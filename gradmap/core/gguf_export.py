@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
+from gradmap.core.checkpoint import check_finite
 from gradmap.core.errors import GradmapError
 from gradmap.core.gguf_convert import check_read_back, convert_to_gguf
 from gradmap.core.gguf_layout import QUANT_TYPES, GGUFLayout
@@ -35,8 +36,8 @@ ROWS = ["The capital of France is Paris, and the capital of Italy is Rome.",
 _BLOCK = re.compile(r"blk\.(\d+)\.(.+)")
 
 
-def check_gguf_paths(source, path, overwrite: bool) -> tuple[Path, Path]:
-    """Check the source GGUF and the output file before any work; one-line errors."""
+def check_gguf_paths(source, path, overwrite: bool, inputs=()) -> tuple[Path, Path]:
+    """Check the source GGUF and the output file (never one of `inputs`) before any work."""
     source, path = Path(source).expanduser(), Path(path).expanduser()
     if not source.is_file():
         raise GradmapError(f"GGUF source {str(source)!r} does not exist; pass the .gguf file the model "
@@ -45,7 +46,7 @@ def check_gguf_paths(source, path, overwrite: bool) -> tuple[Path, Path]:
                                                      or os.path.samefile(path, source)):
         raise GradmapError(f"GGUF output {str(path)!r} is the source file; the source is never "
                            "modified, choose another output file")
-    return source, check_gguf_target(path, overwrite)
+    return source, check_gguf_target(path, overwrite, inputs=[source, *inputs])
 
 
 def _plan(reader: GGUFReader, kept: list[int]) -> list[tuple[object, str]]:
@@ -151,6 +152,7 @@ def export_gguf(model, tokenizer, path, source=None, dtype: str = "auto", overwr
     if source is None:  # loaded from an HF folder: nothing to copy from, every tensor is converted
         return convert_to_gguf(model, tokenizer, path, dtype=dtype, overwrite=overwrite)
     source, path = check_gguf_paths(source, path, overwrite)
+    check_finite(model, "GGUF file")
     reader = GGUFReader(source)
     arch = reader.fields["general.architecture"].contents()
     n_src = int(reader.fields[f"{arch}.block_count"].contents())
@@ -191,7 +193,8 @@ def export_gguf(model, tokenizer, path, source=None, dtype: str = "auto", overwr
             else:
                 writer.add_tensor(name, t.data, raw_dtype=t.tensor_type,
                                   tensor_endianess=reader.endianess)
-    write_gguf(path, arch, fill, reader.alignment if "general.alignment" in reader.fields else None)
+    write_gguf(path, arch, fill, reader.alignment if "general.alignment" in reader.fields else None,
+               overwrite=overwrite)
     return {"path": str(path), "bytes": path.stat().st_size, "source": str(source),
             "source_bytes": source.stat().st_size, "blocks": len(kept), "source_blocks": n_src,
             "copied": len(plan) - len(written), "dropped": len(reader.tensors) - len(plan),

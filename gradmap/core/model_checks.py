@@ -146,12 +146,57 @@ def check_local_model(directory: str | os.PathLike) -> None:
     if not (d / "config.json").is_file():
         raise GradmapError(f"directory {str(d)!r} has no config.json; pass a Hugging Face model "
                            "directory, a .gguf file, a hub id, or an alias")
+    _check_config(d / "config.json")
     shards = sorted(d.glob("*.safetensors"))
     if not shards and not any((d / w).is_file() for w in WEIGHT_FILES) and not any(d.glob("*.bin")):
         raise GradmapError(f"directory {str(d)!r} has config.json but no weights "
                            f"({' or '.join(WEIGHT_FILES[:3])}); copy the weights there too")
     for shard in shards:
         _check_safetensors(shard)
+
+
+# far above any real model; a typo like 1e12 would otherwise allocate until MemoryError
+MAX_LAYERS = 10_000
+
+
+def _check_config(path: Path) -> None:
+    """config.json must be a JSON object with a sane layer count, before transformers reads it."""
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise GradmapError(f"{str(path)!r} is not valid JSON ({str(exc).splitlines()[0]}); "
+                           "download the model again") from None
+    if not isinstance(config, dict):
+        raise GradmapError(f"{str(path)!r} holds a JSON {type(config).__name__}, not an object "
+                           "of settings; download the model again")
+    inner = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    for cfg in (config, inner):
+        n = cfg.get("num_hidden_layers")
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= MAX_LAYERS):
+            raise GradmapError(f"{str(path)!r}: num_hidden_layers is {n!r}, not an integer in "
+                               f"[1, {MAX_LAYERS}]; fix config.json or download the model again")
+
+
+def config_context(directory: str | os.PathLike | None, gguf_file: str | None) -> int | None:
+    """The model's context length (max_position_embeddings), from config.json or the GGUF header;
+    None when it cannot be read without loading."""
+    if directory is None:
+        return None
+    if gguf_file:
+        path = Path(directory) / gguf_file
+        arch = gguf_metadata(path, stop_at="general.architecture").get("general.architecture")
+        n = gguf_metadata(path, stop_at=f"{arch}.context_length").get(f"{arch}.context_length")
+    else:
+        try:
+            config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        if not isinstance(config, dict):
+            return None
+        inner = config.get("text_config")
+        n = config.get("max_position_embeddings", inner.get("max_position_embeddings")
+                       if isinstance(inner, dict) else None)
+    return int(n) if isinstance(n, int) and n > 0 else None
 
 
 def config_layer_ids(directory: str | os.PathLike | None, gguf_file: str | None) -> list[int] | None:

@@ -62,8 +62,8 @@ def resolve_model_path(name_or_path: str, check_hub: bool = False) -> tuple[str,
         if not os.path.isfile(expanded):
             raise GradmapError(f"GGUF file {name_or_path!r} does not exist")
         gguf_metadata(expanded, stop_at="general.architecture")
-        path = Path(expanded)
-        return str(path.resolve().parent), path.name
+        path = Path(expanded).resolve()  # a symlink (as in the HF cache) names its target's folder
+        return str(path.parent), path.name
     if os.path.isdir(expanded):
         check_local_model(expanded)
         return expanded, None
@@ -148,6 +148,18 @@ def _drop_gguf_quantizer(model) -> None:
         del model.config.quantization_config
 
 
+def _check_loading_info(name: str, info: dict) -> None:
+    """Weights the architecture expects but the files lack are left random by transformers (and
+    tensors it does not expect are dropped): both mean a broken or mismatched checkpoint."""
+    for key, what in (("missing_keys", "lack"), ("unexpected_keys", "hold unexpected"),
+                      ("mismatched_keys", "hold wrongly shaped")):
+        keys = sorted(str(k if isinstance(k, str) else k[0]) for k in info.get(key) or ())
+        if keys:
+            raise GradmapError(f"the weights of model {name!r} {what} tensors ({len(keys)}, e.g. "
+                               f"{keys[0]}), so the model would not be the one saved; download it "
+                               "again or check that config.json belongs to these weights")
+
+
 def load_model(name_or_path: str, dtype: torch.dtype | str | None = None, device: str = "cpu",
                **kwargs):
     """Load `(model, tokenizer)` from a hub id, local HF directory, `.gguf` file or alias.
@@ -165,14 +177,22 @@ def load_model(name_or_path: str, dtype: torch.dtype | str | None = None, device
     extra = {"gguf_file": gguf_file} if gguf_file else {}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **extra)
-        model = AutoModelForCausalLM.from_pretrained(
-            source, dtype=dtype if dtype is not None else "auto", **extra, **kwargs)
+        model, info = AutoModelForCausalLM.from_pretrained(
+            source, dtype=dtype if dtype is not None else "auto", output_loading_info=True,
+            **extra, **kwargs)
     except GradmapError:
         raise
     except (OSError, ValueError, RuntimeError, KeyError, struct.error, SafetensorError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise GradmapError(f"cannot load model {name_or_path!r}: {first[:300]}. If its files are "
                            "incomplete or corrupt, download them again") from None
+    except Exception as exc:  # torch's weights-only loader refusing a .bin that holds objects
+        if type(exc).__name__ != "UnpicklingError":
+            raise
+        raise GradmapError(f"cannot load model {name_or_path!r}: its .bin weights hold objects other "
+                           "than tensors, which gradmap never runs; use a safetensors copy of the "
+                           "model") from None
+    _check_loading_info(name_or_path, info)
     if gguf_file:
         _drop_gguf_quantizer(model)
         setattr(model, GGUF_SOURCE_ATTR, str(Path(source, gguf_file).resolve()))

@@ -126,8 +126,9 @@ def perplexity_report(model, tokenizer, data: str | os.PathLike = "wikitext2", s
         raise GradmapError(f"max_windows must be a positive integer or None, got {max_windows!r}")
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
-        raise GradmapError(f"seq_len={seq_len} exceeds the model's max_position_embeddings="
-                           f"{max_pos}; pass --seq-len {max_pos} or less")
+        raise GradmapError(f"perplexity window seq_len={seq_len} exceeds the model's "
+                           f"max_position_embeddings={max_pos}; pass {max_pos} or less (--seq-len "
+                           "of eval, --ppl-seq-len of compare and sparsify)")
     text, label = load_text(data)
     ids = torch.tensor(tokenizer(text, verbose=False)["input_ids"], dtype=torch.long)
     n_windows = ids.numel() // seq_len

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 import traceback
 from collections.abc import Callable
@@ -25,9 +26,9 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from gradmap.core.checkpoint import prepare_output_dir, save_pretrained
+from gradmap.core.checkpoint import save_pretrained
 from gradmap.core.errors import GradmapError
-from gradmap.experiments.compare_checks import check_before_loading, unfinished_run
+from gradmap.experiments.compare_checks import check_before_loading, open_results_dir
 from gradmap.experiments.compare_report import small_sample
 from gradmap.experiments.compare_speed import measure_row
 from gradmap.experiments.dense_source import DenseSource, check_calibration_untouched, weights_fingerprint
@@ -73,7 +74,7 @@ class CompareConfig:
     save_gguf: str | None = None             # also write that model as this .gguf
     generate: str | None = None              # prompt for before/after greedy generations
     max_new_tokens: int = 32
-    overwrite: bool = False
+    overwrite: bool | str = False            # "force": also replace folders gradmap did not write
     speed: dict | None = None                # inference_speed settings: time each method vs dense
 
     def __post_init__(self):
@@ -86,7 +87,7 @@ class CompareConfig:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise GradmapError(f"{name} must be a positive integer or None, got {value!r}")
-        for name in ("protect_first", "protect_last"):
+        for name in ("protect_first", "protect_last", "seed"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0:
                 raise GradmapError(f"{name} must be a non-negative integer, got {value!r}")
@@ -222,45 +223,43 @@ def run_compare(cfg: CompareConfig, out_dir: str | Path, progress: bool = True,
     tasks = resolve_tasks(cfg.tasks) if cfg.tasks else None
     save_method = _save_method(specs, cfg)
     check_before_loading(cfg, default_loader=loader is None)
-    out = prepare_output_dir(out_dir, cfg.overwrite or unfinished_run(out_dir))
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.save_dir is not None:
-        if Path(cfg.save_dir).resolve() == out.resolve():
-            raise GradmapError("save_dir is the results folder; pass a different --save folder")
-        prepare_output_dir(cfg.save_dir, cfg.overwrite)
-    if loader is None:
-        from gradmap.core.models import load_model as loader
-    if prune_fn is None:
-        from gradmap.prune.driver import fast_prune as prune_fn
-
-    results: dict[str, Any] = {"settings": asdict(cfg), "status": "running",
-                               "floor": {"description": FLOOR_DESCRIPTION},
-                               "dense": None, "methods": [prune_row(s) for s in specs],
-                               **environment(cfg)}
-    results["settings"]["methods"] = [s.name for s in specs]
-    results["settings"]["tasks"] = tasks
-    results["settings"]["save_method"] = save_method
-
-    def write(plots: bool = False) -> None:
-        compare_report.write_results(out, results, plots=plots)
-        if on_update is not None:
-            on_update(results)
-
+    out, lock = open_results_dir(out_dir, cfg, default_loader=loader is None)
     try:
-        _run_all(cfg, specs, tasks, save_method, results, write, loader, prune_fn, progress,
-                 plots)
-    except BaseException as exc:  # keep what finished, and say why the run stopped
-        results["status"] = ("interrupted" if isinstance(exc, KeyboardInterrupt)
-                             else f"aborted: {type(exc).__name__}: {exc}")
-        for row in results["methods"]:
-            if row["status"] == "running":
-                row["status"] = "failed"
-                row["error"] = f"run {results['status']}"
+        if loader is None:
+            from gradmap.core.models import load_model as loader
+        if prune_fn is None:
+            from gradmap.prune.driver import fast_prune as prune_fn
+
+        results: dict[str, Any] = {"settings": asdict(cfg), "status": "running",
+                                   "floor": {"description": FLOOR_DESCRIPTION},
+                                   "dense": None, "methods": [prune_row(s) for s in specs],
+                                   **environment(cfg)}
+        results["settings"]["methods"] = [s.name for s in specs]
+        results["settings"]["tasks"] = tasks
+        results["settings"]["save_method"] = save_method
+
+        def write(plots: bool = False) -> None:
+            compare_report.write_results(out, results, plots=plots)
+            if on_update is not None:
+                on_update(results)
+
+        try:
+            _run_all(cfg, specs, tasks, save_method, results, write, loader, prune_fn, progress,
+                     plots)
+        except BaseException as exc:  # keep what finished, and say why the run stopped
+            results["status"] = ("interrupted" if isinstance(exc, KeyboardInterrupt)
+                                 else f"aborted: {type(exc).__name__}: {exc}")
+            for row in results["methods"]:
+                if row["status"] == "running":
+                    row["status"] = "failed"
+                    row["error"] = f"run {results['status']}"
+            write()
+            raise
+        results["status"] = "complete"
         write()
-        raise
-    results["status"] = "complete"
-    write()
-    return results
+        return results
+    finally:
+        os.close(lock)
 
 
 def _run_all(cfg: CompareConfig, specs: list[MethodSpec], tasks: list[str] | None,

@@ -158,7 +158,7 @@ def _options(text: str, part: str) -> tuple[str, tuple[tuple[str, Any], ...]]:
             if not eq or not key.isidentifier():
                 raise ValueError
             parsed = ast.literal_eval(value.strip())
-        except (ValueError, SyntaxError):
+        except (ValueError, SyntaxError, RecursionError, MemoryError):  # e.g. 5000 nested '-'s
             raise GradmapError(f"method {text!r}: option {item.strip()!r} of {name!r} is not "
                                "key=value with a Python literal value, e.g. verify=4, "
                                "gradient='token', per_gap=True") from None

@@ -14,6 +14,7 @@ overlap of removed layers); results.md the table. Both are rewritten after every
 from __future__ import annotations
 
 import gc
+import os
 import logging
 import traceback
 from collections.abc import Callable
@@ -22,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 
-from gradmap.core.checkpoint import prepare_output_dir, write_file_atomic
+from gradmap.core.checkpoint import write_file_atomic
 from gradmap.core.errors import GradmapError
 from gradmap.core.result import json_text
 from gradmap.experiments.compare import (FLOOR_DESCRIPTION, CompareConfig, DenseSource,
                                          environment, evaluate_model, forward_backward_seconds,
                                          prune_row, run_method)
 from gradmap.experiments.dense_source import check_calibration_untouched
-from gradmap.experiments.compare_checks import check_before_loading, unfinished_run
+from gradmap.experiments.compare_checks import check_before_loading, open_results_dir
 from gradmap.experiments.methods import MethodSpec, parse_methods
 from gradmap.experiments.seed_table import SeedRun, markdown_seed_table, method_lines, summarize
 
@@ -142,37 +143,39 @@ def run_seed_compare(cfg: CompareConfig, seeds: str | list[int], out_dir: str | 
                            "seed and method: run a single --seed for them")
     tasks = resolve_tasks(cfg.tasks) if cfg.tasks else None
     check_before_loading(cfg, default_loader=loader is None)
-    out = prepare_output_dir(out_dir, cfg.overwrite or unfinished_run(out_dir))
-    out.mkdir(parents=True, exist_ok=True)
-    loader = loader or _default_loader()
-    if prune_fn is None:
-        from gradmap.prune.driver import fast_prune as prune_fn
-
-    settings = asdict(cfg)
-    settings.update(seed=None, seeds=seeds, reference=ref, methods=[s.name for s in specs],
-                    tasks=tasks)
-    results: dict[str, Any] = {"mode": "seeds", "settings": settings, "status": "running",
-                               "floor": {"description": FLOOR_DESCRIPTION, "seconds": {}},
-                               "dense": None, "runs": [], "summary": None, **environment(cfg)}
-
-    def write() -> None:
-        _write(out, results)
-        if on_update is not None:
-            on_update(results)
-
+    out, lock = open_results_dir(out_dir, cfg, default_loader=loader is None)
     try:
-        _run_seeds(cfg, seeds, specs, tasks, results, write, loader, prune_fn, progress)
-    except BaseException as exc:  # keep what finished, and say why the run stopped
-        results["status"] = ("interrupted" if isinstance(exc, KeyboardInterrupt)
-                             else f"aborted: {type(exc).__name__}: {exc}")
-        for row in results["runs"]:
-            if row["status"] == "running":
-                row.update(status="failed", error=f"run {results['status']}")
+        loader = loader or _default_loader()
+        if prune_fn is None:
+            from gradmap.prune.driver import fast_prune as prune_fn
+
+        settings = asdict(cfg)
+        settings.update(seed=None, seeds=seeds, reference=ref, methods=[s.name for s in specs],
+                        tasks=tasks)
+        results: dict[str, Any] = {"mode": "seeds", "settings": settings, "status": "running",
+                                   "floor": {"description": FLOOR_DESCRIPTION, "seconds": {}},
+                                   "dense": None, "runs": [], "summary": None, **environment(cfg)}
+
+        def write() -> None:
+            _write(out, results)
+            if on_update is not None:
+                on_update(results)
+
+        try:
+            _run_seeds(cfg, seeds, specs, tasks, results, write, loader, prune_fn, progress)
+        except BaseException as exc:  # keep what finished, and say why the run stopped
+            results["status"] = ("interrupted" if isinstance(exc, KeyboardInterrupt)
+                                 else f"aborted: {type(exc).__name__}: {exc}")
+            for row in results["runs"]:
+                if row["status"] == "running":
+                    row.update(status="failed", error=f"run {results['status']}")
+            write()
+            raise
+        results["status"] = "complete"
         write()
-        raise
-    results["status"] = "complete"
-    write()
-    return results
+        return results
+    finally:
+        os.close(lock)
 
 
 def _default_loader():

@@ -97,6 +97,11 @@ def resolve_compensation(spec: Any) -> list[Compensator]:
         else:
             raise GradmapError(f"compensation must be 'none', a compensator name, a Compensator or a list "
                                f"of those; got {item!r}")
+    names = [c.name for c in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # each would apply its correction again, under one report entry
+        raise GradmapError(f"compensation {twice[0]!r} is given twice; name each compensator once "
+                           "(e.g. --compensation magnitude,projection)")
     return out or [NoCompensation()]
 
 

@@ -140,7 +140,8 @@ def check_options(sparsity: Any, allocation: Any, score: Any, batch_size: Any = 
     for key, ok, rule in (("outlier_m", opts["outlier_m"] > 0, "> 0"),
                           ("owl_lambda", 0 <= opts["owl_lambda"] <= 0.5, "in [0, 0.5]"),
                           ("mrp_delta", 0 <= opts["mrp_delta"] < 1, "in [0, 1)"),
-                          ("mrp_step", 0 < opts["mrp_step"] <= 1, "in (0, 1]"),
+                          # far smaller steps never finish (1e-300 meant ~1e300 steps)
+                          ("mrp_step", 1e-4 <= opts["mrp_step"] <= 1, "in [1e-4, 1]"),
                           ("mrp_cap", 0 <= opts["mrp_cap"] <= 1, "in [0, 1]")):
         if not ok:
             raise GradmapError(f"option {key}={opts[key]!r} must be {rule}")

@@ -57,6 +57,8 @@ __all__ = ["ProjectionCompensation", "solve_sites", "regression_loss", "removed_
 
 DEFAULT_RIDGE = 1e-3
 DEFAULT_RIDGE_GRID = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+# far above it the solve already returns the identity (no correction); inf made NaN weights
+MAX_RIDGE = 1e6
 
 
 def removed_blocks(dense_ids: Sequence[int], kept_ids: Sequence[int]) -> list[list[int]]:
@@ -122,15 +124,21 @@ class ProjectionCompensation(Compensator):
     def __init__(self, top_m: int = 1, per_gap: bool = False, ridge: float | None = None,
                  ridge_grid: Sequence[float] = DEFAULT_RIDGE_GRID, holdout: float = 0.125,
                  safeguards: bool = True, max_stat_bytes: int = 2 ** 31, each_step: bool = False):
-        if not isinstance(top_m, int) or top_m < 0:
+        if isinstance(top_m, bool) or not isinstance(top_m, int) or top_m < 0:
             raise GradmapError(f"top_m must be a non-negative integer, got {top_m!r}")
         if top_m == 0 and not per_gap:
             raise GradmapError("top_m=0 with per_gap=False places no projection; set top_m >= 1 or per_gap=True")
         grid = (ridge,) if ridge is not None else tuple(ridge_grid)
-        if not grid or any(not (isinstance(r, (int, float)) and r >= 0) for r in grid):
-            raise GradmapError(f"ridge values must be non-negative numbers, got {grid!r}")
-        if not 0.0 < holdout < 1.0:
+        if not grid or any(isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= MAX_RIDGE
+                           for r in grid):
+            raise GradmapError(f"ridge values must be numbers in [0, {MAX_RIDGE:g}], got {grid!r}")
+        for name, value in (("per_gap", per_gap), ("safeguards", safeguards)):
+            if not isinstance(value, bool):  # 'False' (a string) would count as True
+                raise GradmapError(f"{name} must be True or False (unquoted), got {value!r}")
+        if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0.0 < holdout < 1.0:
             raise GradmapError(f"holdout is the held-out fraction of the calibration set, in (0, 1); got {holdout!r}")
+        if isinstance(max_stat_bytes, bool) or not isinstance(max_stat_bytes, int) or max_stat_bytes < 1:
+            raise GradmapError(f"max_stat_bytes must be a positive integer, got {max_stat_bytes!r}")
         if not isinstance(each_step, bool):
             raise GradmapError(f"each_step must be True (solve and fold after every removal) or False "
                                f"(once, after the last), got {each_step!r}")
