@@ -11,9 +11,9 @@ from tiny import random_ids, tiny_model
 
 
 def test_cli_help_names_the_driver_default():
-    assert DEFAULT_PIPELINE_NAME == default_pipeline_name()
-    spec = parse_method(default_pipeline_name()).prune_kwargs()  # a valid compare method string
-    assert spec["metric"] == DEFAULT_PIPELINE["metric"]
+    assert DEFAULT_PIPELINE_NAME == default_pipeline_name() == "auto"
+    assert parse_method(default_pipeline_name()).prune_kwargs() == {}  # "auto" is fast_prune's default
+    assert parse_method("auto").label == "auto"
 
 
 def test_partial_choices_keep_what_was_named():
@@ -29,8 +29,8 @@ def test_fast_prune_without_method_options_runs_the_default_and_records_it():
     default = tiny_model("llama", n_layers=5, dtype=torch.float64, seed=2)
     explicit = tiny_model("llama", n_layers=5, dtype=torch.float64, seed=2)
     r1 = fast_prune(default, calib, 2, batch_size=2, progress=False)
-    r2 = fast_prune(explicit, calib, 2, batch_size=2, progress=False,
-                    **parse_method(default_pipeline_name()).prune_kwargs())
+    chosen = r1.options["auto"]["chosen"]
+    r2 = fast_prune(explicit, calib, 2, batch_size=2, progress=False, **parse_method(chosen).prune_kwargs())
     assert r1.options["default_pipeline"] is True and r2.options["default_pipeline"] is False
     assert r1.removed_layers == r2.removed_layers
     for (k, a), b in zip(default.state_dict().items(), explicit.state_dict().values()):

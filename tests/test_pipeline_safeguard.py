@@ -93,8 +93,8 @@ def _scaled(model, layer, s):
 
 
 PIPELINES = {
-    "magnitude-ratio": dict(metric="block-influence", schedule="one-shot",
-                            compensation=lambda: MagnitudeCompensation(statistic="ratio")),
+    "magnitude-lsq": dict(metric="block-influence", schedule="one-shot",
+                          compensation=lambda: MagnitudeCompensation(statistic="lsq")),
     "magnitude": dict(metric="block-influence", schedule="one-shot", compensation="magnitude"),
     "magnitude+replaceme": dict(metric="block-influence", schedule="one-shot", compensation=["magnitude", "replaceme"]),
     "gradmap+projection": dict(metric="gradmap", schedule="one-shot", compensation="projection"),
@@ -161,3 +161,53 @@ def test_safeguard_off_and_single_row_and_bad_options():
         fast_prune(copy.deepcopy(model), calib, 1, compensation="magnitude", safeguard="no", progress=False)
     with pytest.raises(GradmapError, match="statistic"):
         MagnitudeCompensation(statistic="mean")
+
+
+@pytest.mark.parametrize("order", ["as shipped", "reversed"])
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_default_keeps_the_candidate_with_the_lower_held_out_loss(family, order, monkeypatch):
+    """"auto" leaves the model exactly as the better candidate run alone would (both when that
+    is the last candidate run and when it must be restored), and reports every candidate."""
+    from gradmap.prune import auto, pipeline
+    from gradmap.experiments.methods import parse_method
+    cands = pipeline.CANDIDATES if order == "as shipped" else tuple(reversed(pipeline.CANDIDATES))
+    monkeypatch.setattr(auto, "CANDIDATES", cands)
+    dense = realistic_model(family)
+    calib = markov_ids(16, 32, 2)
+    m = copy.deepcopy(dense)
+    r = fast_prune(m, calib, 2, progress=False)
+    rows = r.options["auto"]["candidates"]
+    assert [row["pipeline"] for row in rows] == [pipeline.pipeline_name(c) for c in cands]
+    losses = {}
+    for row in rows:
+        alone = copy.deepcopy(dense)
+        ra = fast_prune(alone, calib, 2, progress=False, **parse_method(row["pipeline"]).prune_kwargs())
+        assert ra.safeguard["final_loss"] == pytest.approx(row["holdout_loss"], rel=1e-9)
+        assert ra.removed_layers == row["removed_layers"]
+        losses[row["pipeline"]] = (ra.safeguard["final_loss"], alone)
+    chosen = min(losses, key=lambda k: losses[k][0])
+    assert r.options["auto"]["chosen"] == chosen and r.options["default_pipeline"] is True
+    want = losses[chosen][1]
+    assert m.config.num_hidden_layers == want.config.num_hidden_layers
+    for (k, a), b in zip(m.state_dict().items(), want.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_reverted_stage_keeps_the_dense_path_exact(gemma3):
+    """After the safeguard reverts magnitude compensation, compensators that run later (ReplaceMe
+    fits to the dense model's outputs) still see the exact dense model: a removed layer whose
+    weights were scaled before it went keeps its original values for the dense path."""
+    from gradmap.prune import driver
+    from gradmap.prune.compensation.dense import DenseSnapshot, dense_view
+    calib = markov_ids(24, 32, 0)
+    m = copy.deepcopy(gemma3)
+    r, ctx = driver._run(m, calib, 2, metric="taylor", schedule="one-shot", progress=False,
+                         compensation=MagnitudeCompensation(statistic="ratio"), protect_first=1, protect_last=1)
+    assert "magnitude" in r.safeguard["reverted"]
+    assert r.removed_layers[1] < r.removed_layers[0]  # the second went from the first one's scaled prefix
+    snap = DenseSnapshot.take(type(ctx)(model=copy.deepcopy(gemma3), calib=calib, batch_size=1, result=r))
+    with dense_view(ctx, snap) as view, torch.no_grad():
+        got = view(calib[:2]).logits
+    with torch.no_grad():
+        want = gemma3(calib[:2]).logits
+    torch.testing.assert_close(got, want, rtol=0, atol=0)

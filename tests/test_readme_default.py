@@ -1,26 +1,23 @@
-"""The README states the default pipeline once, generated from `DEFAULT_PIPELINE` (issue 29: it
-named three different defaults), and no other pipeline is called the default anywhere in it."""
+"""The README states the default pipeline once, generated from `CANDIDATES` (issue 29: it named
+three different defaults), and no other pipeline is called the default anywhere in it."""
 import re
 from pathlib import Path
 
-from gradmap.prune.driver import DEFAULT_PIPELINE, default_pipeline_name
+from gradmap.prune.driver import default_pipeline_name
+from gradmap.prune.pipeline import CANDIDATES, pipeline_name
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"
-MARKER = "<!-- generated from gradmap.prune.driver.DEFAULT_PIPELINE; tests/test_readme_default.py checks it -->"
+MARKER = "<!-- generated from gradmap.prune.pipeline.CANDIDATES; tests/test_readme_default.py checks it -->"
 # a `gradmap compare` method string: metric[(options)][+compensation...][@schedule]
 METHOD = re.compile(r"`([a-z][a-z-]*(?:\([^`]*\))?(?:\+[a-z][a-z-]*(?:\([^`]*\))?)*(?:@[a-z-]+)?)`")
 
 
 def default_pipeline_line() -> str:
-    """The README's line, written from DEFAULT_PIPELINE (paste this when the default changes)."""
-    d = DEFAULT_PIPELINE
-    opts = ", ".join(f"{k}={v!r}" for k, v in d["metric_options"].items())
-    comps = (d["compensation"],) if isinstance(d["compensation"], str) else tuple(d["compensation"])
-    metric = f"`{d['metric']}`" + (f" ({opts})" if opts else "")
-    compensation = ", then ".join(f"`{c}`" for c in comps) if comps else "none"
-    return (f"**Default pipeline: `{default_pipeline_name()}`**: metric {metric}, schedule "
-            f"`{d['schedule']}`, compensation {compensation}.")
+    """The README's line, written from CANDIDATES (paste this when the default changes)."""
+    names = " and ".join(f"`{pipeline_name(c)}`" for c in CANDIDATES)
+    return (f"**Default pipeline: `{default_pipeline_name()}`**: runs {names}, each with the pipeline "
+            "safeguard, and keeps the one with the lower loss on held-out calibration rows.")
 
 
 def test_readme_states_the_default_pipeline_from_default_pipeline():
@@ -31,10 +28,10 @@ def test_readme_states_the_default_pipeline_from_default_pipeline():
 
 
 def test_no_other_pipeline_is_called_the_default():
-    name = default_pipeline_name()
+    allowed = {default_pipeline_name()} | {pipeline_name(c) for c in CANDIDATES}
     for line in README.read_text().splitlines():
         if "default" not in line.lower():
             continue
-        others = [m for m in METHOD.findall(line) if ("+" in m or "@" in m) and m != name]
+        others = [m for m in METHOD.findall(line) if ("+" in m or "@" in m) and m not in allowed]
         assert others == [], f"README calls {others} the default? {line!r}"
     assert not re.search(r"`[^`]+`\s*\((?:the\s+)?default\)", README.read_text())

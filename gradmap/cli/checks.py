@@ -21,7 +21,7 @@ COMPENSATIONS = ("none", "projection", "magnitude", "replaceme")
 # load dtypes the commands accept (torch names, spelled out for --help without torch)
 DTYPES = ("float32", "bfloat16", "float16")
 # gradmap.prune.driver.default_pipeline_name(), for --help without torch (a test checks they agree)
-DEFAULT_PIPELINE_NAME = "block-influence+magnitude+replaceme@iterative"
+DEFAULT_PIPELINE_NAME = "auto"
 
 
 def positive(args, *names: str) -> None:

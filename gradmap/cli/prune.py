@@ -30,8 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                                                   "(e.g. smollm2-135m)")
     p.add_argument("--n-prune", type=int, required=True, help="number of decoder layers to remove")
     p.add_argument("--metric", default=None,
-                   help=f"layer metric: {', '.join(METRICS)} (default: the default pipeline's, "
-                        f"{DEFAULT_PIPELINE_NAME})")
+                   help=f"layer metric: {', '.join(METRICS)} (default: none named runs the default, "
+                        f"{DEFAULT_PIPELINE_NAME}: the candidate pipeline best on held-out rows)")
     p.add_argument("--metric-option", action="append", default=[], metavar="KEY=VALUE",
                    help="metric option, repeatable (e.g. gradient=token, verify=4)")
     p.add_argument("--schedule", default=None, choices=("iterative", "one-shot"),
@@ -40,7 +40,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "metric's own (one-shot for gradmap, iterative for the others that support it)")
     p.add_argument("--compensation", default=None,
                    help=f"comma-separated compensators from {', '.join(COMPENSATIONS)} "
-                        f"(default: the default pipeline's, {DEFAULT_PIPELINE_NAME})")
+                        f"(default: with no --metric, the default {DEFAULT_PIPELINE_NAME}; with one, magnitude,replaceme)")
     p.add_argument("--method", default=None, metavar="PIPELINE",
                    help="the whole pipeline as one `gradmap compare` method string, compensator "
                         "options included, e.g. 'block-influence+magnitude+replaceme(each_step=True)"

@@ -1,39 +1,26 @@
 """Saving pruned models as plain Hugging Face checkpoints, atomically."""
 from __future__ import annotations
 
-import errno
 import os
-import re
 import secrets
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from gradmap.core import distributed
 from gradmap.core.errors import GradmapError
 from gradmap.core.legacy_config import add_legacy_keys
-from gradmap.core.output_paths import (MARKER, check_location, check_not_input, check_overwrite_mode,
+from gradmap.core.output_paths import (MARKER, check_finite, model_sources, check_location, check_not_input, check_overwrite_mode,
                                        replaceable)
 from gradmap.core.result import json_text
-
-try:
-    import fcntl
-except ImportError:  # Windows: no advisory locks; the re-check before the rename still runs
-    fcntl = None
+from gradmap.core.atomic_files import (clean_stale, dir_lock, current_umask, make_parents, place_file, work_file,
+                                        writable_ancestor, write_error)
 
 __all__ = ["save_pretrained", "prepare_output_dir", "check_output_path", "write_file_atomic",
            "check_finite", "model_sources", "writable_ancestor", "make_parents", "work_file", "place_file",
            "write_error"]
-
-# Work folders are siblings of the target named `.<target>.gradmap-<kind>-<pid>-<random>`, so a
-# later save can tell gradmap's own leftovers from anything else and whether their writer lives.
-_WORK_RE = r"\.{name}\.gradmap-(tmp|old)-(\d+)-[0-9a-f]+$"
-_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
 def check_output_path(out_dir: str | os.PathLike, what: str = "output directory") -> Path:
@@ -52,33 +39,6 @@ def check_output_path(out_dir: str | os.PathLike, what: str = "output directory"
     return Path(text).expanduser()
 
 
-def writable_ancestor(path: Path, what: str) -> Path:
-    """The nearest existing folder above `path`, probed for writing: missing parents of an output
-    are created when it is written (`make_parents`), so `--out runs/p8` works without `runs/`."""
-    base = path.resolve().parent
-    while not base.exists():
-        base = base.parent
-    if not base.is_dir():
-        raise GradmapError(f"{str(base)!r} on the path of the {what} {str(path)!r} is a file, not a "
-                           "folder; choose another path")
-    try:  # a real write probe: os.access() says yes to root even on read-only mounts
-        tempfile.TemporaryDirectory(dir=base).cleanup()
-    except OSError as exc:
-        raise GradmapError(f"cannot write into {str(base)!r} ({exc.strerror}); choose a writable "
-                           f"location for the {what}") from None
-    return base
-
-
-def make_parents(path: Path) -> Path:
-    """Create the missing folders above `path` (mode per the umask); its parent, resolved."""
-    parent = path.resolve().parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise write_error(path, exc) from None
-    return parent
-
-
 def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool | str = False,
                        inputs=()) -> Path:
     """Check that `out_dir` may be written; raise a clear error before any work is done.
@@ -93,49 +53,14 @@ def prepare_output_dir(out_dir: str | os.PathLike, overwrite: bool | str = False
     check_not_input(out, inputs, "output directory")
     parent = out.resolve().parent
     if parent.is_dir():
-        with _dir_lock(parent):
-            _clean_stale(out, parent)
+        with dir_lock(parent):
+            clean_stale(out, parent)
     if out.exists() and not out.is_dir():
         raise GradmapError(f"output path {str(out)!r} exists and is not a directory; choose another --out")
     if out.is_dir() and any(out.iterdir()) and (why := replaceable(out, overwrite)):
         raise GradmapError(f"output directory {str(out)!r} {why}")
     writable_ancestor(out, "output directory")
     return out
-
-
-def check_finite(model: nn.Module, what: str) -> None:
-    """Refuse to write weights holding NaN or infinity: such a file looks fine until it is used."""
-    with torch.no_grad():
-        for name, t in model.state_dict().items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise GradmapError(f"weight {name} holds NaN or infinite values, so no {what} was "
-                                   "written; an option produced them (e.g. a huge ridge): rerun with "
-                                   "its default, or with the safeguards on")
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def work_file(path: Path) -> Path:
-    """A temporary sibling for writing `path`, named like the checkpoint work folders so the next
-    write to `path` removes it when its writer was killed; missing parent folders are created."""
-    parent = make_parents(path)
-    with _dir_lock(parent):
-        _clean_stale(path, parent)
-    return parent / f".{path.name}.gradmap-tmp-{os.getpid()}-{secrets.token_hex(4)}"
-
-
-def place_file(tmp: Path, path: Path, overwrite: bool, what: str = "file") -> None:
-    """Rename the finished `tmp` to `path` under the parent's lock; without `overwrite`, a file
-    another process put at `path` meanwhile is kept (of two writers exactly one wins)."""
-    with _dir_lock(tmp.parent):
-        if path.exists() and not overwrite:
-            raise GradmapError(f"{what} {str(path)!r} was written by another process meanwhile; "
-                               "nothing was replaced. Choose a new file or pass --overwrite")
-        os.replace(tmp, path)
 
 
 def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -200,55 +125,6 @@ def _check_extra_files(extra_files: dict[str, bytes] | None) -> None:
                                "pick another name")
 
 
-def model_sources(model: nn.Module) -> list[str]:
-    """The local folder or .gguf file `model` was loaded from, which its save must not replace."""
-    from gradmap.core.models import GGUF_SOURCE_ATTR
-    found = [getattr(model, GGUF_SOURCE_ATTR, None),
-             getattr(getattr(model, "config", None), "_name_or_path", None)]
-    return [s for s in found if isinstance(s, str) and s and os.path.exists(os.path.expanduser(s))]
-
-
-@contextmanager
-def _dir_lock(parent: Path):
-    if fcntl is None:
-        yield
-        return
-    fd = os.open(parent, os.O_RDONLY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the lock
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
-
-
-def _clean_stale(out: Path, parent: Path) -> None:
-    """Remove work folders of dead saves to `out`; call with the parent's lock held."""
-    pattern = re.compile(_WORK_RE.format(name=re.escape(out.name)))
-    for entry in parent.iterdir():
-        m = pattern.match(entry.name)
-        if not m or int(m.group(2)) == os.getpid() or _alive(int(m.group(2))):
-            continue
-        try:
-            if m.group(1) == "old" and not out.exists() and (entry / "old").is_dir():
-                os.rename(entry / "old", out)  # killed between the two renames: restore it
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:  # a single-file output's (GGUF, JSON) temporary file
-                entry.unlink()
-        except OSError:  # e.g. a read-only parent; the write probe then reports the real problem
-            pass
-
-
 def _work_dir(out: Path, parent: Path, kind: str) -> Path:
     path = parent / f".{out.name}.gradmap-{kind}-{os.getpid()}-{secrets.token_hex(4)}"
     os.mkdir(path)  # default mode 0o777 minus the umask, like any folder the user creates
@@ -263,16 +139,6 @@ def _state_bytes(model: nn.Module) -> int:
             seen.add(key)
             total += t.numel() * t.element_size()
     return total
-
-
-def write_error(target: Path, exc: BaseException) -> GradmapError:
-    code = getattr(exc, "errno", None)
-    text = str(exc)
-    if code in _DISK_FULL or "No space left" in text or "StorageFull" in text:
-        return GradmapError(f"the disk holding {str(target)!r} is full; nothing was written. Free "
-                            "some space or choose an output folder on another disk")
-    reason = getattr(exc, "strerror", None) or (text.splitlines()[0] if text else type(exc).__name__)
-    return GradmapError(f"writing {str(target)!r} failed ({reason}); nothing was written")
 
 
 def _is_write_failure(exc: BaseException) -> bool:
@@ -308,7 +174,7 @@ def _save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report: dict[
                     raise GradmapError(f"extra file {name!r} would replace a file of the checkpoint "
                                        "itself; pick another name") from None
             (tmp / MARKER).write_text("written by gradmap; `--overwrite` may replace this folder\n")
-            mode = 0o666 & ~_umask()  # some writers create 0600 temporary files and rename them
+            mode = 0o666 & ~current_umask()  # some writers create 0600 temporary files and rename them
             for f in tmp.iterdir():
                 if f.is_file():
                     os.chmod(f, mode)
@@ -316,7 +182,7 @@ def _save(model: nn.Module, tokenizer, out_dir: str | os.PathLike, report: dict[
             if _is_write_failure(exc):
                 raise write_error(out, exc) from None
             raise
-        with _dir_lock(parent):
+        with dir_lock(parent):
             _move_into_place(tmp, out, parent, overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -199,7 +199,7 @@ def convert_to_gguf(model, tokenizer, path, dtype: str = "auto", overwrite: bool
     if dtype not in CONVERT_DTYPES:
         raise GradmapError(f"GGUF dtype {dtype!r} is not one of {', '.join(CONVERT_DTYPES)}")
     dtype = AUTO_DTYPE if dtype == "auto" else dtype
-    from gradmap.core.checkpoint import check_finite, model_sources
+    from gradmap.core.output_paths import check_finite, model_sources
     path = check_gguf_target(path, overwrite, inputs=model_sources(model))
     check_finite(model, "GGUF file")
     family = model.config.model_type

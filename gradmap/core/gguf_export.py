@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
 
-from gradmap.core.checkpoint import check_finite
+from gradmap.core.output_paths import check_finite
 from gradmap.core.errors import GradmapError
 from gradmap.core.gguf_convert import check_read_back, convert_to_gguf
 from gradmap.core.gguf_layout import QUANT_TYPES, GGUFLayout

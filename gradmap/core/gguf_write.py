@@ -6,7 +6,7 @@ from pathlib import Path
 
 from gguf import GGUFWriter
 
-from gradmap.core.checkpoint import place_file, work_file, writable_ancestor, write_error
+from gradmap.core.atomic_files import place_file, work_file, writable_ancestor, write_error
 from gradmap.core.errors import GradmapError
 from gradmap.core.output_paths import check_location, check_not_input
 

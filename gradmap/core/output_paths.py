@@ -10,10 +10,13 @@ import os
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from gradmap.core.errors import GradmapError
 
-__all__ = ["MARKER", "FORCE", "FORCE_FLAG", "check_location", "check_not_input", "check_apart",
-           "input_paths", "check_overwrite_mode", "replaceable"]
+__all__ = ["MARKER", "FORCE", "FORCE_FLAG", "check_location", "check_not_input", "check_apart", "input_paths",
+           "check_overwrite_mode", "replaceable", "check_finite", "model_sources"]
 
 # An empty file in every folder gradmap writes as an output; `--overwrite` replaces only those.
 MARKER = ".gradmap-output"
@@ -131,3 +134,21 @@ def input_paths(model=None, data: Iterable = ()) -> list[Path]:
         elif os.path.exists(os.path.expanduser(text)):
             out.append(Path(os.path.expanduser(text)))
     return out
+
+
+def check_finite(model: nn.Module, what: str) -> None:
+    """Refuse to write weights holding NaN or infinity: such a file looks fine until it is used."""
+    with torch.no_grad():
+        for name, t in model.state_dict().items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise GradmapError(f"weight {name} holds NaN or infinite values, so no {what} was "
+                                   "written; an option produced them (e.g. a huge ridge): rerun with "
+                                   "its default, or with the safeguards on")
+
+
+def model_sources(model: nn.Module) -> list[str]:
+    """The local folder or .gguf file `model` was loaded from, which its save must not replace."""
+    from gradmap.core.models import GGUF_SOURCE_ATTR
+    found = [getattr(model, GGUF_SOURCE_ATTR, None),
+             getattr(getattr(model, "config", None), "_name_or_path", None)]
+    return [s for s in found if isinstance(s, str) and s and os.path.exists(os.path.expanduser(s))]

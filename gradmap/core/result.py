@@ -62,6 +62,11 @@ class PruneResult:
                 lines.append(line)
             else:
                 lines.append(f"{name}: applied")
+        auto = self.options.get("auto")
+        if auto:
+            others = "; ".join(f"{c['pipeline']} {c['holdout_loss']:.4f}" for c in auto["candidates"]
+                               if c["pipeline"] != auto["chosen"] and c["holdout_loss"] is not None)
+            lines.append(f"default: kept {auto['chosen']} (held-out loss of the others: {others or 'none'})")
         if "final_loss" in self.safeguard:
             sg = self.safeguard
             lines.append(f"safeguard: held-out loss {sg['final_loss']:.4f} vs {sg['plain_removal_loss']:.4f} "

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gradmap.core.errors import GradmapError
+from gradmap.prune.pipeline import AUTO
 
 __all__ = ["MethodSpec", "parse_method", "parse_methods", "split_methods", "valid_metrics",
            "valid_compensations", "metric_schedules", "method_from_result", "format_method",
@@ -90,14 +91,16 @@ class MethodSpec:
     @property
     def label(self) -> str:
         """The name with its schedule spelled out (`block-influence@iterative`)."""
-        return self.name if "@" in self.name else f"{self.name}@{self.schedule}"
+        return self.name if "@" in self.name or self.metric == AUTO else f"{self.name}@{self.schedule}"
 
     def prune_kwargs(self) -> dict:
         """Keyword arguments for `fast_prune` (metric, compensation, schedule, metric options).
 
         A compensation with options is passed as a freshly built Compensator (compensators
-        keep per-run state), one without as its name.
+        keep per-run state), one without as its name. "auto" passes nothing: the default.
         """
+        if self.metric == AUTO:
+            return {}
         comps: list[Any] = list(self.compensation)
         if any(self.compensation_options):
             from gradmap.prune.compensation import get_compensator
@@ -189,7 +192,7 @@ def _check_options(text: str, metric: str, metric_options: tuple,
 def _grammar(metrics: list[str], compensations: list[str]) -> str:
     return (f"write methods as metric[(key=value,...)][+compensation[(key=value,...)]...]"
             f"[@{'|@'.join(SCHEDULES)}], e.g. gradmap+projection, gradmap(verify=4)+magnitude "
-            f"or angular+replaceme@one-shot; valid metrics: "
+            f"or angular+replaceme@one-shot, or {AUTO} (the default); valid metrics: "
             f"{', '.join(metrics)}; valid compensations: {', '.join(compensations)}")
 
 
@@ -211,6 +214,8 @@ def parse_method(name: str, metrics: Iterable[str] | None = None,
     text = name.strip()
     if not text:
         raise GradmapError("empty method name; " + _grammar(metrics, compensations))
+    if text == AUTO:  # the default: the best of the candidate pipelines on held-out rows
+        return MethodSpec(name=AUTO, metric=AUTO, compensation=(AUTO,), schedule=AUTO)
     body, *tail = _split_top(text, "@")
     at, schedule = bool(tail), "@".join(tail)
     if at and schedule not in SCHEDULES:

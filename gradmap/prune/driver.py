@@ -42,6 +42,7 @@ from gradmap.core.result import PruneResult
 from gradmap.core.surgery import remove_layers
 from gradmap.prune.safeguard import PipelineSafeguard, split_holdout
 from gradmap.prune.pipeline import DEFAULT_PIPELINE, default_pipeline_name, resolve_pipeline
+from gradmap.prune.auto import choose_pipeline
 
 __all__ = ["fast_prune", "check_calibration", "resolve_compensation", "protected_layers", "check_schedule",
            "check_prune_plan", "SCHEDULES", "DEFAULT_PIPELINE", "resolve_pipeline", "default_pipeline_name"]
@@ -249,8 +250,11 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
                safeguard: bool = True, holdout: float = 0.125, **metric_options) -> PruneResult:
     """Remove `n_prune` decoder layers of `model` in place and return what was done.
 
-    With `metric`, `compensation` and `schedule` left None this runs the default pipeline
-    (`DEFAULT_PIPELINE`, the best measured; see `resolve_pipeline` for partial choices).
+    With `metric`, `compensation` and `schedule` left None (and no metric options) this runs
+    the default, "auto": every pipeline of `gradmap.prune.pipeline.CANDIDATES` in turn, keeping
+    the one with the lowest loss on the held-out rows (`gradmap.prune.auto`; what each scored is
+    in `result.options["auto"]`). With `safeguard=False` there are no held-out rows, and the
+    first candidate, `DEFAULT_PIPELINE`, runs alone; see `resolve_pipeline` for partial choices.
     `metric` is a name from `gradmap.prune.metrics.available_metrics()` (configured by
     `metric_options`) or a Metric instance; lowest score is removed first.
     `schedule=None` takes the metric's `default_schedule`: one-shot for GradMAP (measured
@@ -286,6 +290,20 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     (`gradmap.prune.safeguard`; what was reverted is in `result.safeguard` and the summary).
     `safeguard=False` uses every row for scoring and fitting and checks nothing.
     """
+    if metric is None and compensation is None and schedule is None and not metric_options and safeguard:
+        return choose_pipeline(_run, model, calib, n_prune, holdout, protect_first=protect_first,
+                               protect_last=protect_last, batch_size=batch_size, progress=progress,
+                               offload=offload, compute_device=compute_device)
+    return _run(model, calib, n_prune, metric, compensation, schedule, protect_first, protect_last, batch_size,
+                progress, offload, compute_device, safeguard, holdout, **metric_options)[0]
+
+
+def _run(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str | Metric | None = None,
+         compensation: Any = None, schedule: str | None = None, protect_first: int = 1,
+         protect_last: int = 1, batch_size: int | None = None, progress: bool = True,
+         offload: str | None = None, compute_device: str | torch.device | None = None,
+         safeguard: bool = True, holdout: float = 0.125, **metric_options) -> tuple[PruneResult, PruneContext]:
+    """One pipeline, as `fast_prune` describes it; also returns its context (for `choose_pipeline`)."""
     adapter = get_adapter(model)
     defaulted = metric is None and compensation is None
     metric, compensation, schedule, metric_options = resolve_pipeline(metric, compensation, schedule,
@@ -377,4 +395,4 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
             result.timings["total"] = time.perf_counter() - start
     log.info("fast_prune: removed %s with %s (%s) in %.1fs", result.removed_layers, metric_obj.name,
              schedule, result.timings["total"])
-    return result
+    return result, ctx

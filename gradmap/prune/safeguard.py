@@ -108,9 +108,11 @@ class PipelineSafeguard:
             entry["kept"] = False
             entry["reason"] = (f"held-out loss {loss:.4f} with it, {self.best:.4f} without: reverted")
             _restore_(params, before)
-            for name, value in before.items():  # a weight back at its original value is no longer edited
+            # a kept weight back at its original value is no longer edited; a removed layer's weights
+            # left with their module as they were, so their originals stay for the dense path
+            for name, value in before.items():
                 orig = self.ctx.original_params.get(name)
-                if orig is not None and torch.equal(orig, value):
+                if name in params and orig is not None and torch.equal(orig, value):
                     del self.ctx.original_params[name]
             self.report["reverted"].extend(o for o in owners if o not in self.report["reverted"])
             log.warning("safeguard: %s (%s) reverted: held-out loss %.4f with it, %.4f without",

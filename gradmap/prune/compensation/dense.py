@@ -18,7 +18,7 @@ from gradmap.core.errors import GradmapError
 from gradmap.core.surgery import per_layer_config, renumber_layer
 from gradmap.prune.compensation.base import PruneContext
 
-__all__ = ["DenseSnapshot", "dense_view", "shared_prefix", "start_from"]
+__all__ = ["DenseSnapshot", "dense_view", "restore_dense_", "shared_prefix", "start_from"]
 
 
 def _layers_prefix(model: nn.Module, adapter: ModelAdapter) -> str:
@@ -71,13 +71,8 @@ class DenseSnapshot:
             ctx.remember_original(names[id(p)], p)
 
 
-@contextmanager
-def dense_view(ctx: PruneContext, snap: DenseSnapshot) -> Iterator[nn.Module]:
-    """Temporarily turn `ctx.model` back into the dense model; everything is restored on exit.
-
-    Re-inserts the removed layers at their original places, restores the per-layer config
-    entries, layer numbering and the original value of every weight in ctx.original_params.
-    """
+def _to_dense(ctx: PruneContext, snap: DenseSnapshot):
+    """Turn `ctx.model` back into the dense model; returns the function that undoes it."""
     model, adapter, config = ctx.model, ctx.adapter, ctx.model.config
     current_ids = adapter.original_ids
     current_layers = adapter.decoder.layers
@@ -93,22 +88,8 @@ def dense_view(ctx: PruneContext, snap: DenseSnapshot) -> Iterator[nn.Module]:
     saved_ids = getattr(config, LAYER_IDS_KEY, None)
     saved_sliding = getattr(adapter.decoder, "has_sliding_layers", None)
     swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
-    try:
-        adapter.decoder.layers = dense_layers
-        for k, v in snap.per_layer.items():
-            setattr(config, k, v)
-        config.num_hidden_layers = snap.num_hidden_layers
-        setattr(config, LAYER_IDS_KEY, list(snap.layer_ids))
-        if snap.has_sliding is not None:
-            adapter.decoder.has_sliding_layers = snap.has_sliding
-        for pos, layer in enumerate(dense_layers):
-            renumber_layer(layer, pos)
-        for name, p in model.named_parameters():
-            if name in ctx.original_params:
-                swapped.append((p, p.data))
-                p.data = ctx.original_params[name].to(p.device)
-        yield model
-    finally:
+
+    def undo() -> None:
         for p, data in swapped:
             p.data = data
         adapter.decoder.layers = current_layers
@@ -123,6 +104,53 @@ def dense_view(ctx: PruneContext, snap: DenseSnapshot) -> Iterator[nn.Module]:
             adapter.decoder.has_sliding_layers = saved_sliding
         for pos, layer in enumerate(current_layers):
             renumber_layer(layer, pos)
+
+    try:
+        adapter.decoder.layers = dense_layers
+        for k, v in snap.per_layer.items():
+            setattr(config, k, v)
+        config.num_hidden_layers = snap.num_hidden_layers
+        setattr(config, LAYER_IDS_KEY, list(snap.layer_ids))
+        if snap.has_sliding is not None:
+            adapter.decoder.has_sliding_layers = snap.has_sliding
+        for pos, layer in enumerate(dense_layers):
+            renumber_layer(layer, pos)
+        for name, p in model.named_parameters():
+            if name in ctx.original_params:
+                swapped.append((p, p.data))
+                p.data = ctx.original_params[name].to(p.device)
+    except BaseException:
+        undo()
+        raise
+    return undo
+
+
+@contextmanager
+def dense_view(ctx: PruneContext, snap: DenseSnapshot) -> Iterator[nn.Module]:
+    """Temporarily turn `ctx.model` back into the dense model; everything is restored on exit.
+
+    Re-inserts the removed layers at their original places, restores the per-layer config
+    entries, layer numbering and the original value of every weight in ctx.original_params.
+    """
+    undo = _to_dense(ctx, snap)
+    try:
+        yield ctx.model
+    finally:
+        undo()
+
+
+def restore_dense_(ctx: PruneContext, snap: DenseSnapshot) -> None:
+    """Turn `ctx.model` back into the dense model for good (what `dense_view` does, not undone).
+
+    `ctx` is spent afterwards: its removed modules are back in the model and every compensated
+    weight holds its original value again.
+    """
+    _to_dense(ctx, snap)
+    config = ctx.model.config
+    if snap.layer_ids == list(range(snap.num_hidden_layers)) and hasattr(config, LAYER_IDS_KEY):
+        delattr(config, LAYER_IDS_KEY)  # a never-pruned model carries no layer ids
+    ctx.removed_modules.clear()
+    ctx.original_params.clear()
 
 
 class _Passthrough(nn.Module):

@@ -137,8 +137,9 @@ class ProjectionCompensation(Compensator):
                 raise GradmapError(f"{name} must be True or False (unquoted), got {value!r}")
         if isinstance(holdout, bool) or not isinstance(holdout, (int, float)) or not 0.0 < holdout < 1.0:
             raise GradmapError(f"holdout is the held-out fraction of the calibration set, in (0, 1); got {holdout!r}")
-        if isinstance(max_stat_bytes, bool) or not isinstance(max_stat_bytes, int) or max_stat_bytes < 1:
-            raise GradmapError(f"max_stat_bytes must be a positive integer, got {max_stat_bytes!r}")
+        if isinstance(max_stat_bytes, bool) or not isinstance(max_stat_bytes, int) or max_stat_bytes < 0:
+            # 0 is meaningful: never hold every site's moments at once (two statistics passes)
+            raise GradmapError(f"max_stat_bytes must be a non-negative integer, got {max_stat_bytes!r}")
         if not isinstance(each_step, bool):
             raise GradmapError(f"each_step must be True (solve and fold after every removal) or False "
                                f"(once, after the last), got {each_step!r}")
