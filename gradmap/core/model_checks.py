@@ -177,15 +177,19 @@ def _check_config(path: Path) -> None:
                                f"[1, {MAX_LAYERS}]; fix config.json or download the model again")
 
 
+def _gguf_arch_value(path: Path, key: str):
+    """The GGUF header's `<architecture>.<key>` (e.g. block_count), read without the tensors."""
+    arch = gguf_metadata(path, stop_at="general.architecture").get("general.architecture")
+    return gguf_metadata(path, stop_at=f"{arch}.{key}").get(f"{arch}.{key}")
+
+
 def config_context(directory: str | os.PathLike | None, gguf_file: str | None) -> int | None:
     """The model's context length (max_position_embeddings), from config.json or the GGUF header;
     None when it cannot be read without loading."""
     if directory is None:
         return None
     if gguf_file:
-        path = Path(directory) / gguf_file
-        arch = gguf_metadata(path, stop_at="general.architecture").get("general.architecture")
-        n = gguf_metadata(path, stop_at=f"{arch}.context_length").get(f"{arch}.context_length")
+        n = _gguf_arch_value(Path(directory) / gguf_file, "context_length")
     else:
         try:
             config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
@@ -208,9 +212,7 @@ def config_layer_ids(directory: str | os.PathLike | None, gguf_file: str | None)
     if directory is None:
         return None
     if gguf_file:
-        path = Path(directory) / gguf_file
-        arch = gguf_metadata(path, stop_at="general.architecture").get("general.architecture")
-        count = gguf_metadata(path, stop_at=f"{arch}.block_count").get(f"{arch}.block_count")
+        count = _gguf_arch_value(Path(directory) / gguf_file, "block_count")
         return list(range(int(count))) if count is not None else None
     try:
         config = json.loads((Path(directory) / "config.json").read_text(encoding="utf-8"))
