@@ -35,6 +35,7 @@ def main() -> None:
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--n-prune", default="1,2,3")
     p.add_argument("--n-calib", type=int, default=16)
+    p.add_argument("--holdout", type=float, default=0.125)
     p.add_argument("--out", required=True)
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -45,20 +46,21 @@ def main() -> None:
         for seed in map(int, a.seeds.split(",")):
             calib = markov_ids(a.n_calib, 32, 100 + seed)
             for n in map(int, a.n_prune.split(",")):
-                r = fast_prune(copy.deepcopy(dense), calib, n, progress=False)
+                r = fast_prune(copy.deepcopy(dense), calib, n, progress=False, holdout=a.holdout)
                 auto = r.options["auto"]
                 indep = {}
                 for c in auto["candidates"]:
                     m = copy.deepcopy(dense)
-                    fast_prune(m, calib, n, progress=False, **parse_method(c["pipeline"]).prune_kwargs())
+                    fast_prune(m, calib, n, progress=False, holdout=a.holdout, **parse_method(c["pipeline"]).prune_kwargs())
                     indep[c["pipeline"]] = mean_loss(m, test)
                 best = min(indep.values())
-                row = {"family": family, "seed": seed, "n_prune": n, "chosen": auto["chosen"],
+                row = {"family": family, "seed": seed, "n_prune": n, "n_calib": a.n_calib, "holdout_fraction": a.holdout,
+                       "chosen": auto["chosen"],
                        "holdout": {c["pipeline"]: c["holdout_loss"] for c in auto["candidates"]},
                        "independent": indep, "agrees": indep[auto["chosen"]] <= best + 1e-4}
                 rows.append(row)
                 print(json.dumps(row), flush=True)
-    with open(a.out, "w") as f:
+    with open(a.out, "a") as f:
         for row in rows:
             f.write(json.dumps(row) + "\n")
     agree = sum(r["agrees"] for r in rows)
