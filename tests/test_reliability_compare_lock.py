@@ -45,7 +45,8 @@ def test_two_compare_runs_to_one_out_exactly_one_proceeds(tmp_path):
             "--out", str(out), "--overwrite", "--no-progress"]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     procs = {tag: subprocess.Popen([sys.executable, str(script), str(tmp_path), tag, *argv],
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                   env=env)
              for tag in "ab"}
     try:
         deadline = time.time() + 180
