@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import FAMILIES, tiny_model
 from tiny_tokenizer import TRAIN_TEXT, tiny_tokenizer
 
 import gradmap.core.models
@@ -295,3 +295,15 @@ def test_bad_calibration_files_are_refused_before_loading(tiny_dir, tmp_path, ca
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and re.search(match, err), err
     assert os.listdir(tmp_path) == ["data"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_widths_read_from_config_are_the_loaded_layers_in_features(family):
+    """The early N:M check reads config.json; it must name the widths the sparsifier will see."""
+    from gradmap.core.adapter import get_adapter
+    from gradmap.core.config_checks import config_widths
+    model = tiny_model(family, 2, **({} if family == "phi3" else {"head_dim": 10}))  # o_proj: 40
+    adapter = get_adapter(model)
+    real = {lin.in_features for p in range(adapter.num_layers)
+            for lin in adapter.linear_modules(p).values()}
+    assert config_widths(json.loads(model.config.to_json_string())) == real

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from gradmap.core.errors import GradmapError
 
-__all__ = ["model_config", "check_family", "check_pattern_widths"]
+__all__ = ["model_config", "check_family", "config_widths", "check_pattern_widths"]
 
 
 def model_config(model: str) -> dict | None:
@@ -49,20 +49,22 @@ def check_family(model: str) -> None:
                            f"{', '.join(sorted(FAMILIES))}")
 
 
-def check_pattern_widths(model: str, n: int, m: int) -> None:
-    """Every linear layer's in_features must be a multiple of M for an N:M pattern."""
-    config = model_config(model)
-    if config is None:
-        return
+def config_widths(config: dict) -> set[int]:
+    """The in_features of a decoder layer's linear modules, as config.json gives them."""
     config = config.get("text_config", config) if "hidden_size" not in config else config
     hidden, inter, heads = (config.get(k) for k in ("hidden_size", "intermediate_size",
                                                      "num_attention_heads"))
     # q/k/v/gate/up read hidden_size, down reads intermediate_size, o reads heads * head_dim
     head_dim = config.get("head_dim") or (hidden // heads if isinstance(hidden, int)
                                           and isinstance(heads, int) and heads > 0 else None)
-    widths = {hidden, inter, heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int)
-              else None}
-    bad = sorted(w for w in widths if isinstance(w, int) and w % m)
+    attn = heads * head_dim if isinstance(heads, int) and isinstance(head_dim, int) else None
+    return {w for w in (hidden, inter, attn) if isinstance(w, int) and not isinstance(w, bool)}
+
+
+def check_pattern_widths(model: str, n: int, m: int) -> None:
+    """Every linear layer's in_features must be a multiple of M for an N:M pattern."""
+    config = model_config(model)
+    bad = sorted(w for w in config_widths(config) if w % m) if config else []
     if bad:
         raise GradmapError(f"pattern {n}:{m} needs every layer's in_features to be a multiple of {m}, "
                            f"but model {model!r} has {', '.join(map(str, bad))} (config.json); "
