@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny import tiny_model
+from tiny import FAMILIES, tiny_model
 from tiny_tokenizer import TRAIN_TEXT, tiny_tokenizer
 
 import gradmap.core.models
@@ -235,3 +235,75 @@ def test_a_tiny_mrp_step_is_refused_before_loading(tiny_dir, tmp_path, capsys, n
     assert main(["sparsify", "--model", str(tiny_dir / "model"), "--out", str(tmp_path / "s"),
                  "--mrp-step", "1e-300"]) == 2  # used to run ~1e300 steps
     assert "mrp_step" in capsys.readouterr().err and os.listdir(tmp_path) == []
+
+
+def _copy_model(root, tmp_path, **config):
+    """The tiny model with `config` merged into its config.json (weights untouched)."""
+    import shutil
+    d = tmp_path / "model"
+    shutil.copytree(root / "model", d)
+    cfg = json.loads((d / "config.json").read_text())
+    (d / "config.json").write_text(json.dumps({**cfg, **config}))
+    return d
+
+
+@pytest.mark.parametrize("cmd", [
+    lambda m, r, t: _prune(r, t, "--model", str(m)),
+    lambda m, r, t: ["sparsify", "--model", str(m), "--out", str(t / "s"), "--score", "magnitude"],
+    lambda m, r, t: ["compare", "--model", str(m), "--n-prune", "1", "--tasks", "none", "--calib",
+                     str(r / "calib.txt"), "--seq-len", "16", "--ppl-seq-len", "32", "--out",
+                     str(t / "c")],
+])
+def test_unsupported_model_type_is_refused_before_loading(tiny_dir, tmp_path, capsys, no_load, cmd):
+    model = _copy_model(tiny_dir, tmp_path, model_type="gpt2")
+    assert main(cmd(model, tiny_dir, tmp_path)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "'gpt2' model (config.json model_type)" in err, err
+    assert "supported model types: gemma2, gemma3_text, llama" in err
+
+
+def test_nm_pattern_that_does_not_divide_the_widths_is_refused_before_loading(tiny_dir, tmp_path,
+                                                                              capsys, no_load):
+    # tiny: hidden_size 32 (4:32 fits), intermediate_size 48 (it does not)
+    assert main(["sparsify", "--model", str(tiny_dir / "model"), "--out", str(tmp_path / "s"),
+                 "--score", "magnitude", "--pattern", "4:32"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "pattern 4:32 needs every layer's in_features to be a multiple of 32" in err
+    assert "has 48 (config.json)" in err and os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("name,data,match", [
+    ("empty.txt", b"", "holds no text"), ("blank.txt", b" \n\n\t", "holds no text"),
+    ("blank.jsonl", b'{"text": " "}\n\n', "holds no text"),
+    ("latin1.txt", "café ".encode("latin-1") * 50, "is not UTF-8 text.*iconv"),
+    ("bad.jsonl", b'{"txt": "x"}\n', "has no string field 'text'"),
+])
+@pytest.mark.parametrize("cmd", [
+    lambda r, t, c: _prune(r, t, "--calib", str(c)),
+    lambda r, t, c: ["sparsify", "--model", str(r / "model"), "--out", str(t / "s"),
+                     "--calib-source", str(c)],
+    lambda r, t, c: ["compare", "--model", str(r / "model"), "--n-prune", "1", "--tasks", "none",
+                     "--calib", str(c), "--seq-len", "16", "--ppl-seq-len", "32", "--out", str(t / "c")],
+])
+def test_bad_calibration_files_are_refused_before_loading(tiny_dir, tmp_path, capsys, no_load, cmd,
+                                                          name, data, match):
+    calib = tmp_path / "data" / name
+    calib.parent.mkdir()
+    calib.write_bytes(data)
+    assert main(cmd(tiny_dir, tmp_path, calib)) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and re.search(match, err), err
+    assert os.listdir(tmp_path) == ["data"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_widths_read_from_config_are_the_loaded_layers_in_features(family):
+    """The early N:M check reads config.json; it must name the widths the sparsifier will see."""
+    from gradmap.core.adapter import get_adapter
+    from gradmap.core.config_checks import config_widths
+    model = tiny_model(family, 2, **({} if family == "phi3" else {"head_dim": 10}))  # o_proj: 40
+    adapter = get_adapter(model)
+    real = {lin.in_features for p in range(adapter.num_layers)
+            for lin in adapter.linear_modules(p).values()}
+    assert config_widths(json.loads(model.config.to_json_string())) == real

@@ -182,3 +182,31 @@ def test_gguf_through_a_symlink_resolves_to_its_target(tmp_path):
     link.symlink_to(blob)
     folder, name = resolve_model_path(str(link))
     assert Path(folder, name) == blob  # was the link's name in the target's folder: a missing file
+
+
+class _RunsCodeWhenUnpickled:
+    """Unpickling this calls open(marker, "w"): the file exists afterwards iff code ran."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_bin_weights_are_one_line_and_never_run(saved, tmp_path, capsys, no_hub):
+    from gradmap.cli.app import main
+    d = tmp_path / "m"
+    d.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json"):
+        (d / name).write_bytes((saved / name).read_bytes())
+    marker = tmp_path / "code-ran"
+    weights = {"model.embed_tokens.weight": _RunsCodeWhenUnpickled(marker)}
+    torch.save(weights, d / "pytorch_model.bin")  # a pickle .bin, no safetensors
+    with pytest.raises(GradmapError, match="hold objects other than tensors") as info:
+        load_model(str(d))
+    assert "\n" not in str(info.value)
+    assert main(["eval", "--model", str(d), "--ppl", "text:" + "a b c " * 50]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert not marker.exists()

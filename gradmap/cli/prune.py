@@ -141,6 +141,8 @@ def _run(args: argparse.Namespace, device: str) -> int:
     check_seed(args.seed)
     from gradmap.cli.checks import check_context
     check_context(args.model, {"--seq-len": args.seq_len, **speed_lengths(speed)})
+    from gradmap.core.config_checks import check_family
+    check_family(args.model)
     given, fresh_kwargs = pipeline_arguments(args)
     given_options = {k: v for k, v in given.items() if k not in ("metric", "compensation", "schedule")}
     # what fast_prune will run, for the checks; fast_prune resolves the same defaults itself

@@ -121,7 +121,7 @@ def _run(args: argparse.Namespace, device: str) -> int:
     overwrite = overwrite_mode(args)
     prepare_output_dir(args.out, overwrite, input_paths(args.model, [args.calib_source, args.ppl_data]))
     options = {k: getattr(args, k) for k in OPTION_DEFAULTS}
-    _, args.sparsity, args.allocation = resolve_pattern(args.pattern, args.sparsity, args.allocation)
+    nm, args.sparsity, args.allocation = resolve_pattern(args.pattern, args.sparsity, args.allocation)
     check_options(args.sparsity, args.allocation, args.score, args.batch_size, options)
     positive(args, "n_samples", "seq_len")
     check_seed(args.seed)
@@ -132,6 +132,10 @@ def _run(args: argparse.Namespace, device: str) -> int:
         _check_eval(args)
     check_context(args.model, {"--seq-len": args.seq_len if needs_calib else None,
                                "--ppl-seq-len": args.ppl_seq_len})
+    from gradmap.core.config_checks import check_family, check_pattern_widths
+    check_family(args.model)
+    if nm is not None:
+        check_pattern_widths(args.model, *nm)
 
     start = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=device)

@@ -196,6 +196,12 @@ def check_source(source: str | os.PathLike, option: str = "--calib") -> None:
     if path.suffix not in (".jsonl", ".txt"):
         raise GradmapError(f"{option} {text!r} has suffix {path.suffix!r}; use a .jsonl file (one "
                            '{"text": ...} per line) or a .txt file')
+    # read now (milliseconds to seconds) so a non-UTF-8, malformed or empty file fails before
+    # the model loads (a minute for SmolLM2), not after it
+    docs, _ = _read_file(path)
+    if not any(doc.strip() for doc in docs):
+        raise GradmapError(f"{option} {text!r} holds no text (the file is empty or blank); pass a "
+                           "file that holds text")
 
 
 def _token_ids(tokenizer, text: str) -> list[int]:

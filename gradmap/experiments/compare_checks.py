@@ -45,6 +45,8 @@ def check_before_loading(cfg, default_loader: bool) -> None:
         from gradmap.cli.speed import speed_lengths
         check_context(cfg.model, {"--seq-len": cfg.seq_len, "--ppl-seq-len": cfg.ppl_seq_len,
                                   **speed_lengths(cfg.speed)})
+        from gradmap.core.config_checks import check_family
+        check_family(cfg.model)
 
 
 def open_results_dir(out_dir, cfg, default_loader: bool) -> tuple[Path, int | None]:
