@@ -166,8 +166,9 @@ def test_safeguard_off_and_single_row_and_bad_options():
 @pytest.mark.parametrize("order", ["as shipped", "reversed"])
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
 def test_default_keeps_the_candidate_with_the_lower_held_out_loss(family, order, monkeypatch):
-    """"auto" leaves the model exactly as the better candidate run alone would (both when that
-    is the last candidate run and when it must be restored), and reports every candidate."""
+    """"auto" leaves the model exactly as the chosen candidate run alone would (both when that is
+    the last candidate run and when it must be restored), keeps the first candidate unless the
+    other's per-row held-out gain has a paired t above SWITCH_T, and reports every candidate."""
     from gradmap.prune import auto, pipeline
     from gradmap.experiments.methods import parse_method
     cands = pipeline.CANDIDATES if order == "as shipped" else tuple(reversed(pipeline.CANDIDATES))
@@ -178,15 +179,23 @@ def test_default_keeps_the_candidate_with_the_lower_held_out_loss(family, order,
     r = fast_prune(m, calib, 2, progress=False)
     rows = r.options["auto"]["candidates"]
     assert [row["pipeline"] for row in rows] == [pipeline.pipeline_name(c) for c in cands]
-    losses = {}
+    _, hold = split_holdout(calib, 0.125)
+    models, per_row = {}, {}
     for row in rows:
         alone = copy.deepcopy(dense)
         ra = fast_prune(alone, calib, 2, progress=False, **parse_method(row["pipeline"]).prune_kwargs())
         assert ra.safeguard["final_loss"] == pytest.approx(row["holdout_loss"], rel=1e-9)
         assert ra.removed_layers == row["removed_layers"]
-        losses[row["pipeline"]] = (ra.safeguard["final_loss"], alone)
-    chosen = min(losses, key=lambda k: losses[k][0])
+        models[row["pipeline"]] = alone
+        per_row[row["pipeline"]] = [mean_loss(alone, hold[i:i + 1]) for i in range(hold.shape[0])]
+    first, other = rows[0]["pipeline"], rows[1]["pipeline"]
+    d = torch.tensor(per_row[first], dtype=torch.float64) - torch.tensor(per_row[other], dtype=torch.float64)
+    sd = float(d.std())
+    t = float(d.mean() / (sd / d.numel() ** 0.5)) if sd > 0 else (float("inf") if float(d.mean()) > 0 else 0.0)
+    assert rows[1]["paired_t_vs_first"] == pytest.approx(t, rel=1e-6)
+    chosen = other if t > auto.SWITCH_T else first  # the first is kept unless clearly beaten
     assert r.options["auto"]["chosen"] == chosen and r.options["default_pipeline"] is True
+    losses = {k: (None, models[k]) for k in models}
     want = losses[chosen][1]
     assert m.config.num_hidden_layers == want.config.num_hidden_layers
     for (k, a), b in zip(m.state_dict().items(), want.state_dict().values()):
