@@ -31,6 +31,15 @@ def _prune(model, calib, schedule, compensation="magnitude", metric="block-influ
     return res, len(calls)
 
 
+@pytest.fixture(autouse=True)
+def _full_rescoring(monkeypatch):
+    """Bit-for-bit comparisons with a fresh forward: the iterative loop's prefix cache replays
+    states scaled by the magnitude fold, equal only up to the RMSNorm eps
+    (tests/test_prefix_cache.py), so every layer is recomputed here."""
+    from gradmap.runtime.prefix_cache import PrefixCache
+    monkeypatch.setattr(driver, "PrefixCache", lambda: PrefixCache(max_bytes=0))
+
+
 def _without_scored_abs(monkeypatch):
     monkeypatch.setattr(driver, "_scored_abs_device", lambda *a, **k: None)
 

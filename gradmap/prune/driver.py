@@ -36,6 +36,7 @@ from gradmap.prune.metrics import Metric, ScoringRun, get_metric
 from gradmap.prune.metrics.base import check_choice
 from gradmap.runtime.batching import AbsSink, MeanSink, Sinks, default_batch_size, preserved_state
 from gradmap.runtime.memory import limit_heap_fragmentation
+from gradmap.runtime.prefix_cache import PrefixCache
 from gradmap.runtime.support import requirements_of
 from gradmap.runtime.placement import model_device
 from gradmap.core.result import PruneResult
@@ -236,6 +237,14 @@ def _scored_abs_device(metric: Metric, compensators: list[Compensator], model: n
     return model_device(model), statistics.pop()
 
 
+def _drop_prefix_cache(run: ScoringRun, ctx: PruneContext) -> None:
+    """Free the loop's kept layer inputs once the loop is over; report what they saved."""
+    cache = run.prefix
+    if cache is not None:
+        ctx.result.options["rescoring"] = {"layers_replayed": cache.reused, "layers_run": cache.run}
+    run.prefix = ctx.prefix_cache = None
+
+
 def _next_choice(plan, result: PruneResult) -> int:
     t = time.perf_counter()
     idx = next(plan)
@@ -352,6 +361,8 @@ def _run(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str | Metr
     abs_device = _scored_abs_device(metric_obj, compensators, model, batch_size, comp_batch_size)
     run = ScoringRun(model=model, adapter=adapter, calib=calib, batch_size=batch_size,
                      removable=list(removable), n_prune=n_prune, progress=progress)
+    if schedule == "iterative" and n_prune > 1 and not offload:
+        run.prefix = ctx.prefix_cache = PrefixCache()
     limit_heap_fragmentation()  # freed activations go back to the OS (runtime/memory.py)
     start = time.perf_counter()
     plan = None
@@ -382,12 +393,14 @@ def _run(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str | Metr
                         _remove(ctx, compensators, run, _next_choice(plan, result))
                         plan.close()
                         bar.update(1)
+            _drop_prefix_cache(run, ctx)
             if guard is not None:
                 guard.after_removals(list(ctx.editors))
             for c in compensators:
                 with guard.finalize_stage(c.name) if guard is not None else nullcontext(), _editing(ctx, c):
                     c.finalize(ctx)
         finally:
+            _drop_prefix_cache(run, ctx)
             if plan is not None:
                 plan.close()
             if run.notes:

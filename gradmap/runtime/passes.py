@@ -25,6 +25,8 @@ from gradmap.core.errors import GradmapError
 from gradmap.ops import layer_grad_reductions
 from gradmap.runtime.batching import MeanSink, check_finite, micro_batches, preserved_state, shard
 from gradmap.runtime.hooks import LayerFn, checkpointed, input_requires_grad, layer_io, skip_layer
+from gradmap.runtime.prefix_cache import PrefixCache, model_hidden, state_bytes
+from gradmap.runtime.sequential import capture_block_inputs, run_layer
 from gradmap.runtime.loss import next_token_loss_sum
 from gradmap.runtime.placement import model_device, offload_of
 from gradmap.runtime.streaming import stream_backward_pass, stream_calibration_losses, stream_forward_pass
@@ -33,18 +35,27 @@ __all__ = ["forward_pass", "layer_sums", "backward_pass", "calibration_losses", 
            "param_grad_reductions"]
 
 
-def _io_hooks(adapter: ModelAdapter, on_layer: LayerFn | None, sink) -> ExitStack:
-    stack = ExitStack()
+def _layer_fn(adapter: ModelAdapter, on_layer: LayerFn | None, sink) -> LayerFn | None:
+    """One callback for a layer's (h_in, h_out): the sink's record, then `on_layer`."""
     ids = adapter.original_ids
     fns = []
     if sink is not None:
         fns.append(lambda pos, h_in, h_out: sink.add(ids[pos], h_in, h_out))
     if on_layer is not None:
         fns.append(on_layer)
-    if fns:
-        def fn(pos, h_in, h_out):
-            for f in fns:
-                f(pos, h_in, h_out)
+    if not fns:
+        return None
+
+    def fn(pos, h_in, h_out):
+        for f in fns:
+            f(pos, h_in, h_out)
+    return fn
+
+
+def _io_hooks(adapter: ModelAdapter, on_layer: LayerFn | None, sink) -> ExitStack:
+    stack = ExitStack()
+    fn = _layer_fn(adapter, on_layer, sink)
+    if fn is not None:
         stack.enter_context(layer_io(list(adapter.layers), fn))
     return stack
 
@@ -52,18 +63,69 @@ def _io_hooks(adapter: ModelAdapter, on_layer: LayerFn | None, sink) -> ExitStac
 @torch.no_grad()
 def forward_pass(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor, batch_size: int,
                  on_layer: LayerFn | None, sink: MeanSink | None = None, progress: bool = False,
-                 desc: str = "forward", after_batch: Callable[[int, int], None] | None = None) -> None:
-    """Run the decoder stack (no LM head) over the calibration set, calling `on_layer` per layer."""
+                 desc: str = "forward", after_batch: Callable[[int, int], None] | None = None,
+                 cache: PrefixCache | None = None) -> None:
+    """Run the decoder stack (no LM head) over the calibration set, calling `on_layer` per layer.
+
+    With `cache` (in-memory runs), the layers before the first one that changed since the last
+    pass with the same cache are replayed from its kept states instead of run
+    (`gradmap.runtime.prefix_cache`); the callbacks see the same sequence of calls.
+    """
     if offload_of(model) is not None:
         return stream_forward_pass(model, adapter, calib, batch_size, on_layer, sink, progress, desc,
                                    after_batch)
     device = model_device(model)
     offset, calib = shard(calib)
+    if cache is not None:
+        return _cached_forward_pass(model, adapter, calib, offset, batch_size, on_layer, sink, progress, desc,
+                                    after_batch, cache)
     with _io_hooks(adapter, on_layer, sink):
         for start, rows in micro_batches(calib, batch_size, progress, desc, offset):
             adapter.decoder(input_ids=rows.to(device), use_cache=False)
             if after_batch is not None:
                 after_batch(start, start + rows.shape[0])
+
+
+def _cached_forward_pass(model, adapter, calib, offset, batch_size, on_layer, sink, progress, desc,
+                         after_batch, cache: PrefixCache) -> None:
+    n = adapter.num_layers
+    key = (calib.data_ptr(), tuple(calib.shape), offset, batch_size)
+    k = cache.usable(adapter, key)
+    per_position = state_bytes(calib.shape[0], calib.shape[1], model_hidden(model),
+                                adapter.embed_tokens.weight.dtype)
+    keep = cache.positions_within_budget(per_position, n)
+    states: list[list[torch.Tensor]] = [[] for _ in range(keep)]
+    kept_before = cache.states
+    kwargs = capture_block_inputs(model, calib, batch_size).layer_kwargs if k > 0 else None
+
+    def record(pos: int, h_in: torch.Tensor, h_out: torch.Tensor) -> None:
+        if k <= pos < keep:
+            states[pos].append(h_in)
+        if pos == n - 1 and n < keep:
+            states[n].append(h_out)
+
+    with _io_hooks(adapter, on_layer, sink) as stack:
+        stack.enter_context(layer_io(list(adapter.layers), record))
+        replay = _layer_fn(adapter, on_layer, sink) or (lambda *_: None)
+        layers = list(adapter.layers)
+        for b, (start, rows) in enumerate(micro_batches(calib, batch_size, progress, desc, offset)):
+            if k == 0:
+                adapter.decoder(input_ids=rows.to(model_device(model)), use_cache=False)
+            else:
+                for pos in range(k):
+                    replay(pos, kept_before[pos][b], kept_before[pos + 1][b])
+                for pos in range(min(k, keep)):
+                    states[pos].append(kept_before[pos][b])
+                if k == n and n < keep:  # nothing to run: the kept output stays the output
+                    states[n].append(kept_before[n][b])
+                h = kept_before[k][b]  # position k's input: `record` keeps it when layer k runs
+                for pos in range(k, n):
+                    h = run_layer(layers[pos], h, kwargs[pos][b])
+            if after_batch is not None:
+                after_batch(start, start + rows.shape[0])
+    cache.reused += k
+    cache.run += n - k
+    cache.keep(adapter, key, states)
 
 
 def layer_sums(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor, batch_size: int,

@@ -62,6 +62,9 @@ class PruneContext:
     journal: dict[str, torch.Tensor] | None = None
     editing: str | None = None
     editors: list[str] = field(default_factory=list)
+    # the iterative loop's kept layer inputs (runtime.prefix_cache.PrefixCache), or None: a
+    # compensator that scales the whole stream before a cut tells it through `scale_prefix`
+    prefix_cache: Any = None
 
     @property
     def adapter(self) -> ModelAdapter:

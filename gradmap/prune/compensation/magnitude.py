@@ -153,7 +153,12 @@ class MagnitudeCompensation(Compensator):
         adapter = ctx.adapter
         cut = self.snapshot.dense_position(idx)
         n_before = sum(1 for o in adapter.original_ids if self.snapshot.dense_position(o) < cut)
-        fold_residual_scale_(adapter, n_before, s, lambda params: self.snapshot.remember(ctx, params))
+        def fold() -> None:
+            fold_residual_scale_(adapter, n_before, s, lambda params: self.snapshot.remember(ctx, params))
+        if ctx.prefix_cache is not None:  # the kept states before the cut scale with the stream
+            ctx.prefix_cache.scale_prefix(adapter, n_before, s, fold)
+        else:
+            fold()
         ctx.result.compensation_report[self.name]["scales"][idx] = s
         ctx.result.add_time("solve", time.perf_counter() - t0)
         log.info("layer %d removed, residual writes before it scaled by %.4f", idx, s)

@@ -24,6 +24,7 @@ from torch import nn
 from gradmap.core.adapter import ModelAdapter
 from gradmap.core.errors import GradmapError
 from gradmap.runtime.batching import AbsSink, MeanSink, Sinks
+from gradmap.runtime.prefix_cache import PrefixCache
 
 __all__ = ["Metric", "ScoringRun", "lowest_first", "check_choice"]
 
@@ -49,6 +50,9 @@ class ScoringRun:
     progress: bool = False
     # per-decision details a metric wants in the report (e.g. verification losses)
     notes: list[dict[str, Any]] = field(default_factory=list)
+    # the iterative loop's kept layer inputs (runtime.prefix_cache): a metric's plain forward
+    # pass given it recomputes only from the first layer that changed since the last pass
+    prefix: PrefixCache | None = None
 
 
 def lowest_first(scores: dict[int, float], allowed: list[int]) -> list[int]:

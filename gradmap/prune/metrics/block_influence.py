@@ -46,7 +46,8 @@ class BlockInfluence(Metric):
             check_finite(sums, "hidden state", start, stop, run.model)
 
         forward_pass(run.model, run.adapter, run.calib, run.batch_size, on_layer, sink=run.sink,
-                     progress=run.progress, desc="block influence", after_batch=after_batch)
+                     progress=run.progress, desc="block influence", after_batch=after_batch,
+                     cache=run.prefix)
         distributed.all_reduce_sum_(sums)
         vals = (sums[:n] / sums[n]).cpu()
         return {i: float(vals[p]) for p, i in enumerate(run.adapter.original_ids)}
