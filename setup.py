@@ -4,7 +4,8 @@ The extension is optional. Installing never fails because of it: it is
 skipped (with the reason printed) when GRADMAP_BUILD_EXT=0, when there are no
 sources, when torch is not importable at build time (use
 ``pip install --no-build-isolation``), when no C++ compiler is found, or when
-compilation fails. gradmap then uses its plain-torch fallbacks
+compilation fails (the error and the compiler's output stay in the build log:
+``pip install -v``). gradmap then uses its plain-torch fallbacks
 (``gradmap.ops.backends()`` says which is active).
 
 CUDA sources are added when torch has CUDA and nvcc is found (CUDA_HOME);
@@ -45,6 +46,7 @@ def _cuda_available(torch, cuda_home):
         _say("GRADMAP_BUILD_CUDA=0, building the CPU extension only")
         return False
     if torch.version.cuda is None:
+        _say(f"torch {torch.__version__} has no CUDA; building the CPU extension only")
         return False
     nvcc = os.path.join(cuda_home, "bin", "nvcc") if cuda_home else None
     if not nvcc or not os.path.exists(nvcc):
@@ -102,12 +104,15 @@ def _extension_kwargs():
                     if hasattr(attempts[0], attr):
                         setattr(ext, attr, getattr(attempts[0], attr))
                 self.extensions, self.compiler, self.inplace = [ext], compiler, inplace
+                kind = "with CUDA" if ext is not cpu_ext else "for CPU only"
                 try:
                     super().run()
+                    _say(f"built {ext.name} {kind}")
                     return
-                except Exception as exc:
+                except Exception as exc:  # never fails the install, but says everything it knows
                     nxt = "retrying CPU-only" if i + 1 < len(attempts) else "using plain-torch fallbacks"
-                    _say(f"building {ext.name} failed ({type(exc).__name__}: {exc}); {nxt}")
+                    _say(f"building {ext.name} {kind} FAILED ({type(exc).__name__}: {exc}); {nxt}. The "
+                         "compiler's own output is above (pip hides it unless run with -v)")
             self.extensions = []
 
     use_ninja = shutil.which("ninja") is not None

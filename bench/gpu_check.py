@@ -1,15 +1,18 @@
-"""The checks behind `bash .ci/gpu` (issue 18): every kernel and the extension solve against fp64
-references, in strict mode, then the measurements of bench/gpu_perf.py; writes gpu_report.json and
-gpu_report.md into --out and exits 1 if any check failed.
+"""The checks behind `bash .ci/gpu` (issues 18, 27): every kernel and the extension solve against
+fp64 references in strict mode, then the P3 kernel table and the P4 pipelines (bench/gpu_perf.py),
+within one time budget; every result is written to --out as it finishes (bench/gpu_report.py).
 
-    python bench/gpu_check.py --out DIR              # on a GPU (what .ci/gpu runs)
-    python bench/gpu_check.py --out DIR --dry-run    # CPU, tiny shapes, TRITON_INTERPRET=1
-    python bench/gpu_check.py --out DIR --small      # small GPU cases only (under compute-sanitizer)
+    python bench/gpu_check.py --out DIR                    # on a GPU (what .ci/gpu runs)
+    python bench/gpu_check.py --out DIR --dry-run          # CPU, tiny shapes, TRITON_INTERPRET=1
+    python bench/gpu_check.py --out DIR --small            # small GPU cases only (under compute-sanitizer)
 
-Run with GRADMAP_STRICT_KERNELS=1 (no silent fallback: a kernel that cannot run fails its check)
-and GRADMAP_KERNEL_POISON=1 (buffers the kernels allocate start as NaN). Inputs are fresh random
-tensors; accumulators start from random state. The dry run routes CPU tensors to the kernels
-(backend.KERNEL_DEVICE_TYPES), so the same code paths run under the interpreter.
+--budget S (default $GRADMAP_GPU_BUDGET_S or 480) counts from --started-at (epoch seconds;
+`.ci/gpu` passes its own start, so the install counts). --sanitizer / --no-sanitizer (default
+$GRADMAP_GPU_SANITIZER, else off): compute-sanitizer memcheck over the small cases.
+Run with GRADMAP_STRICT_KERNELS=1 (no silent fallback: a kernel that cannot run fails its
+check) and GRADMAP_KERNEL_POISON=1 (buffers the kernels allocate start as NaN). The dry run
+routes CPU tensors to the kernels (backend.KERNEL_DEVICE_TYPES), so the same code paths run
+under the interpreter.
 """
 from __future__ import annotations
 
@@ -21,69 +24,27 @@ import shutil
 import subprocess
 import sys
 import time
-import traceback
 
 import torch
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from gpu_report import Report, Skip  # noqa: E402
+from kernel_table import assert_within, randn  # noqa: E402
+
 RTOL = 1e-3  # of Σ|terms|: fp32 accumulation over up to 262144 terms; a lost tile or chunk is O(1)
 TWO31 = 2 ** 31
-
-
-class Report:
-    """Checks and measurements, each with its outcome, seconds and details."""
-
-    def __init__(self, dry: bool, device: str):
-        self.dry, self.device, self.t0 = dry, device, time.time()
-        self.checks: list[dict] = []
-        self.measurements: list[dict] = []
-        self.info: dict = {}
-
-    def check(self, name: str, fn, *args) -> None:
-        start = time.time()
-        entry = {"name": name}
-        try:
-            entry["details"] = fn(*args) or {}
-            entry["outcome"] = "passed"
-        except Exception as exc:  # a failed check is reported, the others still run
-            entry["outcome"] = "failed"
-            entry["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-            entry["traceback"] = traceback.format_exc()[-3000:]
-        entry["seconds"] = round(time.time() - start, 3)
-        self.checks.append(entry)
-        print(f"[{entry['outcome']}] {name} ({entry['seconds']} s) {entry.get('error', '')}", flush=True)
-        if self.device == "cuda":
-            torch.cuda.empty_cache()
-
-    def failed(self) -> list[str]:
-        return [c["name"] for c in self.checks if c["outcome"] == "failed"]
-
-
-def rand(*shape, dtype=torch.float32, device="cpu", seed=0) -> torch.Tensor:
-    g = torch.Generator(device=device).manual_seed(seed)
-    return torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)
-
-
-def assert_within(out: torch.Tensor, ref: torch.Tensor, magnitude: torch.Tensor, rtol: float, what: str) -> dict:
-    """|out − ref| ≤ rtol·magnitude elementwise (NaN fails); returns the worst ratio to the bound."""
-    err = (out.double() - ref.double()).abs()
-    bound = rtol * magnitude.double() + 1e-30
-    bad = ~(err <= bound)
-    worst = (err / bound).nan_to_num(float("inf")).max().item() if err.numel() else 0.0
-    if bad.any():
-        raise AssertionError(f"{what}: {int(bad.sum())}/{bad.numel()} elements off, worst {worst:.3g} x bound; "
-                             f"first at {bad.nonzero()[:3].tolist()}")
-    return {"worst_err_over_bound": worst}
+DRY_LIMIT = 2 ** 11  # the dry run's stand-in for 2³¹: same geometry, a size the CPU can hold
 
 
 # ----------------------------------------------------------------------------- cases
 
 def moments_case(kernels, ops, device, T, d, d_y, dtype, layout, direct, seed):
     """One accumulate_moments update (dispatch, or the launcher when `direct`) vs fp64."""
-    base = rand(T, 2 * d if layout == "strided" else d, dtype=dtype, device=device, seed=seed)
+    base = randn(T, 2 * d if layout == "strided" else d, dtype=dtype, device=device, seed=seed)
     x = {"contiguous": base, "strided": base[:, ::2], "column_major": None}[layout]
     if layout == "column_major":
-        x = rand(d, T, dtype=dtype, device=device, seed=seed).T
-    y = rand(T, d_y, dtype=dtype, device=device, seed=seed + 1) if d_y else None
+        x = randn(d, T, dtype=dtype, device=device, seed=seed).T
+    y = randn(T, d_y, dtype=dtype, device=device, seed=seed + 1) if d_y else None
     m = ops.Moments(d, d_y, device=device)
     g = torch.Generator(device=device).manual_seed(seed + 2)
     s = torch.randn(d, d, generator=g, device=device)
@@ -107,35 +68,47 @@ def moments_case(kernels, ops, device, T, d, d_y, dtype, layout, direct, seed):
     return out
 
 
-def offsets_past_2_31(kernels, ops, device, d, t_full, dtype):
-    """Column-major x whose column stride times d passes 2³¹ elements (int64 offsets, item 9)."""
-    base = rand(d, t_full, dtype=dtype, device=device, seed=5)  # d x t_full elements
-    x = base[:, :64].T  # [64, d], strides (1, t_full)
+def offsets_past(kernels, ops, device, d, limit, dtype):
+    """Column-major x [64, d] whose largest element offset (d − 1)·stride passes `limit` (2³¹ on
+    a GPU: int64 offsets in the Gram and column kernels)."""
+    t_full = -(-limit // (d - 1)) + 64  # column stride: (d − 1)·t_full > limit
+    x = randn(d, t_full, dtype=dtype, device=device, seed=5)[:, :64].T  # [64, d], strides (1, t_full)
     span = (d - 1) * x.stride(1)
+    if span < limit:
+        raise AssertionError(f"largest offset {span:,} does not pass {limit:,}")
     m = ops.Moments(d, want_xtx=True, device=device)
     kernels.accumulate_moments(m, x)
     xd = x.double()
-    out = assert_within(m.xtx, xd.T @ xd, xd.abs().T @ xd.abs(), RTOL, "xtx (2³¹ view)")
+    out = assert_within(m.xtx, xd.T @ xd, xd.abs().T @ xd.abs(), RTOL, "xtx (offsets view)")
     m2 = ops.Moments(d, want_xtx=False, device=device)
     kernels.accumulate_moments(m2, x)
-    assert_within(m2.sq_x, xd.square().sum(0), xd.square().sum(0), RTOL, "Σx² (2³¹ view)")
-    return {**out, "max_offset_elements": span, "crosses_2_31": span >= TWO31}
+    assert_within(m2.sq_x, xd.square().sum(0), xd.square().sum(0), RTOL, "Σx² (offsets view)")
+    return {**out, "largest_offset": span, "limit": limit}
 
 
-def c_offsets_past_2_31(kernels, ops, device, d, d_y, dtype):
-    """XᵀY with DA·DB past 2³¹ accumulator elements."""
-    x, y = rand(16, d, dtype=dtype, device=device, seed=6), rand(16, d_y, dtype=dtype, device=device, seed=7)
+def accumulator_past(kernels, ops, device, d, limit, dtype):
+    """XᵀY with an accumulator of d·d_y > `limit` elements (its last offset passes it), compared
+    in row blocks so the fp64 check never holds a second copy of it."""
+    d_y = limit // d + 16
+    x, y = randn(16, d, dtype=dtype, device=device, seed=6), randn(16, d_y, dtype=dtype, device=device, seed=7)
     m = ops.Moments(d, d_y, want_xtx=False, device=device)
     kernels.accumulate_moments(m, x, y)
-    ref = x.float().T @ y.float()  # 16 exact products per element: fp32 is within 1e-6 here
-    out = assert_within(m.xty, ref, x.float().abs().T @ y.float().abs(), RTOL, "xty (2³¹ accumulator)")
-    return {**out, "accumulator_elements": d * d_y, "crosses_2_31": d * d_y >= TWO31}
+    xf, yf = x.float(), y.float()
+    worst = 0.0
+    for r in range(0, d, 512):  # 16 exact products per element: fp32 is within 1e-6 here
+        ref = xf[:, r:r + 512].T @ yf
+        got = assert_within(m.xty[r:r + 512], ref, xf[:, r:r + 512].abs().T @ yf.abs(), RTOL, "xty (large)")
+        worst = max(worst, got["worst_err_over_bound"])
+    last = d * d_y - 1
+    if last < limit:
+        raise AssertionError(f"last accumulator offset {last:,} does not pass {limit:,}")
+    return {"worst_err_over_bound": worst, "last_offset": last, "limit": limit}
 
 
 def gate_case(kernels, ops, device, shape, dtype, direct, seed, row_stride=False):
-    g = rand(*shape[:-1], shape[-1] + (7 if row_stride else 0), dtype=dtype, device=device, seed=seed)
+    g = randn(*shape[:-1], shape[-1] + (7 if row_stride else 0), dtype=dtype, device=device, seed=seed)
     g = g[..., :shape[-1]]
-    u = rand(*shape, dtype=dtype, device=device, seed=seed + 1)
+    u = randn(*shape, dtype=dtype, device=device, seed=seed + 1)
     out = (kernels.gate_reduction if direct else ops.gate_reduction)(g, u)
     gd, ud = g.double(), u.double()
     return assert_within(out, (gd * ud).sum(-1), (gd * ud).abs().sum(-1), RTOL, f"⟨g,u⟩ {shape}")
@@ -146,14 +119,13 @@ def grads_case(kernels, ops, device, shapes, n_layers, dtypes, direct, ones=Fals
     for layer in range(n_layers):
         for i, shape in enumerate(shapes):
             dtype = dtypes[(layer + i) % len(dtypes)]
-            t = (torch.ones(shape, device=device, dtype=dtype) if ones
-                 else rand(*shape, dtype=dtype, device=device, seed=layer * 100 + i))
-            grads.append(t)
+            grads.append(torch.ones(shape, device=device, dtype=dtype) if ones
+                         else randn(*shape, dtype=dtype, device=device, seed=layer * 100 + i))
             lids.append(layer)
     if not ones:  # an unaligned view, a transposed one, tiny tensors
-        grads += [rand(1001, dtype=dtypes[0], device=device, seed=1)[3:],
-                  rand(13, 7, dtype=dtypes[-1], device=device, seed=2).T,
-                  rand(1, dtype=dtypes[0], device=device, seed=3)]
+        grads += [randn(1001, dtype=dtypes[0], device=device, seed=1)[3:],
+                  randn(13, 7, dtype=dtypes[-1], device=device, seed=2).T,
+                  randn(1, dtype=dtypes[0], device=device, seed=3)]
         lids += [0, n_layers - 1, 0]
     fn = kernels.layer_grad_reductions if direct else ops.layer_grad_reductions
     out_abs, out_sq = fn(grads, lids, n_layers)
@@ -170,15 +142,15 @@ def grads_case(kernels, ops, device, shapes, n_layers, dtypes, direct, ones=Fals
             "sq": assert_within(out_sq, ref_sq, ref_sq, 2e-5, "Σg²")}
 
 
-def solve_case(ops, extension, device, n, d, dry):
+def solve_case(ops, extension, device, n, d):
     ext = extension.extension()
     if ext is None or (device == "cuda" and not ext.cuda_built()):
-        if dry:
-            return {"skipped": f"extension not built: {extension.extension_status()}"}
+        if device == "cpu":
+            raise Skip(f"extension not built: {extension.extension_status()}")
         raise AssertionError(f"gradmap._C with CUDA is not available: {extension.extension_status()}")
-    x = rand(n, 2 * d, d, device=device, seed=d)
+    x = randn(n, 2 * d, d, dtype=torch.float32, device=device, seed=d)
     a = x.transpose(1, 2) @ x
-    b = a + 0.1 * rand(n, d, d, device=device, seed=d + 1)
+    b = a + 0.1 * randn(n, d, d, dtype=torch.float32, device=device, seed=d + 1)
     p, status = ops.projection_solve(a, b, 0.01)  # strict: an extension failure raises
     p_ref, s_ref = ops.projection_solve_reference(a, b, 0.01)
     rel = ((p - p_ref).abs().max() / p_ref.abs().max()).item()
@@ -195,17 +167,32 @@ def strict_raises(ops, device):
     raise AssertionError("fp64 on the kernel device did not raise in strict mode")
 
 
-# ----------------------------------------------------------------------------- plan
+def offload_strict(device, dry):
+    """Strict mode with offload="layer": weights on the host, statistics on the compute device."""
+    from gpu_perf import llama
+
+    from gradmap.ops import backend
+    from gradmap.prune.driver import fast_prune
+    model = llama(True, "cpu", seed=1)
+    calib = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(1))
+    with backend.record_kernels() as launched:
+        result = fast_prune(model, calib, 1, metric="block-influence", compensation="magnitude",
+                            schedule="iterative", offload="layer", compute_device=device, progress=False)
+    from_scoring = result.compensation_report["magnitude"].get("statistics_from_scoring_pass")
+    assert from_scoring == result.removed_layers, result.compensation_report["magnitude"]
+    return {"removed": result.removed_layers, "kernels": sorted(set(launched))}
+
+
+# ----------------------------------------------------------------------------- stages
 
 def correctness(report: Report, small: bool) -> None:
     import gradmap.ops as ops
     from gradmap.ops import backend, extension
     dry, device = report.dry, report.device
     kernels = backend.load_kernels()
-    report.info["backends"] = backends = backend.backends()
-    report.check("triton kernels load", lambda: {"status": backends["triton"]} if kernels is not None
-                 else (_ for _ in ()).throw(AssertionError(backends["triton"])))
     if kernels is None:
+        report.check("triton kernels load", lambda: (_ for _ in ()).throw(
+            AssertionError(backend.backends()["triton"])))
         return
     tiny = dry or small
     half = [torch.bfloat16, torch.float16]
@@ -225,14 +212,16 @@ def correctness(report: Report, small: bool) -> None:
         for dtype in (torch.bfloat16, torch.float32):
             report.check(f"moments {layout} {dtype}", moments_case, kernels, ops, device, T, ds[1], ds[0],
                          dtype, layout, True, 11)
-    if tiny:
-        report.check("moments column-major offsets (2³¹ on GPU)", offsets_past_2_31, kernels, ops, device, 24, 80,
-                     torch.bfloat16)
+    if tiny:  # the same geometry at a size the machine holds: 2³¹ is not crossed, and the names say so
+        report.check("moments column-major offsets past 2¹¹ (stand-in for 2³¹)", offsets_past, kernels, ops,
+                     device, 24, DRY_LIMIT, torch.bfloat16)
+        report.check("moments XᵀY accumulator past 2¹¹ (stand-in for 2³¹)", accumulator_past, kernels, ops,
+                     device, 24, DRY_LIMIT, torch.bfloat16)
     else:
-        report.check("moments column-major offsets past 2³¹", offsets_past_2_31, kernels, ops, device, 8192,
-                     262144, torch.bfloat16)
-        report.check("moments XᵀY accumulator past 2³¹", c_offsets_past_2_31, kernels, ops, device, 8192,
-                     262144, torch.bfloat16)
+        report.check("moments column-major offsets past 2³¹", offsets_past, kernels, ops, device, 8192, TWO31,
+                     torch.bfloat16)
+        report.check("moments XᵀY accumulator past 2³¹", accumulator_past, kernels, ops, device, 8192, TWO31,
+                     torch.bfloat16)
     shapes = [(1, 1), (5, 37), (3, 7, 45)] + ([] if tiny else [(16384, 4096), (2047, 4097), (2, 2048, 8192)])
     for shape in shapes:
         for dtype in half:
@@ -240,9 +229,8 @@ def correctness(report: Report, small: bool) -> None:
         report.check(f"gate launcher fp32 {shape}", gate_case, kernels, ops, device, shape, torch.float32, True, 4)
     report.check("gate row-strided bf16", gate_case, kernels, ops, device, (9, 41) if tiny else (4096, 4096),
                  torch.bfloat16, False, 5, True)
-    llama = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096), (14336, 4096), (14336, 4096),
-             (4096, 14336), (4096,), (4096,)]
-    shapes = [(s[0] // 64,) + tuple(x // 64 for x in s[1:]) for s in llama] if tiny else llama
+    from kernel_table import LLAMA8B_LAYER
+    shapes = [tuple(x // 64 for x in s) for s in LLAMA8B_LAYER] if tiny else LLAMA8B_LAYER
     n_layers = 3 if tiny else 2
     report.check("grad reductions dispatch bf16+fp16", grads_case, kernels, ops, device, shapes, n_layers, half,
                  False)
@@ -251,53 +239,69 @@ def correctness(report: Report, small: bool) -> None:
     report.check("grad reductions all-ones exact", grads_case, kernels, ops, device, shapes, n_layers,
                  [torch.bfloat16], False, True)
     for n, d in ([(3, 16)] if tiny else [(4, 576), (1, 2048), (1, 4096)]):
-        report.check(f"projection solve n={n} d={d}", solve_case, ops, extension, device, n, d, dry)
+        report.check(f"projection solve n={n} d={d}", solve_case, ops, extension, device, n, d)
     report.check("strict mode raises on fp64", strict_raises, ops, device)
+    if not small:
+        report.check("strict mode with offload='layer'", offload_strict, device, dry)
 
 
-def sanitizer(report: Report, out: str) -> None:
-    """compute-sanitizer memcheck over the small cases, when the tool works on this machine."""
+def sanitizer(report: Report, out: str, probe_timeout: float = 120.0) -> None:
+    """compute-sanitizer memcheck over the small cases, when the tool works here; a probe that
+    fails or times out is a note, not an abort."""
     tool = shutil.which("compute-sanitizer")
     if tool is None:
-        report.info["sanitizer"] = "compute-sanitizer not found"
+        report.record("check", "compute-sanitizer memcheck", outcome="skipped", why="compute-sanitizer not found")
         return
-    probe = subprocess.run([tool, "--tool", "memcheck", sys.executable, "-c",
-                            "import torch; print(torch.ones(8, device='cuda').sum().item())"],
-                           capture_output=True, text=True, timeout=300)
+    try:
+        probe = subprocess.run([tool, "--tool", "memcheck", sys.executable, "-c",
+                                "import torch; print(torch.ones(8, device='cuda').sum().item())"],
+                               capture_output=True, text=True, timeout=min(probe_timeout, max(1.0, report.left())))
+    except subprocess.TimeoutExpired:
+        report.record("check", "compute-sanitizer memcheck", outcome="skipped",
+                      why=f"the probe did not finish in {probe_timeout:.0f} s")
+        return
     if probe.returncode != 0 or "8.0" not in probe.stdout:
-        report.info["sanitizer"] = f"does not work here (exit {probe.returncode}): {probe.stderr[-300:]}"
+        report.record("check", "compute-sanitizer memcheck", outcome="skipped",
+                      why=f"the tool does not work here (exit {probe.returncode}): {probe.stderr[-300:]}")
         return
-    report.info["sanitizer"] = "ran"
 
     def run():
         sub = os.path.join(out, "sanitizer")
-        proc = subprocess.run([tool, "--tool", "memcheck", "--error-exitcode", "97", sys.executable,
-                               os.path.abspath(__file__), "--small", "--out", sub],
-                              capture_output=True, text=True, timeout=420)
+        os.makedirs(sub, exist_ok=True)
+        try:
+            proc = subprocess.run([tool, "--tool", "memcheck", "--error-exitcode", "97", sys.executable,
+                                   os.path.abspath(__file__), "--small", "--out", sub,
+                                   "--budget", str(max(1, int(report.deadline - time.time())))],
+                                  capture_output=True, text=True, timeout=max(1.0, report.deadline - time.time()))
+        except subprocess.TimeoutExpired:
+            raise Skip("memcheck did not finish before the stage deadline") from None
         tail = (proc.stdout + proc.stderr)[-3000:]
         assert proc.returncode == 0, f"exit {proc.returncode}: {tail}"
         return {"errors": 0, "tail": tail[-500:]}
     report.check("compute-sanitizer memcheck (small cases)", run)
 
 
-def write(report: Report, out: str) -> None:
-    report.info.update(seconds=round(time.time() - report.t0, 1), dry_run=report.dry,
-                       failed=report.failed(), python=platform.python_version())
-    with open(os.path.join(out, "gpu_report.json"), "w") as f:
-        json.dump({"info": report.info, "checks": report.checks, "measurements": report.measurements}, f,
-                  indent=1, default=str)
-    lines = [f"# gradmap GPU check{' (dry run: CPU, interpreter, tiny shapes)' if report.dry else ''}", "",
-             f"- device: {report.info.get('device')}", f"- versions: {report.info.get('versions')}",
-             f"- sanitizer: {report.info.get('sanitizer', 'not run')}",
-             f"- checks: {len(report.checks) - len(report.failed())}/{len(report.checks)} passed in "
-             f"{report.info['seconds']} s", "", "| check | outcome | s |", "| --- | --- | --- |"]
-    lines += [f"| {c['name']} | {c['outcome']}{': ' + c['error'][:120] if 'error' in c else ''} | {c['seconds']} |"
-              for c in report.checks]
-    if report.measurements:
-        lines += ["", "| measurement | value | detail |", "| --- | --- | --- |"]
-        lines += [f"| {m['name']} | {m.get('value', '')} | {m.get('detail', '')} |" for m in report.measurements]
-    with open(os.path.join(out, "gpu_report.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+def environment(report: Report) -> None:
+    """Versions, the device, and `backends()` (printed before any check)."""
+    import gradmap
+    from gradmap.ops import backend, extension
+    versions = {"torch": torch.__version__, "gradmap": gradmap.__version__, "gradmap_from": gradmap.__file__,
+                "python": platform.python_version()}
+    for name in ("triton", "transformers", "numpy"):
+        try:
+            versions[name] = __import__(name).__version__
+        except Exception as exc:
+            versions[name] = f"missing ({exc})"
+    device = torch.cuda.get_device_name() if report.device == "cuda" else "cpu (dry run)"
+    report.info.update(versions=versions, device=device, strict=backend.strict_kernels())
+    backends = backend.backends()
+    report.info["backends"] = backends
+    print("backends: " + json.dumps(backends, indent=1), flush=True)
+    ext = extension.extension()
+    built = ext is not None and (report.device == "cpu" or ext.cuda_built())
+    report.measurement("backends", "; ".join(f"{k}: {v}" for k, v in backends.items()), backends=backends)
+    report.measurement("CUDA extension" if report.device == "cuda" else "extension",
+                       "built" if built else f"not built: {extension.extension_status()}")
 
 
 def main() -> int:
@@ -305,34 +309,39 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--dry-run", action="store_true")
     ap.add_argument("--small", action="store_true", help="small cases, no measurements (sanitizer run)")
+    ap.add_argument("--budget", type=float, default=float(os.environ.get("GRADMAP_GPU_BUDGET_S", "480")))
+    ap.add_argument("--started-at", type=float, default=None, help="epoch seconds the budget counts from")
+    ap.add_argument("--sanitizer", action=argparse.BooleanOptionalAction,
+                    default=os.environ.get("GRADMAP_GPU_SANITIZER", "0") not in ("", "0"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     device = "cpu" if args.dry_run else "cuda"
     if not args.dry_run and not torch.cuda.is_available():
         print("no CUDA device: run with --dry-run on CPU", file=sys.stderr)
         return 2
-    import gradmap
     from gradmap.ops import backend
     if args.dry_run:
         backend.KERNEL_DEVICE_TYPES = ("cpu",)  # CPU tensors take the kernel paths, under the interpreter
-    report = Report(args.dry_run, device)
-    versions = {"torch": torch.__version__, "gradmap": gradmap.__version__, "gradmap_from": gradmap.__file__}
-    for name in ("triton", "transformers", "numpy"):
-        try:
-            versions[name] = __import__(name).__version__
-        except Exception as exc:
-            versions[name] = f"missing ({exc})"
-    report.info.update(versions=versions, strict=backend.strict_kernels(),
-                       device=torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)")
-    correctness(report, args.small)
+    report = Report(args.out, args.dry_run, device, args.budget, args.started_at)
+    report.start_watchdog()
+    import gpu_perf
+    plan = [("environment", 0.02, lambda: environment(report)),
+            ("correctness", 0.33, lambda: correctness(report, args.small))]
     if not args.small:
-        if not args.dry_run:
-            sanitizer(report, args.out)
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        import gpu_perf
-        gpu_perf.run(report)
-    write(report, args.out)
-    print(f"gpu check: {len(report.failed())} failed of {len(report.checks)}; report in {args.out}")
+        plan += [("P3 kernel table", 0.25, lambda: gpu_perf.p3(report)),
+                 ("P4 pipelines", 0.40, lambda: gpu_perf.p4(report))]
+        if args.sanitizer and not args.dry_run:
+            plan.append(("sanitizer", 0.25, lambda: sanitizer(report, args.out)))
+        else:
+            why = ("off (the quick run; --sanitizer or GRADMAP_GPU_SANITIZER=1 turns it on)" if not args.sanitizer
+                   else "no GPU in the dry run")
+            plan.append(("sanitizer", 0.01, lambda: report.record("check", "compute-sanitizer memcheck",
+                                                                   outcome="skipped", why=why)))
+    for i, (name, share, run) in enumerate(plan):
+        with report.stage(name, share, sum(s for _, s, _ in plan[i + 1:])) as started:
+            if started:
+                run()
+    report.finish()
     return 1 if report.failed() else 0
 
 

@@ -16,11 +16,12 @@ from __future__ import annotations
 import logging
 import os
 import platform
+import time
 from typing import Any, Callable
 
 import torch
 
-__all__ = ["machine_info", "measure", "percentiles"]
+__all__ = ["machine_info", "measure", "percentiles", "time_calls"]
 
 log = logging.getLogger("gradmap.bench")
 
@@ -58,6 +59,25 @@ def percentiles(data: list[float], qs=(10, 50, 90)) -> dict[str, float]:
         k = min(len(xs) - 1, max(0, round(q / 100 * (len(xs) - 1))))
         out[f"p{q}"] = xs[k]
     return out
+
+
+def time_calls(fn: Callable[[], Any], device: torch.device | str = "cpu", reps: int = 5,
+               warmup: int = 1) -> list[float]:
+    """Seconds of `reps` calls of `fn` after `warmup` untimed ones (CUDA-synchronised): the
+    timer of `.ci/gpu`, which runs outside pytest-benchmark."""
+    cuda = torch.device(device).type == "cuda"
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+    return times
 
 
 def measure(benchmark, fn: Callable[[], Any], *, group: str, device: torch.device | str = "cpu",

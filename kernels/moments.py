@@ -39,7 +39,9 @@ GPU notes (issue 18; unmeasured until `.ci/gpu` runs on a GPU):
   tile (d = 576: 15 tiles at 128²) without split-K, which would need atomics
   (non-deterministic) or a second reduction pass; at d = 576 the whole update is
   ~11 GFLOP per 16k-token chunk, so it stays as is until measured. The column
-  kernel (no XᵀX) picks BLOCK_D so that d = 4096 gives 128 programs, not 32.
+  kernel (no XᵀX, bandwidth-bound) splits the rows as well as the columns, about
+  eight programs per multiprocessor (issue 27: d = 4096 gave 128 programs, fewer
+  than an H100/H200's 132 SMs, one 4-warp program each).
 - Loaded values used as loop bounds or branch conditions: ``ti``/``tj`` (loaded
   tile coordinates) drive ``if diag`` and ``if ti != tj``. Triton 3.6's
   interpreter turns such a value into a one-element array and numpy >= 2.3
@@ -56,9 +58,9 @@ import triton.language as tl
 
 from gradmap.core.errors import GradmapError
 
-from .utils import cdiv, check_inputs, device_table, interpreting, on_device, upcast_dots
+from .utils import cdiv, check_inputs, device_table, empty, interpreting, on_device, upcast_dots
 
-__all__ = ["accumulate_moments", "gram_update", "column_stats_update"]
+__all__ = ["accumulate_moments", "gram_update", "column_stats_update", "column_stats_grid"]
 
 
 @triton.jit(do_not_specialize=["T"])
@@ -115,25 +117,34 @@ def _tile_gram_kernel(a_ptr, b_ptr, c_ptr, sum_ptr, sq_ptr, tile_i_ptr, tile_j_p
             tl.store(sq_ptr + offs_m, old_sq + sq, mask=m_mask)
 
 
-@triton.jit(do_not_specialize=["T"])
-def _column_stats_kernel(x_ptr, sum_ptr, sq_ptr, T, D, stride_t, stride_d,
-                         BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+@triton.jit(do_not_specialize=["T", "rows_per_split"])
+def _column_stats_kernel(x_ptr, sum_ptr, sq_ptr, T, D, stride_t, stride_d, rows_per_split, stride_out,
+                         ACCUMULATE: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    # program (column block, row split): Σx and Σx² of its rows, added in place (ACCUMULATE, one
+    # split) or written to row `split` of the [splits, D] partial sums (each element once)
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    split = tl.program_id(1)
     c_mask = cols < D
     cols64 = cols.to(tl.int64)
+    start = split.to(tl.int64) * rows_per_split
+    end = tl.minimum(start + rows_per_split, T)
     offs_t = tl.arange(0, BLOCK_T)
     acc_sum = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
     acc_sq = tl.zeros([BLOCK_T, BLOCK_D], dtype=tl.float32)
-    for t0 in range(0, T, BLOCK_T):
-        rows = (t0 + offs_t).to(tl.int64)
+    for t0 in range(0, rows_per_split, BLOCK_T):
+        rows = start + t0 + offs_t
         x = tl.load(x_ptr + rows[:, None] * stride_t + cols64[None, :] * stride_d,
-                    mask=(rows < T)[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
+                    mask=(rows < end)[:, None] & c_mask[None, :], other=0.0).to(tl.float32)
         acc_sum += x
         acc_sq += x * x
-    tl.store(sum_ptr + cols, tl.load(sum_ptr + cols, mask=c_mask, other=0.0) + tl.sum(acc_sum, axis=0),
-             mask=c_mask)
-    tl.store(sq_ptr + cols, tl.load(sq_ptr + cols, mask=c_mask, other=0.0) + tl.sum(acc_sq, axis=0),
-             mask=c_mask)
+    s = tl.sum(acc_sum, axis=0)
+    q = tl.sum(acc_sq, axis=0)
+    out = split.to(tl.int64) * stride_out + cols64
+    if ACCUMULATE:
+        s += tl.load(sum_ptr + out, mask=c_mask, other=0.0)
+        q += tl.load(sq_ptr + out, mask=c_mask, other=0.0)
+    tl.store(sum_ptr + out, s, mask=c_mask)
+    tl.store(sq_ptr + out, q, mask=c_mask)
 
 
 BIG_TILE_SMEM = 200 * 1024  # opt-in shared memory per block the 128x128x64 x 3-stage bf16 tiles need
@@ -206,8 +217,32 @@ def gram_update(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None,
             PRECISION="ieee" if a.dtype == torch.float32 else "tf32", **cfg)
 
 
+@functools.lru_cache(maxsize=16)
+def _multiprocessors(device: torch.device) -> int:
+    return int(torch.cuda.get_device_properties(device).multi_processor_count)
+
+
+def column_stats_grid(T: int, D: int, device: torch.device) -> dict:
+    """Launch geometry of `column_stats_update`: column blocks x row splits, about eight programs
+    per multiprocessor (d = 4096 alone gives only 64 column blocks for 132 SMs), each split a
+    multiple of BLOCK_T rows; the interpreter counts one multiprocessor."""
+    if interpreting():
+        block_t, block_d, warps, sms = 16, 16, 1, 1
+    else:
+        block_t, block_d, warps, sms = 32, 64, 4, _multiprocessors(device)
+    col_blocks = cdiv(D, block_d)
+    wanted = cdiv(8 * sms, col_blocks)
+    rows = cdiv(cdiv(T, wanted), block_t) * block_t
+    return dict(col_blocks=col_blocks, splits=cdiv(T, rows), rows_per_split=rows, multiprocessors=sms,
+                BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
+
+
 def column_stats_update(sum_x: torch.Tensor, sq_x: torch.Tensor, x: torch.Tensor) -> None:
-    """Σx and Σx² per column of x [T, d], added in place to fp32 sum_x and sq_x [d]."""
+    """Σx and Σx² per column of x [T, d], added in place to fp32 sum_x and sq_x [d].
+
+    Row splits (see `column_stats_grid`) write fp32 partial sums, added in split order: the
+    result does not depend on scheduling.
+    """
     device = check_inputs("column_stats_update", x=x)
     if x.dim() != 2:
         raise GradmapError(f"column_stats_update: x must be [T, d], got {tuple(x.shape)}")
@@ -216,13 +251,16 @@ def column_stats_update(sum_x: torch.Tensor, sq_x: torch.Tensor, x: torch.Tensor
     T, D = x.shape
     if T == 0 or D == 0:
         return
-    if interpreting():
-        block_t, block_d, warps = 16, 16, 1
-    else:  # enough programs to fill the GPU: d = 4096 -> 128 programs of 32 columns
-        block_t, block_d, warps = 64, (32 if D <= 8192 else 128), 4
+    g = column_stats_grid(T, D, device)
+    split = g["splits"] > 1
+    psum, psq = (empty((g["splits"], D), device), empty((g["splits"], D), device)) if split else (sum_x, sq_x)
     with on_device(device):
-        _column_stats_kernel[(cdiv(D, block_d),)](x, sum_x, sq_x, T, D, x.stride(0), x.stride(1),
-                                                  BLOCK_T=block_t, BLOCK_D=block_d, num_warps=warps)
+        _column_stats_kernel[(g["col_blocks"], g["splits"])](
+            x, psum, psq, T, D, x.stride(0), x.stride(1), g["rows_per_split"], psum.stride(0) if split else 0,
+            ACCUMULATE=not split, BLOCK_T=g["BLOCK_T"], BLOCK_D=g["BLOCK_D"], num_warps=g["num_warps"])
+    if split:
+        sum_x += psum.sum(0)
+        sq_x += psq.sum(0)
 
 
 def accumulate_moments(m, x: torch.Tensor, y: torch.Tensor | None = None) -> None:

@@ -200,6 +200,27 @@ def test_moments_xty_with_mixed_input_dtypes():
     assert_close_to(m.xtx, m_ref.xtx, xa.T @ xa, 1e-5, "xtx bf16")
 
 
+@pytest.mark.parametrize("T,d", [(3, 20), (37, 20), (200, 33), (130, 1)], ids=lambda v: str(v))
+def test_moments_column_stats_row_splits(T, d):
+    """The column kernel alone: one split (in place) and several (partial sums added in split order)."""
+    moments_launcher = KERNELS.moments
+    grid = moments_launcher.column_stats_grid(T, d, torch.device("cpu"))
+    assert (grid["splits"] > 1) == (T > grid["BLOCK_T"]), grid  # both paths are exercised
+    assert (grid["splits"] - 1) * grid["rows_per_split"] < T <= grid["splits"] * grid["rows_per_split"]
+    x = randn(2 * T, d, dtype=torch.bfloat16, seed=T)[::2]  # row stride 2d
+    m = Moments(d, want_xtx=False)
+    _random_state(m, seed=d)
+    m_ref, m0 = _clone(m), _clone(m)
+    moments_launcher.column_stats_update(m.sum_x, m.sq_x, x)
+    accumulate_moments_reference(m_ref, x)
+    mag = _magnitudes(m0, [x], [None])
+    for name in ("sum_x", "sq_x"):
+        assert_close_to(getattr(m, name), getattr(m_ref, name), mag[name], RTOL[torch.bfloat16], name)
+    again = _clone(m0)
+    moments_launcher.column_stats_update(again.sum_x, again.sq_x, x)
+    assert torch.equal(again.sum_x, m.sum_x) and torch.equal(again.sq_x, m.sq_x), "not deterministic"
+
+
 # ----------------------------------------------------------------------------- launcher checks
 
 def test_launchers_reject_bad_input():
@@ -276,3 +297,24 @@ def test_end_to_end_fast_prune_through_kernels(variant, monkeypatch):
     for key in w_r:
         torch.testing.assert_close(w_k[key], w_r[key], rtol=1e-5, atol=1e-6 * float(w_r[key].abs().max()),
                                    msg=lambda m: f"{key}: {m}")
+
+
+def test_end_to_end_bf16_default_pipeline_reaches_these_kernels(monkeypatch):
+    """What production runs: the default `fast_prune` on a bf16 model, in strict mode, through the
+    dispatch layer's recording hook. The compensators feed the MLP output M in bf16, so MᵀM
+    reaches the Gram kernel; Mᵀr (r fp32) stays on torch and no bf16 XᵀY is formed (the
+    XᵀY kernel has no production caller)."""
+    from gradmap.ops import extension
+    from gradmap.prune.driver import fast_prune
+    from tiny import random_ids, tiny_model
+    monkeypatch.setattr(backend, "KERNEL_DEVICE_TYPES", ("cpu",))  # CPU tensors take the kernel paths
+    monkeypatch.setenv("GRADMAP_STRICT_KERNELS", "1")
+    model = tiny_model("llama", n_layers=5, seed=0, dtype=torch.bfloat16)
+    with backend.record_kernels() as launched:
+        result = fast_prune(model, random_ids(8, 12, seed=0), 1, progress=False)
+    assert len(result.options["auto"]["candidates"]) == 2  # both default candidates ran
+    # GradMAP's default gradient is "token" (gate_reduction); layer_grad_reductions serves gradient="param"
+    expected = {"column_stats_update", "gate_reduction", "gram_update (XᵀX)"}
+    if extension.extension() is not None:
+        expected.add("gradmap._C.projection_solve")
+    assert set(launched) == expected, sorted(set(launched))

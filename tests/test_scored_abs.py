@@ -108,3 +108,25 @@ def test_layer_offload_records_the_same_statistics():
     got = streamed.compensation_report["magnitude"]
     assert got["statistics_from_scoring_pass"] == streamed.removed_layers == mem.removed_layers
     assert got["scales"] == pytest.approx(mem.compensation_report["magnitude"]["scales"], rel=1e-12)
+
+
+def test_layer_offload_records_statistics_on_the_compute_device(monkeypatch):
+    """offload="layer": the scoring pass's magnitude sums are kept where the activations are computed,
+    not on the host that holds the weights (else strict mode raises on a GPU and every layer's
+    hidden states are copied to the host). A fake second device stands in for the GPU: "cpu:0"
+    compares unequal to the host's "cpu" while computing on the CPU."""
+    from gradmap.runtime.batching import AbsSink
+    made = []
+
+    class RecordingSink(AbsSink):
+        def __init__(self, device, statistic="ratio"):
+            made.append(torch.device(device))
+            super().__init__(device, statistic)
+    monkeypatch.setattr(driver, "AbsSink", RecordingSink)
+    monkeypatch.setenv("GRADMAP_STRICT_KERNELS", "1")
+    compute = torch.device("cpu", 0)
+    assert compute != torch.device("cpu")
+    model = tiny_model("llama", n_layers=6, dtype=torch.float64, seed=7)
+    res, _ = _prune(model, random_ids(4, 12, seed=8), "iterative", offload="layer", compute_device=compute)
+    assert res.compensation_report["magnitude"]["statistics_from_scoring_pass"] == res.removed_layers
+    assert made == [compute] * 3, made  # one sink per scoring pass, each on the compute device

@@ -41,6 +41,7 @@ import importlib.util
 import logging
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 
@@ -52,7 +53,7 @@ from gradmap.ops import extension
 __all__ = [
     "KERNEL_DEVICE_TYPES", "KERNEL_DTYPES", "TORCH_DTYPES", "OPS", "StrictKernelError", "force_reference",
     "strict_kernels", "load_kernels", "kernels_dir", "device_key", "on_kernel_device", "choose", "fallback",
-    "kernel_failed", "failed", "run_kernel", "exact_fp32", "reset", "backends",
+    "kernel_failed", "failed", "run_kernel", "record_kernels", "exact_fp32", "reset", "backends",
 ]
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ OPS = ("accumulate_moments", "layer_grad_reductions", "gate_reduction", "project
 _kernels: dict[str, object] = {}  # "module": ModuleType | None, "status": str
 _failed: dict[str, str] = {}  # op -> why its kernel was abandoned in this process
 _warned: set[tuple[str, str]] = set()  # (op, reason) pairs already warned about
+_recorders: list[list[str]] = []  # the lists of the open `record_kernels` blocks
 
 
 class StrictKernelError(GradmapError):
@@ -217,6 +219,8 @@ def run_kernel(op: str, kernel: str, call, reference):
 
     Input errors (GradmapError) are re-raised: they would fail the reference too.
     """
+    for seen in _recorders:
+        seen.append(kernel)
     try:
         return call()
     except GradmapError:
@@ -224,6 +228,18 @@ def run_kernel(op: str, kernel: str, call, reference):
     except Exception as exc:
         kernel_failed(op, kernel, exc)
         return reference()
+
+
+@contextlib.contextmanager
+def record_kernels() -> Iterator[list[str]]:
+    """Inside the block, the names of the kernels `run_kernel` starts, in call order (also one
+    that then fails and falls back): which kernels a pipeline reaches (tests, `.ci/gpu`)."""
+    seen: list[str] = []
+    _recorders.append(seen)
+    try:
+        yield seen
+    finally:
+        _recorders.remove(seen)
 
 
 @contextlib.contextmanager

@@ -11,7 +11,9 @@ Dispatch, per part of the update:
 - XᵀY: the Triton kernel when x and y are both bf16 or both fp16 on that device;
   otherwise torch, which upcasts to fp32 (exact for bf16/fp16 values; cuBLAS needs
   one dtype, so the fp32 copies of mixed inputs are unavoidable there).
-Today's compensators pass fp32 (they call ``.float()``), so they run on cuBLAS.
+The compensators pass the MLP output M in the model's dtype and the regression target r in
+fp32 (a difference of residual states): on a bf16 model MᵀM runs on the Gram kernel and Mᵀr
+on cuBLAS fp32; the magnitude and mean statistics reach the column kernel.
 """
 from __future__ import annotations
 

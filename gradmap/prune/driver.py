@@ -358,7 +358,6 @@ def _run(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str | Metr
                        dense_layer_ids=list(ids))
     want_means = metric_obj.feeds_dense_means() and any(c.needs_dense_means for c in compensators)
     means = MeanSink() if want_means else None
-    abs_device = _scored_abs_device(metric_obj, compensators, model, batch_size, comp_batch_size)
     run = ScoringRun(model=model, adapter=adapter, calib=calib, batch_size=batch_size,
                      removable=list(removable), n_prune=n_prune, progress=progress)
     if schedule == "iterative" and n_prune > 1 and not offload:
@@ -368,6 +367,8 @@ def _run(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str | Metr
     plan = None
     offloaded = layer_offload(model, compute_device) if offload else nullcontext()
     with offloaded, _peak_memory(model, result), preserved_state(model):
+        # inside the offload block: model_device is then the compute device, where the activations are
+        abs_device = _scored_abs_device(metric_obj, compensators, model, batch_size, comp_batch_size)
         try:
             scores = _timed_score(metric_obj, run, ctx, means, abs_device)
             if means is not None:

@@ -125,8 +125,10 @@ def stream_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Tenso
         for o in mean_layers:
             h = got[("h", o)]
             accumulate_moments(moments_in(stats.pruned_means, o, d, h.device, want_xtx=False), h)
-        m_of = {o: got[("m", o)].float() for o in site_layers}
-        y_of = {o: got[("h", o)].float() - m_of[o] for o in site_layers}
+        # M stays in the model's dtype: MᵀM then runs on the bf16 Gram kernel (fp32 accumulation,
+        # exact products); r = T − Y is a difference of residual states, so it is formed in fp32
+        m_of = {o: got[("m", o)] for o in site_layers}
+        y_of = {o: got[("h", o)].float() - m_of[o].float() for o in site_layers}
         dense = {o: got[("h", o)] for o in from_pruned}
         h_k = got[("h", handoff)] if handoff is not None else None
         del got

@@ -173,8 +173,8 @@ def streamed_statistics(ctx: PruneContext, snap: DenseSnapshot, calib: torch.Ten
         if o in from_pruned:
             dense_out(o, j, h_out)
         if o in site_layers:
-            m = got[o].float()
-            pairs.site(o, j, m, h_out.float() - m)
+            m = got[o]  # the model's dtype, as in the in-memory pass (stats.stream_statistics)
+            pairs.site(o, j, m, h_out.float() - m.float())
 
     inputs = StreamInputs(model, adapter, calib, ctx.batch_size, device)
     hidden = list(inputs.hidden)
