@@ -344,12 +344,12 @@ def test_an_aborted_run_says_why_in_its_results(tmp_path, text_file):
 def test_cli_end_to_end_saves_checkpoint_and_generates(tmp_path, text_file, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
 
-    from gradmap.evaluate import perplexity
+    from gradmap.evaluate import perplexity, zero_shot
 
     monkeypatch.setattr(gradmap.core.models, "load_model", tiny_loader())
     out, ckpt = tmp_path / "o", tmp_path / "ckpt"
     rc = cli.main(["compare", "--model", "tiny", "--n-prune", "2",
-                   "--methods", "gradmap+projection", "--tasks", "piqa,winogrande",
+                   "--methods", "gradmap+projection", "--tasks", "piqa,winogrande,lambada_openai",
                    "--limit", "2", "--calib", text_file, "--n-calib", "4", "--seq-len", "32",
                    "--batch-size", "2", "--ppl-data", text_file, "--ppl-seq-len", "64",
                    "--ppl-windows", "2", "--out", str(out), "--save", str(ckpt),
@@ -372,6 +372,12 @@ def test_cli_end_to_end_saves_checkpoint_and_generates(tmp_path, text_file, monk
     report = json.loads((ckpt / "report.json").read_text())
     assert sorted(report["removed_layers"]) == row["removed_layers"]
     assert report["compare"]["ppl"] == row["ppl"]
+    # LAMBADA, beside the average: in the printed table with n, in the row and in report.json
+    assert "| LAMBADA acc (n=2) % [95%] | LAMBADA PPL |" in printed
+    assert report["compare"]["lambada"] == row["lambada"] and row["lambada"]["n"] == 2
+    lam = zero_shot(saved, tiny_tokenizer(), "lambada_openai", limit=2, progress=False)
+    assert lam["lambada_openai"]["ppl"] == pytest.approx(row["lambada"]["ppl"], rel=1e-5)
+    assert row["average"] == pytest.approx((row["tasks"]["piqa"] + row["tasks"]["winogrande"]) / 2)
 
 
 def test_cli_reports_failures_with_exit_code(tmp_path, text_file, monkeypatch, capsys):
