@@ -63,7 +63,9 @@ def settings(args) -> dict:
     return {"model": args.model, "n_prune": args.n_prune, "n_calib": args.n_calib,
             "seq_len": args.seq_len, "calib": "c4", "ppl_data": "wikitext2", "ppl_seq_len": 2048,
             "ppl_windows": args.ppl_windows, "limit": args.limit,
-            "eval_batch_size": args.eval_batch_size}
+            "eval_batch_size": args.eval_batch_size,
+            # zero_shot's "all" gained LAMBADA (issue 26): rows without it are another protocol
+            "tasks": "all+lambada_openai"}
 
 
 def key(row: dict) -> tuple:

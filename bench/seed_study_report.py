@@ -21,7 +21,8 @@ import json
 import sys
 from pathlib import Path
 
-from gradmap.experiments.seed_table import SeedRun, markdown_seed_table, method_lines, summarize
+from gradmap.experiments.seed_table import (SeedRun, markdown_seed_table, method_lines, summarize,
+                                            zero_shot_fields)
 
 
 def load_rows(path: Path) -> list[dict]:
@@ -38,13 +39,11 @@ def load_rows(path: Path) -> list[dict]:
 
 def seed_run(row: dict) -> SeedRun:
     """One "run" row of the study as the table's SeedRun (per-example 0/1 of the task's metric)."""
-    tasks = (row.get("zero_shot") or {}).get("tasks", {})
     return SeedRun(method=row["pipeline"], seed=row["seed"], ok=row.get("status") == "ok",
                    ppl=row.get("ppl"), task_values=dict(row.get("tasks") or {}),
-                   correct={t: e["correct"][e["metric"]] for t, e in tasks.items()
-                            if "correct" in e},
                    seconds=row.get("prune_seconds"), ratio_to_floor=row.get("ratio_to_floor"),
-                   removed_layers=row.get("removed_layers"))
+                   removed_layers=row.get("removed_layers"),
+                   **zero_shot_fields(row.get("zero_shot")))
 
 
 def latest_runs(rows: list[dict]) -> list[SeedRun]:
@@ -78,6 +77,10 @@ def report(rows: list[dict], reference: str | None = None) -> str:
             no_boolq = [v for t, v in dense["tasks"].items() if t != "boolq"]
             lines.append(f"- dense: PPL {dense['ppl']:.2f}, avg {100 * dense['average']:.2f}, "
                          f"avg w/o boolq {100 * sum(no_boolq) / len(no_boolq):.2f}")
+            lam = (dense.get("zero_shot") or {}).get("lambada_openai")
+            if lam:
+                lines.append(f"- dense LAMBADA (beside the averages): acc {100 * lam['acc']:.2f} % "
+                             f"on {lam['n']} texts, PPL {lam['ppl']:.2f}")
         floors = {r["seed"]: r["seconds"] for r in group if r.get("kind") == "floor"}
         if floors:
             lines.append("- one forward+backward (s) per seed: "

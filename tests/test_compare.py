@@ -52,10 +52,14 @@ def fake_zero_shot(model, tokenizer, tasks, limit=None, batch_size=32, progress=
     """Deterministic accuracies that depend on the depth, so retention is a known number."""
     depth = model.config.num_hidden_layers
     names = gradmap.evaluate.tasks.resolve_tasks(tasks)
-    entries = {t: {"acc": depth / 10, "n": n, "metric": "acc", "value": depth / 10} for t in names}
-    return {"tasks": entries, "average": depth / 10, "average_metrics": {t: "acc" for t in names},
-            "limit": limit, "requests": 0, "tokens": 0, "forwarded_tokens": 0, "seconds": 0.0,
-            "tokens_per_s": 0.0}
+    mc = [t for t in names if t in gradmap.evaluate.TASK_NAMES]
+    entries = {t: {"acc": depth / 10, "n": n, "metric": "acc", "value": depth / 10,
+                   "interval": list(wilson_interval(depth / 10, n))} for t in mc}
+    lam = ({"acc": depth / 20, "interval": list(wilson_interval(depth / 20, 2 * n)),
+            "ppl": 120.0 / depth, "n": 2 * n} if "lambada_openai" in names else None)
+    return {"tasks": entries, "average": depth / 10, "average_metrics": {t: "acc" for t in mc},
+            "lambada_openai": lam, "limit": limit, "requests": 0, "tokens": 0,
+            "forwarded_tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0}
 
 
 def fake_prune(model, calib, n_prune, metric="gradmap", compensation="none",
@@ -246,15 +250,25 @@ def test_results_files_hold_the_expected_columns_and_settings(tmp_path, text_fil
     md = (out / "results.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| method"))
     cells = [c.strip() for c in header.strip("|").split("|")]
+    # every task says on how many examples it was measured; LAMBADA comes after the average
     assert cells == ["method", "removed layers", "pruning s", "x fwd+bwd", "PPL",
-                     "boolq (acc)", "piqa (acc)", "hellaswag (acc)", "winogrande (acc)",
-                     "arc_easy (acc)", "arc_challenge (acc)", "openbookqa (acc)", "avg (7)",
-                     "retention %"]
+                     *(f"{t} (acc, n=100) % [95%]" for t in
+                       ("boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge",
+                        "openbookqa")),
+                     "avg (7)", "retention %", "LAMBADA acc (n=200) % [95%]", "LAMBADA PPL"]
     rows = [line for line in md.splitlines() if line.startswith("| ") and line != header]
     assert [r.split("|")[1].strip() for r in rows] == [
         "dense", "block-influence+magnitude@iterative", "ppl@one-shot"]
-    assert rows[0].rstrip(" |").endswith("100.0")
-    assert rows[1].rstrip(" |").endswith(f"{100 * 4 / 6:.1f}")
+    dense = [c.strip() for c in rows[0].strip(" |").split("|")]
+    pruned = [c.strip() for c in rows[1].strip(" |").split("|")]
+    # depth 6 -> 60% on n = 100, Wilson [50.2, 69.1]; the average (60.00) is unchanged by LAMBADA
+    assert dense[5:13] == ["60.0 [50.2, 69.1]"] * 7 + ["60.00"] and dense[13] == "100.0"
+    # LAMBADA: 6/20 = 30% on 200 texts, Wilson [24.1, 36.7], PPL 120/6; pruned depth 4
+    assert dense[14:] == ["30.0 [24.1, 36.7]", "20.00"]
+    assert pruned[12:] == ["40.00", f"{100 * 4 / 6:.1f}", "20.0 [15.0, 26.1]", "30.00"]
+    assert "LAMBADA (lm-eval lambada_openai), beside the average and not in it: first 200 texts" in md
+    assert json.loads((out / "results.json").read_text())["methods"][0]["lambada"] == {
+        "acc": 0.2, "interval": list(wilson_interval(0.2, 200)), "ppl": 30.0, "n": 200}
     assert "L=64, first 2 windows only (--ppl-windows 2)" in md
     assert "first 2 examples per task (--limit)" in md
     # dense depth 6 -> p = 0.6 on n = 100: se = 100*sqrt(0.24/100) = 4.9 per task, /sqrt(7) for the mean
@@ -284,10 +298,11 @@ def test_small_samples_show_the_interval_and_n_and_no_retention(tmp_path, text_f
                       loader=tiny_loader(), prune_fn=fake_prune)
     md = (out / "results.md").read_text()
     header = next(line for line in md.splitlines() if line.startswith("| method"))
-    assert [c.strip() for c in header.strip("|").split("|")][5:] == ["avg (7) % [95%]", "n"]
+    assert [c.strip() for c in header.strip("|").split("|")][5:] == [
+        "avg (7) % [95%]", "n", "LAMBADA acc (n=6) % [95%]", "LAMBADA PPL"]
     assert "retention %" not in md and "fewer than 100 examples per task" in md
     lo, hi = wilson_interval(0.6, 21)  # dense: depth 6 -> 60% on 7 tasks x 3 examples
-    assert f"| 60.0 [{100 * lo:.1f}, {100 * hi:.1f}] | 21 |" in md
+    assert f"| 60.0 [{100 * lo:.1f}, {100 * hi:.1f}] | 21 | 30.0 [8.1, 67.5] | 20.00 |" in md
     assert res["methods"][0].get("retention") is None
 
 
@@ -329,12 +344,12 @@ def test_an_aborted_run_says_why_in_its_results(tmp_path, text_file):
 def test_cli_end_to_end_saves_checkpoint_and_generates(tmp_path, text_file, monkeypatch, capsys):
     from transformers import AutoModelForCausalLM
 
-    from gradmap.evaluate import perplexity
+    from gradmap.evaluate import perplexity, zero_shot
 
     monkeypatch.setattr(gradmap.core.models, "load_model", tiny_loader())
     out, ckpt = tmp_path / "o", tmp_path / "ckpt"
     rc = cli.main(["compare", "--model", "tiny", "--n-prune", "2",
-                   "--methods", "gradmap+projection", "--tasks", "piqa,winogrande",
+                   "--methods", "gradmap+projection", "--tasks", "piqa,winogrande,lambada_openai",
                    "--limit", "2", "--calib", text_file, "--n-calib", "4", "--seq-len", "32",
                    "--batch-size", "2", "--ppl-data", text_file, "--ppl-seq-len", "64",
                    "--ppl-windows", "2", "--out", str(out), "--save", str(ckpt),
@@ -357,6 +372,12 @@ def test_cli_end_to_end_saves_checkpoint_and_generates(tmp_path, text_file, monk
     report = json.loads((ckpt / "report.json").read_text())
     assert sorted(report["removed_layers"]) == row["removed_layers"]
     assert report["compare"]["ppl"] == row["ppl"]
+    # LAMBADA, beside the average: in the printed table with n, in the row and in report.json
+    assert "| LAMBADA acc (n=2) % [95%] | LAMBADA PPL |" in printed
+    assert report["compare"]["lambada"] == row["lambada"] and row["lambada"]["n"] == 2
+    lam = zero_shot(saved, tiny_tokenizer(), "lambada_openai", limit=2, progress=False)
+    assert lam["lambada_openai"]["ppl"] == pytest.approx(row["lambada"]["ppl"], rel=1e-5)
+    assert row["average"] == pytest.approx((row["tasks"]["piqa"] + row["tasks"]["winogrande"]) / 2)
 
 
 def test_cli_reports_failures_with_exit_code(tmp_path, text_file, monkeypatch, capsys):

@@ -265,10 +265,15 @@ def seed_zero_shot(model, tokenizer, tasks, limit=None, batch_size=32, progress=
         entries[t] = {"acc": sum(flags) / 40, "n": 40, "metric": "acc", "value": sum(flags) / 40}
         if per_example:
             entries[t]["correct"] = {"acc": flags}
+    lam = None
+    if entries.pop("lambada_openai", None) is not None:  # beside the average: 1 in 4 at 0.5
+        flags = [1 if quality == 1.0 or i % 4 == 0 else 0 for i in range(40)]
+        lam = {"acc": sum(flags) / 40, "ppl": 20.0 / quality, "n": 40, "interval": [0.0, 1.0],
+               **({"correct": {"acc": flags}} if per_example else {})}
     avg = sum(e["value"] for e in entries.values()) / len(entries)
-    return {"tasks": entries, "average": avg, "average_metrics": {t: "acc" for t in names},
-            "limit": limit, "requests": 0, "tokens": 0, "forwarded_tokens": 0, "seconds": 0.0,
-            "tokens_per_s": 0.0}
+    return {"tasks": entries, "average": avg, "average_metrics": {t: "acc" for t in entries},
+            "lambada_openai": lam, "limit": limit, "requests": 0, "tokens": 0,
+            "forwarded_tokens": 0, "seconds": 0.0, "tokens_per_s": 0.0}
 
 
 def test_seed_compare_draws_one_calibration_per_seed(tmp_path, text_file, monkeypatch):
@@ -281,7 +286,8 @@ def test_seed_compare_draws_one_calibration_per_seed(tmp_path, text_file, monkey
 
     out = tmp_path / "o"
     snapshots = []
-    res = run_seed_compare(config(text_file, methods="block-influence,angular,taylor(gradient_checkpointing=True)"),
+    res = run_seed_compare(config(text_file, methods="block-influence,angular,taylor(gradient_checkpointing=True)",
+                                  tasks="piqa,boolq,lambada_openai"),
                            "0,1,2", out, progress=False, loader=tiny_loader(), prune_fn=spy,
                            on_update=lambda r: snapshots.append(len(r["runs"])))
     assert [m for m, _ in seen] == ["block-influence", "angular", "taylor"] * 3
@@ -310,8 +316,17 @@ def test_seed_compare_draws_one_calibration_per_seed(tmp_path, text_file, monkey
     assert rows["angular"]["ppl"]["n"] == 3 and rows["angular"]["ppl"]["se"] is not None
     removed = rows["angular"]["removed_layers"]
     assert len({tuple(v) for v in removed.values()}) > 1  # seeds really chose differently
+    # LAMBADA beside the averages (1 in 4 right at quality 0.5), never inside them
+    assert rows["angular"]["avg"]["mean"] == pytest.approx(0.5)  # piqa and boolq only
+    assert rows["angular"]["lambada"]["mean"] == pytest.approx(0.25)
+    assert rows["angular"]["lambada_ppl"]["mean"] == 40.0
+    assert rows["angular"]["vs_reference"]["lambada"]["verdict"] == "lower"
+    assert rows["angular"]["vs_reference"]["lambada"]["estimate"] == pytest.approx(-0.75)
     md = (out / "results.md").read_text()
     assert "| angular | 0,1,2 |" in md and "**worse**" in md and "Student t" in md
+    angular = next(line for line in md.splitlines() if line.startswith("| angular |"))
+    assert "| 25.00 ± 0.00 | -75.00 [" in angular and "**worse** | 40.00 ± 0.00 |" in angular
+    assert "- LAMBADA (beside the averages): 40 texts; dense acc 100.00 [91.24, 100.00] %" in md
 
 
 def test_seed_compare_refuses_bad_input_before_loading(tmp_path, text_file):
@@ -330,7 +345,7 @@ def test_seed_compare_refuses_bad_input_before_loading(tmp_path, text_file):
 def test_cli_seeds_end_to_end(tmp_path, text_file, monkeypatch, capsys):
     monkeypatch.setattr(gradmap.core.models, "load_model", tiny_loader())
     monkeypatch.setattr(gradmap.evaluate, "zero_shot", seed_zero_shot)
-    args = ["compare", "--model", "tiny", "--n-prune", "2", "--tasks", "piqa,boolq",
+    args = ["compare", "--model", "tiny", "--n-prune", "2", "--tasks", "piqa,boolq,lambada_openai",
             "--calib", text_file, "--n-calib", "4", "--seq-len", "32", "--batch-size", "2",
             "--ppl-data", text_file, "--ppl-seq-len", "64", "--ppl-windows", "2",
             "--no-progress"]
@@ -341,6 +356,11 @@ def test_cli_seeds_end_to_end(tmp_path, text_file, monkeypatch, capsys):
     assert rc == 0, printed
     assert "PPL ratio vs block-influence+magnitude [95%]" in printed
     assert "| angular | 0,1 |" in printed and "**worse**" in printed
+    # LAMBADA beside the averages: level ± s.e. over seeds, paired bootstrap, its PPL
+    assert "| LAMBADA % | ΔLAMBADA pts [95%] | LAMBADA PPL |" in printed
+    angular = next(line for line in printed.splitlines() if line.startswith("| angular |"))
+    assert "| 100.00 ± 0.00 | +0.00 [+0.00, +0.00] tie | 20.00 ± 0.00 |" in angular
+    assert "LAMBADA (lm-eval lambada_openai; not in either average)" in printed
     res = json.loads((tmp_path / "o" / "results.json").read_text())
     assert len(res["runs"]) == 4 and res["summary"]["reference"] == "block-influence+magnitude"
     assert cli.main(args + ["--seeds", "0,1", "--seed", "3", "--out", str(tmp_path / "p")]) == 2

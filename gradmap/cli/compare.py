@@ -29,10 +29,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--methods", default=DEFAULT_METHODS,
                    help=f"comma-separated method names (default: {DEFAULT_METHODS})")
     p.add_argument("--tasks", default="all",
-                   help="zero-shot tasks: 'all', 'none', or a comma list of boolq,piqa,hellaswag,"
-                        "winogrande,arc_easy,arc_challenge,openbookqa (default: all)")
+                   help="zero-shot tasks: 'all' (the seven below and LAMBADA), 'none', or a comma "
+                        "list of boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa "
+                        "(averaged) and lambada_openai (shown beside the average) (default: all)")
     p.add_argument("--limit", type=int, default=None,
-                   help="first N examples of each zero-shot task (default: all)")
+                   help="first N examples of each zero-shot task, LAMBADA included (default: all)")
     p.add_argument("--calib", default="c4", help="calibration data: c4, wikitext2 or a .jsonl/.txt")
     p.add_argument("--n-calib", type=int, default=128, help="calibration sequences (128)")
     p.add_argument("--seq-len", type=int, default=512,

@@ -26,10 +26,11 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=None,
                    help="score only the first N perplexity windows (default: all)")
     p.add_argument("--tasks", default=None,
-                   help="zero-shot tasks: 'all' or a comma list of boolq,piqa,hellaswag,"
-                        "winogrande,arc_easy,arc_challenge,openbookqa")
+                   help="zero-shot tasks: 'all' (the seven below and LAMBADA) or a comma list of "
+                        "boolq,piqa,hellaswag,winogrande,arc_easy,arc_challenge,openbookqa "
+                        "(averaged) and lambada_openai (LAMBADA, shown beside the average)")
     p.add_argument("--limit", type=int, default=None,
-                   help="first N examples of each zero-shot task (default: all)")
+                   help="first N examples of each zero-shot task, LAMBADA included (default: all)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="windows per forward for perplexity (default 1); continuations per "
                         "forward for zero-shot (default 32)")
@@ -55,20 +56,29 @@ def format_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _zero_shot_tables(res: dict) -> str:
+    """The average's row, one row per task (every accuracy with its 95% interval and n), and
+    LAMBADA beside the average."""
+    from gradmap.evaluate.intervals import accuracy_text
     tasks = res["tasks"]
-    header = [f"{name} ({e['metric']})" for name, e in tasks.items()]
-    header.append(f"average ({len(tasks)} tasks)")
-    wide = [[f"{100 * e['value']:.2f}" for e in tasks.values()] + [f"{100 * res['average']:.2f}"]]
-    detail = [[name, f"{100 * e['acc']:.2f}",
-               f"{100 * e['acc_norm']:.2f}" if "acc_norm" in e else "-", str(e["n"])]
-              for name, e in tasks.items()]
     limit = "all examples" if res["limit"] is None else f"limit {res['limit']} per task"
-    return "\n\n".join([
-        f"zero-shot accuracy (%, {limit})",
-        format_table(header, wide),
-        format_table(["task", "acc", "acc_norm", "n"], detail),
-        f"{res['requests']} requests, {res['tokens']} tokens in {res['seconds']:.1f} s "
-        f"({res['tokens_per_s']:.0f} tokens/s)"])
+    blocks = [f"zero-shot accuracy (%, {limit}; [95% Wilson interval])"]
+    if tasks:
+        header = [f"{name} ({e['metric']})" for name, e in tasks.items()]
+        header.append(f"average ({len(tasks)} tasks)")
+        wide = [[f"{100 * e['value']:.2f}" for e in tasks.values()] + [f"{100 * res['average']:.2f}"]]
+        detail = [[name, accuracy_text(e["acc"], e["n"], 2),
+                   accuracy_text(e["acc_norm"], e["n"], 2) if "acc_norm" in e else "-", str(e["n"])]
+                  for name, e in tasks.items()]
+        blocks += [format_table(header, wide), format_table(["task", "acc", "acc_norm", "n"], detail)]
+    lam = res.get("lambada_openai")
+    if lam:
+        blocks.append(format_table(
+            ["LAMBADA (lambada_openai, beside the average)", "acc", "ppl", "n"],
+            [["last word, greedy", accuracy_text(lam["acc"], lam["n"], 2), f"{lam['ppl']:.3f}",
+              str(lam["n"])]]))
+    blocks.append(f"{res['requests']} requests, {res['tokens']} tokens in {res['seconds']:.1f} s "
+                  f"({res['tokens_per_s']:.0f} tokens/s)")
+    return "\n\n".join(blocks)
 
 
 def run(args: argparse.Namespace) -> int:

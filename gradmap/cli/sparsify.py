@@ -172,9 +172,14 @@ def _run(args: argparse.Namespace, device: str) -> int:
         line = f"perplexity {ev['ppl']:.3f} ({ev['ppl_data']})"
         if ev["zero_shot"] is not None:
             zs = ev["zero_shot"]
-            line += (f"; zero-shot average {zs['average']:.4f} over {len(zs['tasks'])} tasks, "
-                     f"{zs['limit'] or 'all'} examples each: "
-                     + ", ".join(f"{k} {v['value']:.3f}" for k, v in zs["tasks"].items()))
+            if zs["tasks"]:
+                line += (f"; zero-shot average {zs['average']:.4f} over {len(zs['tasks'])} tasks, "
+                         f"{zs['limit'] or 'all'} examples each: "
+                         + ", ".join(f"{k} {v['value']:.3f}" for k, v in zs["tasks"].items()))
+            if zs.get("lambada_openai"):
+                lam = zs["lambada_openai"]
+                line += (f"; LAMBADA (beside the average) acc {lam['acc']:.3f} on {lam['n']} "
+                         f"texts, PPL {lam['ppl']:.2f}")
         print(line)
     return 0
 
@@ -220,6 +225,8 @@ def _evaluate(model, tokenizer, args: argparse.Namespace) -> dict:
     if args.tasks.strip().lower() != "none":
         zs = zero_shot(model, tokenizer, args.tasks, limit=args.limit or None, progress=progress)
         out["zero_shot"] = {"average": zs["average"], "limit": zs["limit"], "seconds": zs["seconds"],
-                            "tasks": {k: {"metric": v["metric"], "value": v["value"], "n": v["n"]}
-                                      for k, v in zs["tasks"].items()}}
+                            "tasks": {k: {"metric": v["metric"], "value": v["value"], "n": v["n"],
+                                          "interval": v["interval"]}
+                                      for k, v in zs["tasks"].items()},
+                            "lambada_openai": zs["lambada_openai"]}
     return out

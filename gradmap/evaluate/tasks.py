@@ -4,6 +4,10 @@ An `Example` is a list of `(context, continuation)` requests, one per choice, th
 for `acc_norm`, the character length of each choice text (without the added leading space).
 The continuation carries lm-eval's `target_delimiter` `" "`.  WinoGrande is the exception
 (partial scoring): the option is part of each context and the continuation is shared.
+
+`TASK_NAMES` are the seven multiple-choice tasks of the usual average.  `PROBE_NAMES` are
+scored apart from it: LAMBADA (`lambada_openai`, one request per text, right when the
+continuation is the greedy prediction; `gradmap/evaluate/lambada.py`).  `"all"` names both.
 """
 from __future__ import annotations
 
@@ -16,8 +20,8 @@ from typing import Callable, Iterator
 from gradmap.core.calibration import DATA_ENV, data_dir, missing_data_message
 from gradmap.core.errors import GradmapError
 
-__all__ = ["Example", "TaskSpec", "TASKS", "TASK_NAMES", "build_examples", "resolve_tasks",
-           "check_task_files", "hellaswag_preprocess"]
+__all__ = ["Example", "TaskSpec", "TASKS", "TASK_NAMES", "PROBE_NAMES", "build_examples",
+           "resolve_tasks", "check_task_files", "hellaswag_preprocess"]
 
 DELIM = " "  # lm-eval's default target_delimiter between context and continuation
 
@@ -42,6 +46,7 @@ class TaskSpec:
     average_metric: str          # the metric the seven-task average uses
     hub: str                     # where a user with network access gets the raw data
     labels_file: str | None = None
+    greedy: bool = False         # scored by greedy match and perplexity, outside the average
 
 
 def _choices(context: str, choices: list[str], gold: int) -> Example:
@@ -93,6 +98,12 @@ def _openbookqa(row: dict) -> Example:
     return _choices(row["question_stem"], list(row["choices"]), int(row["gold"]))
 
 
+def _lambada(row: dict) -> Example:
+    # lm-eval lambada_openai: doc_to_text = all words but the last, doc_to_target = " " + last
+    context, word = row["text"].rsplit(" ", 1)
+    return Example(requests=((context, DELIM + word),), gold=0, choice_chars=(len(word),))
+
+
 TASKS: dict[str, TaskSpec] = {
     "boolq": TaskSpec("boolq", "tasks/boolq_validation.jsonl", _boolq, ("acc",), "acc",
                       "super_glue/boolq (validation)"),
@@ -108,21 +119,29 @@ TASKS: dict[str, TaskSpec] = {
                               ("acc", "acc_norm"), "acc_norm", "ai2_arc ARC-Challenge (test)"),
     "openbookqa": TaskSpec("openbookqa", "tasks/openbookqa_test.jsonl", _openbookqa,
                            ("acc", "acc_norm"), "acc_norm", "openbookqa main (test)"),
+    "lambada_openai": TaskSpec("lambada_openai", "tasks/lambada_openai_test.jsonl", _lambada,
+                               ("acc", "ppl"), "acc", "EleutherAI/lambada_openai (test)",
+                               greedy=True),
 }
-TASK_NAMES = tuple(TASKS)
+PROBE_NAMES = tuple(name for name, spec in TASKS.items() if spec.greedy)
+TASK_NAMES = tuple(name for name in TASKS if name not in PROBE_NAMES)  # the average's seven
 
 
 def resolve_tasks(tasks: str | list[str] | tuple[str, ...]) -> list[str]:
-    """`"all"`, a comma-separated string or a list -> validated task names (order kept)."""
+    """`"all"`, a comma-separated string or a list -> validated task names (order kept).
+
+    `"all"` is the seven multiple-choice tasks and LAMBADA; it may appear inside a list too.
+    """
     if isinstance(tasks, str):
-        tasks = list(TASK_NAMES) if tasks.strip() == "all" else [t for t in tasks.split(",")]
-    names = [t.strip() for t in tasks if t.strip()]
+        tasks = tasks.split(",")
+    names = [n for t in tasks if t.strip()
+             for n in ((*TASK_NAMES, *PROBE_NAMES) if t.strip() == "all" else (t.strip(),))]
     if not names:
-        raise GradmapError(f"no zero-shot task given; pick from {', '.join(TASK_NAMES)} or 'all'")
+        raise GradmapError(f"no zero-shot task given; pick from {', '.join(TASKS)} or 'all'")
     unknown = [t for t in names if t not in TASKS]
     if unknown:
         raise GradmapError(f"unknown zero-shot task(s) {', '.join(map(repr, unknown))}; valid tasks: "
-                           f"{', '.join(TASK_NAMES)} (or 'all')")
+                           f"{', '.join(TASKS)} (or 'all')")
     return list(dict.fromkeys(names))
 
 

@@ -10,7 +10,8 @@ Speed without changing the numbers: requests that share a context are scored fro
 of that context.  A batch of distinct contexts is left-padded and run once with a KV cache; the
 cache is then repeated per continuation and the continuations (right-padded) run on top of it.
 Real positions never attend to padding, so scores equal one unbatched forward per request up
-to float rounding (tests/test_evaluate.py checks this against such a loop).
+to float rounding (tests/test_evaluate.py checks this against such a loop).  The same pass
+records lm-eval's `is_greedy` per request (LAMBADA's accuracy, `gradmap/evaluate/lambada.py`).
 """
 from __future__ import annotations
 
@@ -24,10 +25,13 @@ import torch
 from tqdm.auto import tqdm
 
 from gradmap.core.errors import GradmapError
+from gradmap.evaluate.intervals import wilson_interval
+from gradmap.evaluate.lambada import lambada_metrics
 from gradmap.evaluate.perplexity import input_device
 from gradmap.evaluate.tasks import TASKS, Example, build_examples, resolve_tasks
 
-__all__ = ["zero_shot", "loglikelihoods", "encode_request", "max_length", "correctness", "PAD_SLACK"]
+__all__ = ["zero_shot", "loglikelihoods", "greedy_loglikelihoods", "encode_request", "max_length",
+           "correctness", "PAD_SLACK"]
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +134,11 @@ def _chunks(lengths: list[int], max_rows: int, weights: list[int] | None = None)
 
 
 def _score_batch(model, groups: list[_Group], pad_id: int, max_rows: int,
-                 out: list[float]) -> int:
+                 out: list[float], greedy: list[bool]) -> int:
     """Score every continuation of `groups` into `out`; returns positions forwarded.
+
+    `greedy[slot]` says whether every continuation token is the argmax of its position's
+    logits (lm-eval's `is_greedy`, the LAMBADA accuracy).
 
     One left-padded forward of the contexts gives each first continuation token's log-prob and
     the KV cache; the other continuation tokens run on top of that cache, rows sorted by length
@@ -152,7 +159,9 @@ def _score_batch(model, groups: list[_Group], pad_id: int, max_rows: int,
                 position_ids=pos.to(device), use_cache=bool(longer), logits_to_keep=1)
     first = torch.tensor([c[0] for _, c, _ in rows], device=device)
     row_ctx = torch.tensor([k for k, _, _ in rows], device=device)
-    scores = _pick_logprobs(res.logits[row_ctx, -1, :], first).double()
+    first_logits = res.logits[row_ctx, -1, :]
+    scores = _pick_logprobs(first_logits, first).double()
+    is_greedy = first_logits.argmax(dim=-1) == first
     forwarded = len(groups) * n_ctx
     chunks = _chunks([len(rows[r][1]) - 1 for r in longer], max_rows)
     for n, chunk in enumerate(chunks):
@@ -179,9 +188,12 @@ def _score_batch(model, groups: list[_Group], pad_id: int, max_rows: int,
         lp = _pick_logprobs(res2.logits, c_tgt.to(device)).double()
         idx = torch.tensor(sel, device=device)
         scores[idx] += (lp * c_mask.to(device)).sum(dim=1)
+        hits = (res2.logits.argmax(dim=-1) == c_tgt.to(device)) | (c_mask.to(device) == 0)
+        is_greedy[idx] &= hits.all(dim=1)
         forwarded += len(sel) * width
-    for (_, _, slot), value in zip(rows, scores.tolist()):
+    for (_, _, slot), value, g in zip(rows, scores.tolist(), is_greedy.tolist()):
         out[slot] = value
+        greedy[slot] = bool(g)
     return forwarded
 
 
@@ -194,6 +206,19 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
     continuations (at least one group) with little padding.  `fwd` counts positions forwarded,
     padding included.
     """
+    scores, _, forwarded = greedy_loglikelihoods(model, requests, batch_size, progress, desc)
+    return scores, forwarded
+
+
+def greedy_loglikelihoods(model, requests: list[tuple[list[int], list[int]]],
+                          batch_size: int = 32, progress: bool = True,
+                          desc: str = "zero-shot") -> tuple[list[float], list[bool], int]:
+    """`loglikelihoods` plus lm-eval's `is_greedy` per request: (scores, greedy, fwd).
+
+    `greedy[i]` is True when every continuation token of request `i` is the argmax of the
+    logits at its position (ties go to the lowest token id, as torch.argmax), i.e. greedy
+    decoding from the context would produce exactly the continuation.
+    """
     by_ctx: dict[tuple[int, ...], _Group] = {}
     for slot, (ctx, cont) in enumerate(requests):
         g = by_ctx.setdefault(tuple(ctx), _Group(list(ctx), [], []))
@@ -203,15 +228,16 @@ def loglikelihoods(model, requests: list[tuple[list[int], list[int]]], batch_siz
     pad_id = getattr(model.config, "pad_token_id", None)
     pad_id = 0 if pad_id is None else int(pad_id)
     out = [float("nan")] * len(requests)
+    greedy = [False] * len(requests)
     forwarded = 0
     batches = _chunks([len(g.ctx) for g in groups], batch_size, [len(g.conts) for g in groups])
     with torch.no_grad(), tqdm(total=len(requests), desc=desc, unit="req",
                                disable=not progress) as bar:
         for chunk in batches:
             batch = [groups[i] for i in chunk]
-            forwarded += _score_batch(model, batch, pad_id, batch_size, out)
+            forwarded += _score_batch(model, batch, pad_id, batch_size, out, greedy)
             bar.update(sum(len(g.conts) for g in batch))
-    return out, forwarded
+    return out, greedy, forwarded
 
 
 def correctness(examples: list[Example], scores: list[float]) -> dict[str, list[int]]:
@@ -233,15 +259,20 @@ def correctness(examples: list[Example], scores: list[float]) -> dict[str, list[
 
 def zero_shot(model, tokenizer, tasks: str | list[str] = "all", limit: int | None = None,
               batch_size: int = 32, progress: bool = True, per_example: bool = False) -> dict:
-    """lm-eval-style zero-shot accuracy on BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e/c, OBQA.
+    """lm-eval-style zero-shot accuracy on BoolQ, PIQA, HellaSwag, WinoGrande, ARC-e/c, OBQA,
+    and LAMBADA beside them (`"all"` names all eight).
 
-    Returns `{"tasks": {name: {"acc", ["acc_norm"], "n", "metric", "value"}}, "average",
-    "average_metrics", "limit", "requests", "tokens", "forwarded_tokens", "seconds",
-    "tokens_per_s"}`.  `value` is the metric the papers quote for the task (`metric`), and
-    `average` is the mean of those values over the tasks evaluated.  `tokens` counts
-    `len(ctx) + len(cont)` per request (what an unbatched scorer would forward); `tokens_per_s`
-    divides it by the wall time of scoring.  With `per_example`, each task entry also holds
-    `correct = {metric: [0/1 per example]}` for its metrics, in the task's example order (the
+    Returns `{"tasks": {name: {"acc", ["acc_norm"], "n", "metric", "value", "interval"}},
+    "average", "average_metrics", "lambada_openai", "limit", "requests", "tokens",
+    "forwarded_tokens", "seconds", "tokens_per_s"}`.  `value` is the metric the papers quote
+    for the task (`metric`), `interval` its 95% Wilson interval on n examples, and `average`
+    the mean of those values over the multiple-choice tasks evaluated (None without one).
+    `lambada_openai` (None unless asked for) is `{"acc", "interval", "ppl", "n"}`
+    (`gradmap/evaluate/lambada.py`), never part of `average`.  `limit` takes the first N
+    examples of every task, LAMBADA included.  `tokens` counts `len(ctx) + len(cont)` per
+    request (what an unbatched scorer would forward); `tokens_per_s` divides it by the wall
+    time of scoring.  With `per_example`, each entry also holds `correct = {metric: [0/1 per
+    example]}` for its metrics (LAMBADA: `{"acc": [...]}`), in the task's example order (the
     same for every model), so two models can be compared with paired tests.
     """
     names = resolve_tasks(tasks)
@@ -253,7 +284,7 @@ def zero_shot(model, tokenizer, tasks: str | list[str] = "all", limit: int | Non
     add_bos, max_len = _adds_bos(model), max_length(model)
     was_training = model.training
     model.eval()
-    result: dict = {"tasks": {}, "limit": limit}
+    result: dict = {"tasks": {}, "lambada_openai": None, "limit": limit}
     total_tokens = total_requests = total_forwarded = 0
     seconds = 0.0
     try:
@@ -264,16 +295,27 @@ def zero_shot(model, tokenizer, tasks: str | list[str] = "all", limit: int | Non
             requests = [encode_request(tokenizer, c, t, add_bos, max_len)
                         for ex in examples for c, t in ex.requests]
             start = time.perf_counter()
-            scores, forwarded = loglikelihoods(model, requests, batch_size, progress, desc=name)
+            scores, greedy, forwarded = greedy_loglikelihoods(model, requests, batch_size,
+                                                              progress, desc=name)
             seconds += time.perf_counter() - start
             total_tokens += sum(len(c) + len(t) for c, t in requests)
             total_requests += len(requests)
             total_forwarded += forwarded
             spec = TASKS[name]
+            if spec.greedy:  # one request per example: right when it is the greedy prediction
+                entry = lambada_metrics(scores, greedy)
+                if per_example:
+                    entry["correct"] = {"acc": [int(g) for g in greedy]}
+                result[name] = entry
+                log.info("%s: acc %.4f, ppl %.3f (n=%d)", name, entry["acc"], entry["ppl"],
+                         entry["n"])
+                continue
             correct = correctness(examples, scores)
             m = {k: sum(v) / len(examples) for k, v in correct.items()}
             entry = {k: m[k] for k in spec.metrics}
-            entry.update(n=len(examples), metric=spec.average_metric, value=m[spec.average_metric])
+            value = m[spec.average_metric]
+            entry.update(n=len(examples), metric=spec.average_metric, value=value,
+                         interval=list(wilson_interval(value, len(examples))))
             if per_example:
                 entry["correct"] = {k: correct[k] for k in spec.metrics}
             result["tasks"][name] = entry
@@ -281,7 +323,7 @@ def zero_shot(model, tokenizer, tasks: str | list[str] = "all", limit: int | Non
     finally:
         model.train(was_training)
     values = [e["value"] for e in result["tasks"].values()]
-    result.update(average=sum(values) / len(values),
+    result.update(average=sum(values) / len(values) if values else None,
                   average_metrics={n: e["metric"] for n, e in result["tasks"].items()},
                   requests=total_requests, tokens=total_tokens, forwarded_tokens=total_forwarded,
                   seconds=seconds, tokens_per_s=total_tokens / seconds if seconds > 0 else 0.0)

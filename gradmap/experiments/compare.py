@@ -6,8 +6,8 @@ weights' fingerprint so a pruned model is never pruned again, and uses the same 
 tensor. Pruning time is `PruneResult.timings` (scoring, compensation statistics, solve,
 total; model loading and evaluation excluded), also given as a ratio to one plain
 forward+backward over the calibration set, measured once on the dense model. Every model is
-evaluated on paper-style WikiText-2 perplexity and the zero-shot tasks; retention is the
-pruned task average as a percentage of the dense one. Results are rewritten after every
+evaluated on paper-style WikiText-2 perplexity and the zero-shot tasks (LAMBADA beside their
+average); retention is the pruned task average as a percentage of the dense one. Results are rewritten after every
 method (`results.md`, `results.json`, PNG plots), so a failure or an interrupt keeps what
 finished; a failing method is reported in its own row.
 """
@@ -161,6 +161,8 @@ def evaluate_model(model, tokenizer, cfg: CompareConfig, tasks: list[str] | None
                        progress=progress, **extra)
         out["tasks"] = {name: e["value"] for name, e in zs["tasks"].items()}
         out["average"] = zs["average"]
+        if zs.get("lambada_openai"):  # beside the average, never in it; kept in report.json
+            out["lambada"] = {k: zs["lambada_openai"][k] for k in ("acc", "interval", "ppl", "n")}
         out["zero_shot"] = zs
     if cfg.generate is not None:
         out["generation"] = greedy_generate(model, tokenizer, cfg.generate, cfg.max_new_tokens)

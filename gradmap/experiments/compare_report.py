@@ -12,11 +12,13 @@ from typing import Any
 
 from gradmap.core.checkpoint import write_file_atomic
 from gradmap.core.result import json_text
+from gradmap.evaluate.intervals import accuracy_text, wilson_interval
+from gradmap.evaluate.tasks import PROBE_NAMES
 from gradmap.experiments.compare_speed import speed_markdown
 
 __all__ = ["write_results", "markdown_table", "settings_lines", "accuracy_standard_errors",
            "plot_ppl_vs_time", "plot_layer_scores", "fewest_examples", "small_sample",
-           "wilson_interval", "SMALL_SAMPLE"]
+           "wilson_interval", "lambada_cells", "SMALL_SAMPLE"]
 
 DASH = "—"
 # Fewer examples per task than this and per-task accuracies and retention are not shown: at
@@ -71,17 +73,6 @@ def small_sample(zero_shot: dict[str, Any] | None) -> bool:
     return n is None or n < SMALL_SAMPLE
 
 
-def wilson_interval(p: float, n: int, z: float = 1.96) -> tuple[float, float]:
-    """Wilson score interval of a proportion `p` measured on `n` trials (95% for z = 1.96).
-
-    Unlike p ± z·se it stays inside [0, 1] and is not zero-width at p = 0 or 1, which matters
-    exactly where it is used: a handful of examples.
-    """
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def _pooled_n(zero_shot: dict[str, Any] | None) -> int:
     return sum(t.get("n") or 0 for t in ((zero_shot or {}).get("tasks") or {}).values())
 
@@ -111,6 +102,12 @@ def settings_lines(results: dict[str, Any]) -> list[str]:
         lines.append(f"- zero-shot: {limit}; accuracy in %; metric per task: "
                      + ", ".join(f"{t} {metrics.get(t, '?')}" for t in s["tasks"]))
         se = accuracy_standard_errors(zero_shot)
+        lam = zero_shot.get("lambada_openai")
+        if lam:
+            lines.append(f"- LAMBADA (lm-eval lambada_openai), beside the average and not in it: "
+                         f"{'all ' if s['limit'] is None else 'first '}{lam['n']} texts; acc = the "
+                         "last word is the greedy prediction, % with its 95% Wilson interval; "
+                         "PPL = exp(−mean over texts of log p(last word))")
         if small_sample(zero_shot):
             lines.append(f"- small sample: fewer than {SMALL_SAMPLE} examples per task, so the "
                          "table shows only the task average with its 95% interval (Wilson, the "
@@ -142,18 +139,38 @@ def _time_cell(row: dict) -> str:
             f"{t.get('compensation_statistics', 0.0):.1f} / {t.get('solve', 0.0):.1f})")
 
 
+def _task_counts(zero_shot: dict[str, Any] | None) -> dict[str, int]:
+    return {t: e.get("n") for t, e in ((zero_shot or {}).get("tasks") or {}).items()}
+
+
+def lambada_cells(entry: dict[str, Any] | None) -> list[str]:
+    """LAMBADA accuracy (% [95% Wilson]) and perplexity cells; dashes when not measured."""
+    if not entry:
+        return [DASH, DASH]
+    return [accuracy_text(entry["acc"], entry["n"]), _num(entry.get("ppl"), ".2f")]
+
+
 def markdown_table(results: dict[str, Any]) -> str:
-    """The results table: one row for the dense model and one per method, in run order."""
+    """The results table: one row for the dense model and one per method, in run order.
+
+    Every accuracy carries its 95% Wilson interval, and the header says on how many examples
+    each task was measured; LAMBADA sits after the average and retention, outside both.
+    """
     tasks = results["settings"].get("tasks") or []
     dense_zs = (results.get("dense") or {}).get("zero_shot")
     metrics = (dense_zs or {}).get("average_metrics", {})
-    small = bool(tasks) and dense_zs is not None and small_sample(dense_zs)
+    counts = _task_counts(dense_zs)
+    mc = [t for t in tasks if t not in PROBE_NAMES]  # the averaged tasks
+    lam = (dense_zs or {}).get("lambada_openai")
+    small = bool(mc) and dense_zs is not None and small_sample(dense_zs)
     header = ["method", "removed layers", "pruning s", "x fwd+bwd", "PPL"]
     if small:
-        header += [f"avg ({len(tasks)}) % [95%]", "n"]
-    elif tasks:
-        header += [f"{t} ({metrics.get(t, 'acc')})" for t in tasks]
-        header += [f"avg ({len(tasks)})", "retention %"]
+        header += [f"avg ({len(mc)}) % [95%]", "n"]
+    elif mc:
+        header += [f"{t} ({metrics.get(t, 'acc')}, n={counts.get(t, '?')}) % [95%]" for t in mc]
+        header += [f"avg ({len(mc)})", "retention %"]
+    if lam:
+        header += [f"LAMBADA acc (n={lam['n']}) % [95%]", "LAMBADA PPL"]
     rows = []
     dense = results.get("dense")
     all_rows = ([dict(dense, method="dense", status="ok")] if dense else []) + results["methods"]
@@ -169,17 +186,19 @@ def markdown_table(results: dict[str, Any]) -> str:
         cells.append(_time_cell(row))
         cells.append(_num(row.get("ratio_to_floor"), ".1f"))
         cells.append(_num(row.get("ppl"), ".2f"))
+        zs = row.get("zero_shot") or {}
         if small:
             cells += _small_sample_cells(row)
-            rows.append(cells)
-            continue
-        for t in tasks:
-            cells.append(_num(100 * row["tasks"][t] if t in row.get("tasks", {}) else None, ".1f"))
-        if tasks:
+        elif mc:
+            entries = zs.get("tasks") or {}
+            cells += [accuracy_text(entries[t]["value"], entries[t]["n"]) if t in entries else DASH
+                      for t in mc]
             cells.append(_num(100 * row["average"] if row.get("average") is not None else None,
                               ".2f"))
             cells.append("100.0" if row["method"] == "dense" and row.get("average") is not None
                          else _num(row.get("retention"), ".1f"))
+        if lam:
+            cells += lambada_cells(zs.get("lambada_openai"))
         rows.append(cells)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]

@@ -15,7 +15,8 @@ from typing import Any
 from gradmap.experiments.paired import (BOOTSTRAP_SAMPLES, BOOTSTRAP_SEED, Interval, mean_se,
                                         mean_pairwise_jaccard, paired_bootstrap, paired_log_ppl)
 
-__all__ = ["SeedRun", "summarize", "markdown_seed_table", "method_lines", "AVERAGES"]
+__all__ = ["SeedRun", "summarize", "markdown_seed_table", "method_lines", "zero_shot_fields",
+           "AVERAGES"]
 
 DASH = "—"
 # columns of task averages: label -> tasks left out (BoolQ's 62% majority-class floor hides
@@ -36,6 +37,23 @@ class SeedRun:
     seconds: float | None = None
     ratio_to_floor: float | None = None
     removed_layers: list[int] | None = None
+    lambada_acc: float | None = None                # LAMBADA, beside the averages
+    lambada_ppl: float | None = None
+    lambada_correct: list[int] | None = None        # 0/1 per text
+
+
+def zero_shot_fields(zero_shot: dict[str, Any] | None) -> dict[str, Any]:
+    """SeedRun's per-example fields from a `zero_shot(..., per_example=True)` result:
+    `correct` (each averaged task's reported metric) and LAMBADA's accuracy, PPL and 0/1."""
+    zero_shot = zero_shot or {}
+    tasks = zero_shot.get("tasks") or {}
+    out: dict[str, Any] = {"correct": {t: e["correct"][e["metric"]] for t, e in tasks.items()
+                                       if "correct" in e}}
+    lam = zero_shot.get("lambada_openai")
+    if lam:
+        out.update(lambada_acc=lam["acc"], lambada_ppl=lam["ppl"],
+                   lambada_correct=(lam.get("correct") or {}).get("acc"))
+    return out
 
 
 def _average(run: SeedRun, leave_out: Sequence[str]) -> float | None:
@@ -73,6 +91,10 @@ def _paired(runs: dict[int, SeedRun], ref: dict[int, SeedRun]) -> dict[str, Any]
         out[label] = _interval(paired_bootstrap(
             {t: [runs[s].correct[t] for s in seeds] for t in tasks},
             {t: [ref[s].correct[t] for s in seeds] for t in tasks}))
+    lam = [s for s in seeds if runs[s].lambada_correct and ref[s].lambada_correct]
+    out["lambada"] = _interval(paired_bootstrap(
+        {"lambada_openai": [runs[s].lambada_correct for s in lam]},
+        {"lambada_openai": [ref[s].lambada_correct for s in lam]})) if lam else None
     return out
 
 
@@ -104,6 +126,8 @@ def summarize(runs: list[SeedRun], methods: list[str] | None = None,
             # an average leaving out a task that was not evaluated would repeat "avg"
             row[label] = (_level([_average(r, leave_out) for r in ok])
                           if not leave_out or set(leave_out) & present else None)
+        row["lambada"] = _level([r.lambada_acc for r in ok])
+        row["lambada_ppl"] = _level([r.lambada_ppl for r in ok])
         sets = [r.removed_layers for r in ok if r.removed_layers is not None]
         overlap = mean_pairwise_jaccard(sets)
         if overlap is not None:
@@ -112,6 +136,7 @@ def summarize(runs: list[SeedRun], methods: list[str] | None = None,
         rows.append(row)
     return {"reference": reference, "methods": rows,
             "tasks": sorted({t for r in runs for t in r.task_values}),
+            "lambada": any(r.lambada_acc is not None for r in runs),
             "bootstrap": {"samples": BOOTSTRAP_SAMPLES, "seed": BOOTSTRAP_SEED}}
 
 
@@ -152,6 +177,9 @@ def markdown_seed_table(summary: dict[str, Any]) -> str:
     header = ["pipeline", "seeds", "PPL", f"PPL ratio vs {ref} [95%]"]
     for label in AVERAGES:
         header += [f"{label} %", f"Δ{label} pts [95%]"]
+    lam = summary.get("lambada")
+    if lam:  # beside the averages, never inside them
+        header += ["LAMBADA %", "ΔLAMBADA pts [95%]", "LAMBADA PPL"]
     header += ["prune s", "× fwd+bwd", "Jaccard mean / min"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in summary["methods"]:
@@ -164,6 +192,10 @@ def markdown_seed_table(summary: dict[str, Any]) -> str:
                  "reference" if is_ref else _ppl_diff(vs.get("ppl"))]
         for label in AVERAGES:
             cells += [_pm(row[label], 100.0), "reference" if is_ref else _acc_diff(vs.get(label))]
+        if lam:
+            cells += [_pm(row.get("lambada"), 100.0),
+                      "reference" if is_ref else _acc_diff(vs.get("lambada")),
+                      _pm(row.get("lambada_ppl"))]
         jac = row["jaccard"]
         cells += [_pm(row["seconds"], fmt=".1f"), _pm(row["ratio_to_floor"]),
                   DASH if not jac else f"{jac['mean']:.2f} / {jac['min']:.2f}"]
@@ -184,6 +216,9 @@ def method_lines(summary: dict[str, Any]) -> list[str]:
         f"resamples, RNG seed {b['seed']})",
         "- **better** / **worse**: the 95% interval excludes 0 (ratio 1 for PPL); tie: it does not",
         "- avg w/o boolq: the same average without BoolQ, whose majority-class rate is high",
+        *(["- LAMBADA (lm-eval lambada_openai; not in either average): last-word accuracy and "
+           "PPL = exp(−mean log p(word)), mean ± s.e. over seeds; ΔLAMBADA: paired bootstrap "
+           "over texts as Δavg"] if summary.get("lambada") else []),
         "- × fwd+bwd: pruning seconds / one forward+backward over that seed's calibration set",
         "- Jaccard: |A∩B|/|A∪B| of the removed-layer sets, mean and min over pairs of seeds "
         "(1.00: every seed removed the same layers)",

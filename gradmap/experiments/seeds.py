@@ -26,13 +26,15 @@ from typing import Any
 from gradmap.core.checkpoint import write_file_atomic
 from gradmap.core.errors import GradmapError
 from gradmap.core.result import json_text
+from gradmap.evaluate.intervals import accuracy_text
 from gradmap.experiments.compare import (FLOOR_DESCRIPTION, CompareConfig, DenseSource,
                                          environment, evaluate_model, forward_backward_seconds,
                                          prune_row, run_method)
 from gradmap.experiments.dense_source import check_calibration_untouched
 from gradmap.experiments.compare_checks import check_before_loading, open_results_dir
 from gradmap.experiments.methods import MethodSpec, parse_methods
-from gradmap.experiments.seed_table import SeedRun, markdown_seed_table, method_lines, summarize
+from gradmap.experiments.seed_table import (SeedRun, markdown_seed_table, method_lines, summarize,
+                                            zero_shot_fields)
 
 __all__ = ["run_seed_compare", "parse_seeds", "seed_runs"]
 
@@ -76,13 +78,12 @@ def seed_runs(results: dict[str, Any]) -> list[SeedRun]:
     for row in results["runs"]:
         if row["status"] not in ("ok", "failed"):
             continue
-        tasks = (row.get("zero_shot") or {}).get("tasks", {})
         out.append(SeedRun(
             method=row["method"], seed=row["seed"], ok=row["status"] == "ok", ppl=row.get("ppl"),
             task_values=dict(row.get("tasks") or {}),
-            correct={t: e["correct"][e["metric"]] for t, e in tasks.items() if "correct" in e},
             seconds=(row.get("timings") or {}).get("total"),
-            ratio_to_floor=row.get("ratio_to_floor"), removed_layers=row.get("removed_layers")))
+            ratio_to_floor=row.get("ratio_to_floor"), removed_layers=row.get("removed_layers"),
+            **zero_shot_fields(row.get("zero_shot"))))
     return out
 
 
@@ -102,6 +103,10 @@ def _settings_lines(results: dict[str, Any]) -> list[str]:
         avg = dense.get("average")
         lines.append(f"- zero-shot: {', '.join(s['tasks'])}; {limit} per task; accuracy in %"
                      + (f"; dense average {100 * avg:.2f}" if avg is not None else ""))
+        lam = (dense.get("zero_shot") or {}).get("lambada_openai")
+        if lam:
+            lines.append(f"- LAMBADA (beside the averages): {lam['n']} texts; dense acc "
+                         f"{accuracy_text(lam['acc'], lam['n'], 2)} % (95% Wilson), PPL {lam['ppl']:.2f}")
     floors = results["floor"].get("seconds") or {}
     if floors:
         lines.append("- floor seconds per seed: " + ", ".join(f"{k}: {v:.2f}"
