@@ -8,12 +8,19 @@ model is held) and keeps the one whose held-out mean next-token loss is lowest. 
 rows are the pipeline safeguard's (`gradmap.prune.safeguard`): no score and no fit of any
 candidate sees them, and every candidate is already no worse than its own plain removal there.
 Memory: the weights the best candidate so far changed (a copy), while the next one runs.
-Cost: the sum of the candidates' costs (nothing is shared between them yet).
+Cost: the sum of the candidates' costs (nothing is shared between them; the iterative
+candidate re-runs only the layers after the first changed one, `gradmap.runtime.prefix_cache`).
 
 The first candidate is kept unless another is better on the held-out rows beyond their noise:
 per row, the difference of mean next-token loss, and a switch needs a paired t statistic over
 rows above 2 (`SWITCH_T`). A lower total alone is not enough: on SmolLM2 at 4 of 30 layers
 GradMAP + projection led by 0.006 nats on 4 rows and had PPL 42.5 against 36.8.
+Stronger signals were measured and are worse (bench/RESULTS.md "Would a stronger signal pick
+better"): KL to the dense model, 16 more C4 rows, another domain's text and the dense model's
+own samples all rank the two candidates level or GradMAP ahead at 4 layers, where WikiText-2
+ranks GradMAP 12-17% worse; held-out KL would have switched on one seed out of three (t = 7.8).
+The check separates candidates that are far apart, not close ones, so the first stays unless
+the evidence is clear.
 """
 from __future__ import annotations
 
