@@ -11,8 +11,8 @@ import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize, quantize
 from tiny import tiny_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+from tiny_tokenizer import BPE_TEXT as TEXT, byte_level_tokenizer
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
 from gradmap import export_gguf, load_model, remove_layers, save_pretrained
 from gradmap.cli.app import main
@@ -20,7 +20,6 @@ from gradmap.core.errors import GradmapError
 from gradmap.core.gguf_convert import FAMILIES
 from gradmap.core.models import GGUF_SOURCE_ATTR
 
-TEXT = ["the cat sat on the mat, then the dog ran to the park.", "hello world: the answer is yes, 42!"]
 # transformers' GGUF reader has no qwen3 head_dim key and uses Qwen3Config's 128 (as real Qwen3 do);
 # it has no Gemma query scale key either (256 is read), and llama.cpp scales by head_dim: as in real
 # Gemma 2/3 (but 27B), head_dim = query_pre_attn_scalar = 256
@@ -36,20 +35,7 @@ QTYPE = {"f16": GGMLQuantizationType.F16, "bf16": GGMLQuantizationType.BF16,
 
 @pytest.fixture(scope="module")
 def tok():
-    """A byte-level BPE tokenizer (the GPT-2 kind GGUF describes as "gpt2"), with a chat template."""
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    # llama.cpp looks <unk> and <|endoftext|> up by name in a model named phi3 (as Phi-3's vocab has)
-    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>",
-                                                                  "<|endoftext|>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
-    backend.train_from_iterator(TEXT * 4, trainer=trainer)
-    t = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
-                                pad_token="<pad>")
-    t.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
-    return t
+    return byte_level_tokenizer()
 
 
 def _model(family, tok, n_layers=4, **kw):

@@ -45,3 +45,24 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
                                   pad_token="<pad>", model_max_length=256)
     assert len(tok) <= VOCAB, len(tok)
     return tok
+
+
+BPE_TEXT = ["the cat sat on the mat, then the dog ran to the park.", "hello world: the answer is yes, 42!"]
+
+
+def byte_level_tokenizer() -> PreTrainedTokenizerFast:
+    """A byte-level BPE tokenizer (the GPT-2 kind GGUF describes as "gpt2", so the GGUF converter
+    can write it), with a chat template; about 300 tokens (a model needs vocab >= len(tok))."""
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    # llama.cpp looks <unk> and <|endoftext|> up by name in a model named phi3 (as Phi-3's vocab has)
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>", "<unk>",
+                                                                  "<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    backend.train_from_iterator(BPE_TEXT * 4, trainer=trainer)
+    t = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>",
+                                pad_token="<pad>")
+    t.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+    return t

@@ -12,7 +12,8 @@ from pathlib import Path
 from gradmap.core.errors import GradmapError
 
 __all__ = ["positive", "check_context", "check_gguf_output", "add_overwrite_arguments", "overwrite_mode", "check_runtime", "run_on_ranks", "compensation_names", "check_json_target",
-           "write_json", "METRICS", "COMPENSATIONS", "DEFAULT_PIPELINE_NAME", "DTYPES"]
+           "write_json", "add_gguf_type_argument", "METRICS", "COMPENSATIONS", "DEFAULT_PIPELINE_NAME", "DTYPES",
+           "GGUF_TYPES"]
 
 # Listed here so `--help` can show them without importing torch; tests/test_reliability_cli.py
 # checks they equal the registries.
@@ -20,6 +21,8 @@ METRICS = ("gradmap", "block-influence", "angular", "taylor", "ppl", "sleb", "ma
 COMPENSATIONS = ("none", "projection", "magnitude", "replaceme")
 # load dtypes the commands accept (torch names, spelled out for --help without torch)
 DTYPES = ("float32", "bfloat16", "float16")
+# gradmap.core.gguf_export.DTYPES: the type of the tensors pruning changed in a GGUF export
+GGUF_TYPES = ("source", "auto", "q8_0", "f16", "bf16", "f32")
 # gradmap.prune.driver.default_pipeline_name(), for --help without torch (a test checks they agree)
 DEFAULT_PIPELINE_NAME = "auto"
 
@@ -114,6 +117,17 @@ def overwrite_mode(args):
     """The `overwrite` argument of the writers: False, True or "force"."""
     from gradmap.core.output_paths import FORCE
     return FORCE if args.force_overwrite else args.overwrite
+
+
+def add_gguf_type_argument(p, flag: str) -> None:
+    p.add_argument("--gguf-type", choices=GGUF_TYPES, default=None,
+                   help=f"type of the tensors pruning changed in {flag} (from a .gguf --model): source "
+                        "(default: each in its source tensor's type, e.g. Q4_1, so the file shrinks "
+                        "by the removed layers' share; types the gguf package cannot write, e.g. "
+                        "Q4_K, become the smallest one with a bit more per weight, e.g. Q5_0), auto "
+                        "(Q8_0, or F16 if Q8_0 moves the next-token distribution by more than 1e-3 "
+                        "nats), or one type for all; an HF --model is converted whole, F16 unless "
+                        "q8_0/bf16/f32 is given")
 
 
 def check_gguf_output(model: str, path: str, overwrite, flag: str, inputs=()) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 import argparse
 import re
 
-from gradmap.cli.checks import (DTYPES, add_overwrite_arguments, check_gguf_output, check_runtime,
-                                overwrite_mode)
+from gradmap.cli.checks import (DTYPES, add_gguf_type_argument, add_overwrite_arguments, check_gguf_output,
+                                check_runtime, overwrite_mode)
 from gradmap.cli.speed import add_speed_arguments, speed_settings
 from gradmap.core.errors import GradmapError
 
@@ -72,6 +72,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="which method's model --save keeps (default: the first gradmap method)")
     p.add_argument("--save-gguf", metavar="FILE", default=None,
                    help="also write --save's model as FILE.gguf for llama.cpp (from a .gguf or HF --model)")
+    add_gguf_type_argument(p, "--save-gguf")
     p.add_argument("--generate", metavar="PROMPT", default=None,
                    help="print greedy generations for PROMPT from the dense and each pruned model")
     p.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (32)")
@@ -104,6 +105,9 @@ def run(args: argparse.Namespace) -> int:
         raise GradmapError("--reference compares over seeds; pass --seeds too, e.g. --seeds 0,1,2")
     if args.save_method is not None and args.save is None:
         raise GradmapError("--save-method needs --save DIR to say where the checkpoint goes")
+    if args.gguf_type is not None and args.save_gguf is None:
+        raise GradmapError("--gguf-type sets the type of the --save-gguf file's changed tensors; pass "
+                           "--save-gguf FILE.gguf too (or drop --gguf-type)")
     if args.save_gguf is not None:
         if args.save is None:
             raise GradmapError("--save-gguf needs --save DIR (the GGUF is written next to that checkpoint)")
@@ -119,7 +123,8 @@ def run(args: argparse.Namespace) -> int:
         eval_batch_size=args.eval_batch_size, dtype=args.dtype, device=args.device,
         protect_first=args.protect_first, protect_last=args.protect_last,
         restore="reload" if args.reload else "copy", save_dir=args.save,
-        save_method=args.save_method, save_gguf=args.save_gguf, generate=args.generate,
+        save_method=args.save_method, save_gguf=args.save_gguf, save_gguf_dtype=args.gguf_type,
+        generate=args.generate,
         max_new_tokens=args.max_new_tokens, overwrite=overwrite_mode(args), speed=speed)
     out = args.out or _default_out(args.model, args.n_prune)
     if args.seeds is not None:

@@ -12,13 +12,13 @@ import json
 import time
 from collections.abc import Callable
 
-from gradmap.cli.checks import (COMPENSATIONS, DEFAULT_PIPELINE_NAME, DTYPES, METRICS, add_overwrite_arguments,
-                                check_gguf_output, compensation_names, overwrite_mode, positive,
+from gradmap.cli.checks import (COMPENSATIONS, DEFAULT_PIPELINE_NAME, DTYPES, METRICS, add_gguf_type_argument,
+                                add_overwrite_arguments, check_gguf_output, compensation_names, overwrite_mode, positive,
                                 run_on_ranks)
 from gradmap.cli.speed import add_speed_arguments, speed_lengths, speed_settings
 from gradmap.core.errors import GradmapError
 
-__all__ = ["add_parser", "run", "parse_options", "pipeline_arguments"]
+__all__ = ["add_parser", "run", "parse_options", "pipeline_arguments", "gguf_line"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -64,6 +64,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also write the pruned model as FILE.gguf for llama.cpp/ollama (a .gguf --model "
                         "keeps its untouched tensors' quantisation, an HF model is converted to F16; "
                         "see docs/guide.md)")
+    add_gguf_type_argument(p, "--gguf")
     add_overwrite_arguments(p, "a non-empty --out (and an existing --gguf)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_speed_arguments(p, "the dense model (a copy kept in host memory) and the pruned one")
@@ -155,6 +156,9 @@ def _run(args: argparse.Namespace, device: str) -> int:
         check_prune_support(metric, compensators)
     if args.n_prune <= 0:
         raise GradmapError(f"--n-prune must be a positive integer, got {args.n_prune}")
+    if args.gguf_type is not None and not args.gguf:
+        raise GradmapError("--gguf-type sets the type of the --gguf file's changed tensors; pass "
+                           "--gguf FILE.gguf too (or drop --gguf-type)")
     if args.gguf:
         check_gguf_output(args.model, args.gguf, overwrite, "--gguf", inputs)
     layer_ids = model_layer_ids(args.model)  # from config.json or the GGUF header: no weights
@@ -200,11 +204,7 @@ def _run(args: argparse.Namespace, device: str) -> int:
           f"; wall incl. loading {time.perf_counter() - t0:.1f}s")
     print(f"saved to {out} (report.json, scores.png)")
     if args.gguf:
-        g = report["gguf"]
-        print(f"GGUF: {g['path']} ({g['bytes'] / 2**20:.1f} MiB, " + (
-              f"converted from the HF model, tensors {g['tensors']})" if g["source"] is None else
-              f"source {g['source_bytes'] / 2**20:.1f} MiB; {g['copied']} tensors copied as they "
-              f"were, {len(g['changed'])} re-written)"))
+        print(gguf_line(report["gguf"]))
     if "speed" in report:
         from gradmap.evaluate.speed import speed_lines
         print("\n".join(speed_lines(report["speed"])))
@@ -220,7 +220,8 @@ def _after_save(model, tokenizer, dense, report: dict, out, args, speed, overwri
     try:
         if args.gguf:
             from gradmap.core.gguf_export import export_gguf
-            report["gguf"] = export_gguf(model, tokenizer, args.gguf, overwrite=overwrite)
+            report["gguf"] = export_gguf(model, tokenizer, args.gguf, dtype=args.gguf_type or "source",
+                                         overwrite=overwrite)
         if dense is not None:
             from gradmap.experiments.compare_speed import speed_vs_dense
             say("timing the dense and the pruned model (--speed) ...", flush=True)
@@ -229,3 +230,19 @@ def _after_save(model, tokenizer, dense, report: dict, out, args, speed, overwri
         raise GradmapError(f"{exc} (the pruned checkpoint is saved in {out})") from None
     finally:
         write_file_atomic(out / "report.json", json_text(report).encode())
+
+
+def gguf_line(g: dict) -> str:
+    """One line on an export_gguf summary: sizes, tensors copied and re-written, their types."""
+    head = f"GGUF: {g['path']} ({g['bytes'] / 2**20:.1f} MiB"
+    if g["source"] is None:
+        return f"{head}, converted from the HF model, tensors {g['tensors']})"
+    types = {}
+    for name, qt in g["changed"].items():
+        key = f"{g['source_types'][name]}->{qt}" if g["source_types"][name] != qt else qt
+        types[key] = types.get(key, 0) + 1
+    written = ", ".join(f"{n} {k}" for k, n in sorted(types.items()))
+    kl = g["changed_errors"].get("kl")
+    return (f"{head}, source {g['source_bytes'] / 2**20:.1f} MiB; {g['copied']} tensors copied as they "
+            f"were, {len(g['changed'])} re-written" + (f" ({written}; mean KL {kl:.1e} nats/token on "
+                                                         "3 rows)" if g["changed"] else "") + ")")

@@ -81,7 +81,7 @@ def write_file_atomic(path: str | os.PathLike, data: bytes) -> None:
 def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
                     report: dict[str, Any] | None = None, overwrite: bool | str = False,
                     extra_files: dict[str, bytes] | None = None,
-                    gguf: str | os.PathLike | None = None) -> Path:
+                    gguf: str | os.PathLike | None = None, gguf_dtype: str | None = None) -> Path:
     """Write safetensors weights, config, tokenizer and `report.json` to `out_dir` atomically.
 
     Everything is written into a temporary sibling directory that is renamed
@@ -95,7 +95,8 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
     (a replaced checkpoint whose new copy never landed is put back first).
     Files get the umask's mode. The result loads with plain `AutoModelForCausalLM.from_pretrained`.
 
-    With `gguf`, the model is also written there by `export_gguf` (from its GGUF source, else converted).
+    With `gguf`, the model is also written there by `export_gguf` (from its GGUF source, else
+    converted), with `gguf_dtype` as its `dtype` (default "source"; checked before anything is written).
 
     Under torch.distributed only rank 0 writes; every rank returns the path after a barrier,
     so the checkpoint is complete when any rank returns (identical weights on all ranks are
@@ -105,10 +106,16 @@ def save_pretrained(model: nn.Module, tokenizer, out_dir: str | os.PathLike,
         distributed.barrier()
         return Path(out_dir)
     try:
+        if gguf is not None:
+            from gradmap.core.gguf_export import check_gguf_dtype  # imports gguf: only when asked
+            check_gguf_dtype(gguf_dtype or "source")
+        elif gguf_dtype is not None:
+            raise GradmapError(f"gguf_dtype={gguf_dtype!r} sets the type of the GGUF file's changed "
+                               "tensors; pass gguf='FILE.gguf' too (or drop gguf_dtype)")
         out = _save(model, tokenizer, out_dir, report, overwrite, extra_files)
         if gguf is not None:
-            from gradmap.core.gguf_export import export_gguf  # imports gguf: only when asked
-            export_gguf(model, tokenizer, gguf, overwrite=overwrite)
+            from gradmap.core.gguf_export import export_gguf
+            export_gguf(model, tokenizer, gguf, dtype=gguf_dtype or "source", overwrite=overwrite)
         return out
     finally:  # also on error, so the other ranks are not left waiting
         distributed.barrier()

@@ -3,8 +3,9 @@
 Every tensor the pruning left untouched is copied byte for byte in its original quantisation; the
 removed blocks' tensors are dropped and the kept `blk.N.*` renumbered densely; `<arch>.block_count`
 and every per-layer metadata array are trimmed; all other metadata (tokenizer, chat template, RoPE)
-is copied unchanged. Tensors that compensation changed are written as Q8_0 when that keeps the
-next-token distribution within Q8_KL_TOL of the in-memory model on a few text rows, else as F16.
+is copied unchanged. Tensors that compensation changed are re-quantised to their source tensor's
+own type (so the file shrinks by the removed blocks' share), or to the smallest wider type the
+`gguf` package can write when it cannot write that one (`writable_type`); `dtype` keeps them wider.
 A model with no GGUF source (loaded from an HF folder) is converted whole by gguf_convert.
 """
 from __future__ import annotations
@@ -15,20 +16,22 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, GGUFWriter
+from gguf import GGUFReader, GGUFValueType, GGUFWriter
 
 from gradmap.core.output_paths import check_finite
 from gradmap.core.errors import GradmapError
 from gradmap.core.gguf_convert import check_read_back, convert_to_gguf
-from gradmap.core.gguf_layout import QUANT_TYPES, GGUFLayout
+from gradmap.core.gguf_layout import QUANT_TYPES, GGUFLayout, writable_type
 from gradmap.core.gguf_write import check_gguf_target, write_gguf
 from gradmap.core.models import GGUF_SOURCE_ATTR
 from gradmap.core.surgery import original_layer_ids
 
-__all__ = ["export_gguf", "check_gguf_paths", "copy_metadata", "Q8_KL_TOL", "DTYPES"]
+__all__ = ["export_gguf", "check_gguf_paths", "check_gguf_dtype", "copy_metadata", "Q8_KL_TOL", "DTYPES"]
 
-DTYPES = ("auto", "q8_0", "f16", "bf16", "f32")
-# mean KL(in-memory || exported) per token, nats, over ROWS; Q8_0 is used for changed tensors below it
+# types of the tensors pruning changed: "source" each its source tensor's own type; "auto" Q8_0 or F16
+# by the KL test below; or one type for all of them
+DTYPES = ("source", "auto", "q8_0", "f16", "bf16", "f32")
+# mean KL(in-memory || exported) per token, nats, over ROWS; "auto" uses Q8_0 below it, else F16
 Q8_KL_TOL = 1e-3
 ROWS = ["The capital of France is Paris, and the capital of Italy is Rome.",
         "def fibonacci(n):\n    return n if n < 2 else fibonacci(n - 1) + fibonacci(n - 2)",
@@ -92,15 +95,33 @@ def _rows(model, tokenizer) -> dict:
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
 
 
-def _kl_if_written(model, layout: GGUFLayout, changed: dict[str, str], qtype, ref, rows) -> float:
-    """Mean KL(in-memory || model with the changed tensors as a reader of `qtype` data sees them)."""
+def check_gguf_dtype(dtype) -> None:
+    """Refuse a `dtype` that is not one of DTYPES, before any work."""
+    if dtype not in DTYPES:
+        raise GradmapError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)} (source: each "
+                           "changed tensor in its source tensor's type; auto: Q8_0, or F16 when Q8_0 "
+                           "moves the next-token distribution by more than Q8_KL_TOL)")
+
+
+def _encode(layout: GGUFLayout, state: dict, types: dict[str, object]) -> dict[str, tuple]:
+    """{GGUF name: (type written, data)} for the changed tensors, each asked for as `types[name]`."""
+    out = {}
+    for gguf_name, (hf_name, qtype) in types.items():
+        qt = GGUFLayout.storage_type(state[hf_name], qtype)
+        out[gguf_name] = (qt, layout.encode(state[hf_name], gguf_name, qt))
+    return out
+
+
+def _kl_if_written(model, layout: GGUFLayout, changed: dict[str, str], encoded: dict, ref, rows) -> float:
+    """Mean KL(in-memory || model with the changed tensors as a reader of `encoded` sees them)."""
     params = dict(model.named_parameters(remove_duplicate=False))
     saved = {}
     try:
         for hf_name, gguf_name in changed.items():
             p = params[hf_name]
             saved[hf_name] = p.data
-            p.data = layout.round_trip(p.data, gguf_name, qtype).to(p.device)
+            qt, data = encoded[gguf_name]
+            p.data = layout.decode(data, qt, gguf_name, p.data).to(p.device)
         got = _logits(model, rows)
     finally:
         for hf_name, data in saved.items():
@@ -108,15 +129,33 @@ def _kl_if_written(model, layout: GGUFLayout, changed: dict[str, str], qtype, re
     return max(0.0, float((ref.exp() * (ref - got)).sum(-1).mean()))  # rounding can dip below 0
 
 
-def _choose_type(model, tokenizer, layout, changed, dtype: str) -> tuple[GGMLQuantizationType, dict]:
-    if dtype != "auto":
-        return QUANT_TYPES[dtype], {}
+def _source_types(reader: GGUFReader, plan, changed: dict[str, str]) -> dict[str, object]:
+    """The source type of each changed tensor (GGUF name -> type). A tensor the source lacks takes
+    the type of the one it was tied to (output.weight: token_embd.weight), else the commonest
+    matrix type of the source."""
+    by_name = {name: t.tensor_type for t, name in plan}
+    matrices = [t.tensor_type for t in reader.tensors if len(t.shape) > 1]
+    if "token_embd.weight" in by_name:
+        by_name.setdefault("output.weight", by_name["token_embd.weight"])
+    common = max(set(matrices), key=matrices.count)
+    return {name: by_name.get(name, common) for name in changed.values()}  # (F32 is 0: no `or`)
+
+
+def _choose_types(model, tokenizer, layout, state, changed, dtype: str, source_types) -> tuple[dict, dict]:
+    """({GGUF name: (type written, data)} for the changed tensors, the measured errors)."""
     rows = _rows(model, tokenizer)
     ref = _logits(model, rows)
-    kl = {name: _kl_if_written(model, layout, changed, QUANT_TYPES[name], ref, rows)
-          for name in ("q8_0", "f16")}
-    pick = "q8_0" if kl["q8_0"] <= Q8_KL_TOL else "f16"
-    return QUANT_TYPES[pick], {"kl_q8_0": kl["q8_0"], "kl_f16": kl["f16"], "tolerance": Q8_KL_TOL}
+
+    def written(qtype_of):
+        enc = _encode(layout, state, {g: (hf, qtype_of(g)) for hf, g in changed.items()})
+        return enc, _kl_if_written(model, layout, changed, enc, ref, rows)
+    if dtype != "auto":
+        enc, kl = written((lambda g: writable_type(source_types[g])) if dtype == "source"
+                          else (lambda g: QUANT_TYPES[dtype]))
+        return enc, {"kl": kl}
+    (q8, kl_q8), (f16, kl_f16) = written(lambda g: QUANT_TYPES["q8_0"]), written(lambda g: QUANT_TYPES["f16"])
+    errors = {"kl_q8_0": kl_q8, "kl_f16": kl_f16, "tolerance": Q8_KL_TOL}
+    return (q8, {"kl": kl_q8, **errors}) if kl_q8 <= Q8_KL_TOL else (f16, {"kl": kl_f16, **errors})
 
 
 def copy_metadata(reader: GGUFReader, writer: GGUFWriter, arch: str, n_src: int, kept: list[int]) -> None:
@@ -135,22 +174,27 @@ def copy_metadata(reader: GGUFReader, writer: GGUFWriter, arch: str, n_src: int,
         writer.add_key_value(field.name, value, vtype, sub_type=sub)
 
 
-def export_gguf(model, tokenizer, path, source=None, dtype: str = "auto", overwrite: bool = False) -> dict:
+def export_gguf(model, tokenizer, path, source=None, dtype: str = "source", overwrite: bool = False) -> dict:
     """Write `model` as a new GGUF file at `path`, atomically.
 
     From a GGUF source (`source`, default: the file `gradmap.load_model` loaded the model from;
     it is only read): untouched tensors keep their original type and bytes; `dtype` is the type
-    of tensors the pruning changed: "auto" (Q8_0 if its measured KL on a few rows is within
-    Q8_KL_TOL, else F16), "q8_0", "f16", "bf16" or "f32". Returns a summary: path, bytes, tensors
-    copied/dropped/changed, the changed tensors' type and the measured errors.
+    of tensors the pruning changed: "source" (default: each in its source tensor's type, so the file
+    is smaller than the source by about the removed blocks' share; a type the `gguf` package cannot
+    write, e.g. Q4_K, becomes the smallest writable type with one more bit per weight, see
+    `gguf_layout.writable_type`), "auto" (Q8_0 if its measured KL on a few rows is within
+    Q8_KL_TOL, else F16), "q8_0", "f16", "bf16" or "f32". Returns a summary: path, bytes and source
+    bytes, tensors copied/dropped/changed, each changed tensor's type written and source type, the
+    source types written as another type (`fallbacks`), the changed tensors' bytes before and after,
+    and the mean KL on ROWS of the file as written (`changed_errors`).
     Without a source (a model loaded from an HF folder) every tensor is converted: see
-    `gradmap.core.gguf_convert.convert_to_gguf` ("auto" = f16 there).
+    `gradmap.core.gguf_convert.convert_to_gguf` ("source" and "auto" = f16 there).
     """
-    if dtype not in DTYPES:
-        raise GradmapError(f"GGUF dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    check_gguf_dtype(dtype)
     source = source if source is not None else getattr(model, GGUF_SOURCE_ATTR, None)
     if source is None:  # loaded from an HF folder: nothing to copy from, every tensor is converted
-        return convert_to_gguf(model, tokenizer, path, dtype=dtype, overwrite=overwrite)
+        return convert_to_gguf(model, tokenizer, path, dtype="auto" if dtype == "source" else dtype,
+                               overwrite=overwrite)
     source, path = check_gguf_paths(source, path, overwrite)
     check_finite(model, "GGUF file")
     reader = GGUFReader(source)
@@ -175,8 +219,9 @@ def export_gguf(model, tokenizer, path, source=None, dtype: str = "auto", overwr
             changed[hf_name] = name
     new = _new_tensors(layout, state, {layout.hf_name[n] for _, n in plan if n in layout.hf_name})
     changed.update(new)
-    qtype, errors = _choose_type(model, tokenizer, layout, changed, dtype) if changed else (None, {})
-    out_of, written = {v: k for k, v in changed.items()}, {}
+    source_types = _source_types(reader, plan, changed)
+    encoded, errors = (_choose_types(model, tokenizer, layout, state, changed, dtype, source_types)
+                       if changed else ({}, {}))
 
     # the trimmed metadata must still describe this model to a reader (e.g. a Gemma pruned out of
     # its sliding/full alternation reads back with the wrong attention per layer): refuse otherwise
@@ -185,11 +230,9 @@ def export_gguf(model, tokenizer, path, source=None, dtype: str = "auto", overwr
     def fill(writer):
         copy_metadata(reader, writer, arch, n_src, kept)
         for t, name in plan + [(None, n) for n in new.values()]:
-            if name in out_of:
-                w = state[out_of[name]]
-                qt = GGUFLayout.storage_type(w, qtype)
-                writer.add_tensor(name, layout.encode(w, name, qt), raw_dtype=qt)
-                written[name] = qt.name
+            if name in encoded:
+                qt, data = encoded[name]
+                writer.add_tensor(name, data, raw_dtype=qt)
             else:
                 writer.add_tensor(name, t.data, raw_dtype=t.tensor_type,
                                   tensor_endianess=reader.endianess)
@@ -197,5 +240,17 @@ def export_gguf(model, tokenizer, path, source=None, dtype: str = "auto", overwr
                overwrite=overwrite)
     return {"path": str(path), "bytes": path.stat().st_size, "source": str(source),
             "source_bytes": source.stat().st_size, "blocks": len(kept), "source_blocks": n_src,
-            "copied": len(plan) - len(written), "dropped": len(reader.tensors) - len(plan),
-            "changed": written, "added": sorted(new.values()), "changed_errors": errors}
+            "dtype": dtype, "copied": len(plan) - len(encoded), "dropped": len(reader.tensors) - len(plan),
+            **_changed_summary(plan, encoded, source_types, new, dtype), "changed_errors": errors}
+
+
+def _changed_summary(plan, encoded: dict, source_types: dict, new: dict, dtype: str) -> dict:
+    """What the report says about the re-written tensors: types, fallbacks and bytes."""
+    src_bytes = {name: int(t.n_bytes) for t, name in plan}
+    fallbacks = {source_types[n].name: qt.name for n, (qt, _) in encoded.items()
+                 if dtype == "source" and writable_type(source_types[n]) != source_types[n]}
+    return {"changed": {n: qt.name for n, (qt, _) in encoded.items()},
+            "source_types": {n: source_types[n].name for n in encoded},
+            "fallbacks": fallbacks, "added": sorted(new.values()),
+            "changed_bytes": {"source": sum(src_bytes.get(n, 0) for n in encoded),
+                              "written": sum(int(d.nbytes) for _, d in encoded.values())}}

@@ -10,14 +10,39 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from gguf import GGMLQuantizationType, dequantize, quantize
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, dequantize, quantize
 
 from gradmap.core.errors import GradmapError
 
-__all__ = ["GGUFLayout", "QUANT_TYPES"]
+__all__ = ["GGUFLayout", "QUANT_TYPES", "WRITABLE", "bits_per_weight", "writable_type"]
 
-QUANT_TYPES = {"f32": GGMLQuantizationType.F32, "f16": GGMLQuantizationType.F16,
-               "bf16": GGMLQuantizationType.BF16, "q8_0": GGMLQuantizationType.Q8_0}
+Q = GGMLQuantizationType
+QUANT_TYPES = {"f32": Q.F32, "f16": Q.F16, "bf16": Q.BF16, "q8_0": Q.Q8_0}
+# the types the `gguf` package can quantise to and transformers' GGUF reader dequantises (MXFP4 the
+# package writes too, but no source of ours has it): every K-, I- and T-quant raises in gguf.quantize
+WRITABLE = (Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0, Q.F16, Q.BF16, Q.F32)
+
+
+def bits_per_weight(qtype) -> float:
+    """Storage bits per weight of a GGML type (block bytes * 8 / block weights): Q4_1 5.0, Q4_K 4.5."""
+    block, size = GGML_QUANT_SIZES[qtype]
+    return 8 * size / block
+
+
+def writable_type(qtype) -> GGMLQuantizationType:
+    """`qtype` when the gguf package can write it, else the smallest writable type with at least
+    one more bit per weight: Q2_K, Q3_K -> Q4_0; Q4_K, IQ4_XS, IQ4_NL -> Q5_0; Q5_K, Q6_K -> Q8_0.
+
+    One bit, because the legacy types spend their bits less well than the K-quants of the same
+    size: in llama.cpp's own table (tools/quantize/quantize.cpp, PPL increase on Llama-3-8B)
+    Q4_K_M +0.1754 lies between Q5_0 +0.1316 and Q4_1 +0.4511, Q5_K_M +0.0569 and Q6_K +0.0217
+    are better than Q5_1 +0.1062 and worse than Q8_0 +0.0026, Q3_K_M +0.6569 is worse than Q4_0
+    +0.4685. So a tensor never comes back coarser than the source stored it, at some size.
+    """
+    if qtype in WRITABLE:
+        return qtype
+    need = bits_per_weight(qtype) + 1
+    return min((t for t in WRITABLE if bits_per_weight(t) >= need), key=bits_per_weight, default=Q.F32)
 
 
 def _permute_qk(w: np.ndarray, n_head: int) -> np.ndarray:
@@ -95,18 +120,16 @@ class GGUFLayout:
             return g.astype(np.float16)
         return quantize(g, qtype)
 
-    def round_trip(self, tensor: torch.Tensor, gguf_name: str, qtype) -> torch.Tensor:
-        """What a reader of the exported file gets back for `tensor` written as `qtype`."""
-        qtype = self.storage_type(tensor, qtype)
-        data = self.encode(tensor, gguf_name, qtype)
-        back = self.to_hf(data, qtype, gguf_name)
-        return torch.from_numpy(np.ascontiguousarray(back)).to(tensor.dtype).reshape(tensor.shape)
+    def decode(self, data: np.ndarray, qtype, gguf_name: str, like: torch.Tensor) -> torch.Tensor:
+        """What a reader of `data` (GGUF type `qtype`) gets back, shaped and typed like `like`."""
+        back = np.ascontiguousarray(self.to_hf(data, qtype, gguf_name))
+        return torch.from_numpy(back).to(like.dtype).reshape(like.shape)
 
     @staticmethod
     def storage_type(tensor: torch.Tensor, qtype):
         """The type `tensor` is written in when `qtype` is asked for."""
         if tensor.dim() < 2:
             return GGMLQuantizationType.F32  # norms and biases: tiny, and llama.cpp keeps them F32
-        if qtype == GGMLQuantizationType.Q8_0 and tensor.shape[-1] % 32:
-            return GGMLQuantizationType.F16  # Q8_0 packs blocks of 32 along a row
+        if tensor.shape[-1] % GGML_QUANT_SIZES[qtype][0]:
+            return GGMLQuantizationType.F16  # quantised types pack blocks of 32 (or 256) along a row
         return qtype

@@ -72,6 +72,7 @@ class CompareConfig:
     save_dir: str | None = None              # save this method's pruned checkpoint here
     save_method: str | None = None           # default: the first method whose metric is gradmap
     save_gguf: str | None = None             # also write that model as this .gguf
+    save_gguf_dtype: str | None = None       # export_gguf's dtype for it (None: "source")
     generate: str | None = None              # prompt for before/after greedy generations
     max_new_tokens: int = 32
     overwrite: bool | str = False            # "force": also replace folders gradmap did not write
@@ -94,6 +95,12 @@ class CompareConfig:
         if self.restore not in ("copy", "reload"):
             raise GradmapError(f"restore={self.restore!r} is not valid; choose 'copy' (keep a "
                                "dense copy in memory) or 'reload' (load the model for each method)")
+        if self.save_gguf_dtype is not None:
+            if self.save_gguf is None:
+                raise GradmapError("save_gguf_dtype sets the type of the save_gguf file's changed "
+                                   "tensors; set save_gguf too (--save-gguf FILE.gguf)")
+            from gradmap.core.gguf_export import check_gguf_dtype
+            check_gguf_dtype(self.save_gguf_dtype)
         if isinstance(self.methods, str):
             self.methods = split_methods(self.methods)  # commas inside (options) do not split
         if self.speed is not None:
@@ -330,7 +337,7 @@ def _save(model, tokenizer, row: dict, cfg: CompareConfig) -> None:
               **row.get("prune_result", {})}
     try:
         save_pretrained(model, tokenizer, cfg.save_dir, report=report, overwrite=cfg.overwrite,
-                        gguf=cfg.save_gguf)
+                        gguf=cfg.save_gguf, gguf_dtype=cfg.save_gguf_dtype)
         row["saved_to"] = str(cfg.save_dir)
     except Exception as exc:  # the row's figures stand; the failed save is reported beside them
         row["save_error"] = f"{type(exc).__name__}: {exc}"
