@@ -2,7 +2,7 @@
 
 Importing gradmap is light: it imports neither torch nor transformers until a name below is
 used, never initialises CUDA and never downloads anything. Layers (each imports only from
-those before it): core -> ops -> runtime -> prune / sparsity / evaluate -> api -> cli, experiments.
+those before it): core -> ops -> runtime -> prune / healing / sparsity / evaluate -> api -> cli, experiments.
 """
 from __future__ import annotations
 
@@ -18,8 +18,9 @@ _EXPORTS = {
     "PruneResult": "gradmap.api", "SparsifyResult": "gradmap.api", "GradmapError": "gradmap.core.errors",
     "UnsupportedModelError": "gradmap.core.errors", "ModelAdapter": "gradmap.core.adapter",
     "get_adapter": "gradmap.core.adapter", "export_gguf": "gradmap.api",
+    "heal": "gradmap.api", "HealOptions": "gradmap.api", "HealReport": "gradmap.api",
 }
-_SUBMODULES = ("api", "core", "ops", "runtime", "prune", "sparsity", "evaluate", "cli", "experiments")
+_SUBMODULES = ("api", "core", "ops", "runtime", "prune", "healing", "sparsity", "evaluate", "cli", "experiments")
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

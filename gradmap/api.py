@@ -18,6 +18,7 @@ from gradmap.core.gguf_export import export_gguf
 from gradmap.core.models import load_model
 from gradmap.core.result import PruneResult
 from gradmap.core.surgery import original_layer_ids, remove_layers
+from gradmap.healing import HealOptions, HealReport, heal
 from gradmap.prune.compensation import MagnitudeCompensation as Magnitude
 from gradmap.prune.compensation import NoCompensation
 from gradmap.prune.compensation import ProjectionCompensation as Projection
@@ -30,7 +31,7 @@ from gradmap.sparsity.sparsify import SparsifyResult, sparsify
 __all__ = [
     "fast_prune", "sparsify", "remove_layers", "save_pretrained", "load_model", "original_layer_ids",
     "calibration_data",
-    "export_gguf",
+    "export_gguf", "heal", "HealOptions", "HealReport",
     "PruneResult", "SparsifyResult",
     "GradMAP", "BlockInfluence", "Angular", "Taylor", "PPL", "SLEB", "WeightMagnitude",
     "Magnitude", "Projection", "ReplaceMe", "NoCompensation",

@@ -8,7 +8,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "gradmap"
 # lower number = lower layer; a module may import only from its own layer or below
-LAYERS = {"version": 0, "core": 0, "ops": 1, "runtime": 2, "prune": 3, "sparsity": 3, "evaluate": 3,
+LAYERS = {"version": 0, "core": 0, "ops": 1, "runtime": 2, "prune": 3, "healing": 3, "sparsity": 3, "evaluate": 3,
           "api": 4, "cli": 5, "experiments": 5, "__main__": 5}
 MAX_LINES = 400
 

@@ -18,7 +18,7 @@ from gradmap.cli.checks import (COMPENSATIONS, DEFAULT_PIPELINE_NAME, DTYPES, ME
 from gradmap.cli.speed import add_speed_arguments, speed_lengths, speed_settings
 from gradmap.core.errors import GradmapError
 
-__all__ = ["add_parser", "run", "parse_options", "pipeline_arguments", "gguf_line"]
+__all__ = ["add_parser", "run", "parse_options", "pipeline_arguments", "gguf_line", "heal_arguments"]
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -66,20 +66,26 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "see docs/guide.md)")
     add_gguf_type_argument(p, "--gguf")
     add_overwrite_arguments(p, "a non-empty --out (and an existing --gguf)")
+    p.add_argument("--heal", default=None, metavar="MODE",
+                   help="after pruning, distil the pruned model towards the dense one on the calibration rows "
+                        "(top-K KL) and fold the result into plain weights: compensation, norms+compensation, "
+                        "lora or partial (see docs/guide.md, 'Healing')")
+    p.add_argument("--heal-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="healing option, repeatable (e.g. steps=64, lr=1e-3, top_k=128, batch_rows=4, seed=0)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_speed_arguments(p, "the dense model (a copy kept in host memory) and the pruned one")
     return p
 
 
-def parse_options(items: list[str]) -> dict:
+def parse_options(items: list[str], flag: str = "--metric-option", example: str = "verify=4") -> dict:
     """KEY=VALUE strings -> dict; values are Python literals when they parse as one, else strings."""
     out = {}
     for item in items:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise GradmapError(f"--metric-option {item!r} is not KEY=VALUE (e.g. --metric-option verify=4)")
+            raise GradmapError(f"{flag} {item!r} is not KEY=VALUE (e.g. {flag} {example})")
         if key in out:  # the last one used to win silently
-            raise GradmapError(f"--metric-option {key} is given twice; give each option once")
+            raise GradmapError(f"{flag} {key} is given twice; give each option once")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError, RecursionError, MemoryError):
@@ -109,6 +115,18 @@ def pipeline_arguments(args: argparse.Namespace) -> tuple[dict, Callable[[], dic
     from gradmap.experiments.methods import parse_method
     spec = parse_method(args.method)  # names valid metrics, compensations and options on error
     return spec.prune_kwargs(), spec.prune_kwargs
+
+
+def heal_arguments(args: argparse.Namespace):
+    """The validated HealOptions of --heal / --heal-option, or None without --heal."""
+    if args.heal is None:
+        if args.heal_option:
+            raise GradmapError("--heal-option needs --heal MODE (e.g. --heal compensation)")
+        return None
+    if args.offload:
+        raise GradmapError("--heal cannot run with --offload yet (healing trains in memory); drop one of them")
+    from gradmap.healing.options import heal_options
+    return heal_options({"train": args.heal, **parse_options(args.heal_option, "--heal-option", "steps=64")})
 
 
 def run(args: argparse.Namespace) -> int:
@@ -145,6 +163,7 @@ def _run(args: argparse.Namespace, device: str) -> int:
     from gradmap.core.config_checks import check_family
     check_family(args.model)
     given, fresh_kwargs = pipeline_arguments(args)
+    heal = heal_arguments(args)
     given_options = {k: v for k, v in given.items() if k not in ("metric", "compensation", "schedule")}
     # what fast_prune will run, for the checks; fast_prune resolves the same defaults itself
     metric_name, compensation, schedule, options = resolve_pipeline(given["metric"], given["compensation"],
@@ -182,7 +201,7 @@ def _run(args: argparse.Namespace, device: str) -> int:
     result = fast_prune(model, calib, args.n_prune, protect_first=args.protect_first,
                         protect_last=args.protect_last, batch_size=args.batch_size,
                         progress=not args.no_progress and main, offload=args.offload,
-                        compute_device=device if args.offload else None, **fresh_kwargs())
+                        compute_device=device if args.offload else None, heal=heal, **fresh_kwargs())
     if not main:  # identical result on every rank; rank 0 writes, the others wait for it
         distributed.barrier()
         return 0

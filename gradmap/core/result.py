@@ -32,6 +32,8 @@ class PruneResult:
     options: dict[str, Any] = field(default_factory=dict)
     # the pipeline safeguard's held-out checks (gradmap.prune.safeguard); empty when it did not run
     safeguard: dict[str, Any] = field(default_factory=dict)
+    # gradmap.heal's report when fast_prune(heal=...) healed the pruned model; empty otherwise
+    heal: dict[str, Any] = field(default_factory=dict)
 
     def add_time(self, phase: str, seconds: float) -> None:
         self.timings[phase] = self.timings.get(phase, 0.0) + seconds
@@ -73,6 +75,8 @@ class PruneResult:
                          f"for the plain removal ({sg['holdout_samples']} held-out rows)")
         elif self.safeguard.get("skipped"):
             lines.append(f"safeguard: not run ({self.safeguard['skipped']})")
+        if self.heal.get("summary"):
+            lines.append(self.heal["summary"])
         return lines
 
     def to_dict(self) -> dict[str, Any]:

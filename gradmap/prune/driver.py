@@ -181,7 +181,7 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
                compensation: Any = None, schedule: str | None = None, protect_first: int = 1,
                protect_last: int = 1, batch_size: int | None = None, progress: bool = True,
                offload: str | None = None, compute_device: str | torch.device | None = None,
-               safeguard: bool = True, holdout: float = 0.125, **metric_options) -> PruneResult:
+               safeguard: bool = True, holdout: float = 0.125, heal: Any = None, **metric_options) -> PruneResult:
     """Remove `n_prune` decoder layers of `model` in place and return what was done.
 
     With `metric`, `compensation` and `schedule` left None (and no metric options) this runs
@@ -223,13 +223,49 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     removal, so the returned model is never worse than the removal alone on those rows
     (`gradmap.prune.safeguard`; what was reverted is in `result.safeguard` and the summary).
     `safeguard=False` uses every row for scoring and fitting and checks nothing.
+
+    `heal` (None, a mode name of `gradmap.healing.HEAL_MODES`, a dict of heal options or a
+    HealOptions): after pruning, `gradmap.heal` distils the pruned model towards the dense one on
+    `calib`; the dense teacher's top-K log-probs are computed on this same model before any layer
+    is removed (one forward per row), so no second copy is held. Its report is `result.heal`, its
+    seconds `result.timings["heal"]` (outside "total").
     """
+    if heal is not None:
+        return _pruned_then_healed(model, calib, n_prune, heal, progress, dict(
+            metric=metric, compensation=compensation, schedule=schedule, protect_first=protect_first,
+            protect_last=protect_last, batch_size=batch_size, progress=progress, offload=offload,
+            compute_device=compute_device, safeguard=safeguard, holdout=holdout, **metric_options))
     if metric is None and compensation is None and schedule is None and not metric_options and safeguard:
         return choose_pipeline(_run, model, calib, n_prune, holdout, protect_first=protect_first,
                                protect_last=protect_last, batch_size=batch_size, progress=progress,
                                offload=offload, compute_device=compute_device)
     return _run(model, calib, n_prune, metric, compensation, schedule, protect_first, protect_last, batch_size,
                 progress, offload, compute_device, safeguard, holdout, **metric_options)[0]
+
+
+def _pruned_then_healed(model: nn.Module, calib: torch.Tensor, n_prune: int, heal: Any, progress: bool,
+                        prune_kwargs: dict[str, Any]) -> PruneResult:
+    """`fast_prune(..., heal=...)`: options checked first, teacher targets on the dense model, prune, heal."""
+    from gradmap.healing import check_heal, heal_options, teacher_targets
+    from gradmap.healing import heal as heal_fn
+
+    if prune_kwargs.get("offload"):
+        raise GradmapError(f"heal= cannot run with offload={prune_kwargs['offload']!r} yet (healing trains in memory); heal "
+                           "the saved pruned model with gradmap.heal on a device it fits")
+    opts = heal_options(heal)
+    check_heal(model, opts, n_layers_after=get_adapter(model).num_layers - n_prune)
+    calib = check_calibration(model, calib)
+    if calib.shape[0] < 2:
+        raise GradmapError("heal= needs at least 2 calibration rows (one is held out)")
+    start = time.perf_counter()
+    targets = teacher_targets(model, calib, opts.top_k)
+    teacher_seconds = time.perf_counter() - start
+    result = fast_prune(model, calib, n_prune, **prune_kwargs)
+    report = heal_fn(model, calib, teacher=targets, options=opts, progress=progress and distributed.is_main())
+    report.teacher_seconds = teacher_seconds  # computed here, on the dense model, before pruning
+    result.heal = report.to_dict() | {"summary": report.summary()}
+    result.add_time("heal", teacher_seconds + report.seconds)
+    return result
 
 
 def _run(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str | Metric | None = None,

@@ -12,7 +12,7 @@ import torch.utils.checkpoint
 from torch import nn
 
 __all__ = ["LayerFn", "StopForward", "hidden_in", "hidden_out", "layer_io", "patched_forward", "skip_layer",
-           "checkpointed", "capture", "input_requires_grad"]
+           "checkpointed", "capture", "input_requires_grad", "mapped_output"]
 
 LayerFn = Callable[[int, torch.Tensor, torch.Tensor], None]
 
@@ -50,6 +50,20 @@ def layer_io(layers: Sequence[nn.Module], fn: LayerFn) -> Iterator[None]:
 
 _MISSING = object()
 
+
+
+@contextmanager
+def mapped_output(modules: Sequence[nn.Module], fns: Sequence[Callable[[torch.Tensor], torch.Tensor]]
+                  ) -> Iterator[None]:
+    """Replace each module's (tensor) output y by `fn(y)` while the context is open."""
+    handles = []
+    try:
+        for module, fn in zip(modules, fns, strict=True):
+            handles.append(module.register_forward_hook(lambda _m, _a, out, fn=fn: fn(out)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 @contextmanager

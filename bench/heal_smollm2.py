@@ -1,0 +1,116 @@
+"""Healing after the default 8-of-30 prune of SmolLM2-135M (issue 26, Part 2): before and after.
+
+Two stages, each a separate process so that one stage's memory never holds two models:
+
+    # 1. dense teacher targets, default prune, pruned weights saved, unhealed evaluation
+    flock /tmp/cpu0.lock taskset -c 0 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+        python bench/heal_smollm2.py prune --work runs/heal --out bench/results/heal_unhealed.json
+    # 2. one healing mode on the saved pruned weights, then the same evaluation
+    flock /tmp/cpu0.lock taskset -c 0 env OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 \
+        python bench/heal_smollm2.py heal --mode compensation --steps 40 --lr 1e-3 \
+        --work runs/heal --out bench/results/heal_compensation.json
+
+Stage 1 computes the dense model's top-K next-token log-probs on the calibration rows once
+(`gradmap.healing.teacher_targets`, saved beside the pruned weights), prunes with the default
+(`fast_prune(model, calib, 8)`), saves the pruned model and evaluates it. Stage 2 loads the
+pruned model and the cached teacher targets (no dense model in memory), heals and evaluates.
+Evaluation: WikiText-2 PPL (L = 2048, first --ppl-windows windows) and LAMBADA on the first
+--limit texts, with seconds. Not collected by pytest (no test_ prefix).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+import gradmap
+from gradmap.core.calibration import calibration_data
+from gradmap.evaluate import perplexity_report, zero_shot
+
+
+def evaluate(model, tokenizer, args) -> dict:
+    start = time.perf_counter()
+    zs = zero_shot(model, tokenizer, "lambada_openai", limit=args.limit, batch_size=32, progress=False)
+    lam = dict(zs["lambada_openai"], seconds=time.perf_counter() - start)
+    start = time.perf_counter()
+    rep = perplexity_report(model, tokenizer, "wikitext2", seq_len=2048, max_windows=args.ppl_windows,
+                            progress=False)
+    return {"lambada": lam, "wikitext2": dict(rep.as_dict(), seconds=time.perf_counter() - start)}
+
+
+def header(args) -> dict:
+    import transformers
+    return {"command": shlex.join(["python"] + sys.argv),
+            "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+            "machine": {"platform": platform.platform(), "affinity": sorted(os.sched_getaffinity(0)),
+                        "torch_threads": torch.get_num_threads(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS")},
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "gradmap": gradmap.__version__}}
+
+
+def stage_prune(args, out: dict) -> None:
+    from gradmap.healing import teacher_targets
+    model, tok = gradmap.load_model(args.model)
+    calib = calibration_data(tok, "c4", n_samples=args.n_calib, seq_len=args.seq_len, seed=args.seed)
+    start = time.perf_counter()
+    targets = teacher_targets(model, calib, k=args.top_k)
+    out["teacher_seconds"] = time.perf_counter() - start
+    torch.save({"calib": calib, "targets": targets.state_dict()}, args.work / "teacher.pt")
+    start = time.perf_counter()
+    res = gradmap.fast_prune(model, calib, args.n_prune, progress=False)
+    out["prune"] = {"wall_seconds": time.perf_counter() - start, "removed_layers": sorted(res.removed_layers),
+                    "summary": res.compensation_summary()}
+    gradmap.save_pretrained(model, tok, args.work / "pruned", report=res.to_dict(), overwrite=True)
+    out["unhealed"] = evaluate(model, tok, args)
+
+
+def stage_heal(args, out: dict) -> None:
+    from gradmap.healing import TeacherTargets, heal
+    model, tok = gradmap.load_model(str(args.work / "pruned"))
+    saved = torch.load(args.work / "teacher.pt")
+    targets = TeacherTargets.from_state_dict(saved["targets"])
+    start = time.perf_counter()
+    rep = heal(model, saved["calib"], teacher=targets, train=args.mode, steps=args.steps, lr=args.lr,
+               batch_rows=args.batch_rows, seed=args.seed, progress=False, **json.loads(args.options))
+    out["heal"] = dict(rep.to_dict(), wall_seconds=time.perf_counter() - start)
+    out["healed"] = evaluate(model, tok, args)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("stage", choices=["prune", "heal"])
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--n-prune", type=int, default=8)
+    p.add_argument("--n-calib", type=int, default=32)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--top-k", type=int, default=128)
+    p.add_argument("--mode", default="compensation")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-rows", type=int, default=4)
+    p.add_argument("--options", default="{}", help="further heal() options as JSON")
+    p.add_argument("--limit", type=int, default=500, help="first N LAMBADA texts")
+    p.add_argument("--ppl-windows", type=int, default=8)
+    p.add_argument("--work", type=Path, required=True)
+    p.add_argument("--out", type=Path, required=True)
+    args = p.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out = header(args)
+    start = time.perf_counter()
+    (stage_prune if args.stage == "prune" else stage_heal)(args, out)
+    out["total_seconds"] = time.perf_counter() - start
+    args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
+    print(json.dumps({k: v for k, v in out.items() if k not in ("machine", "versions")}, indent=1, default=str))
+
+
+if __name__ == "__main__":
+    main()
