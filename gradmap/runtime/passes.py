@@ -112,8 +112,9 @@ def _cached_forward_pass(model, adapter, calib, offset, batch_size, on_layer, si
             if k == 0:
                 adapter.decoder(input_ids=rows.to(model_device(model)), use_cache=False)
             else:
-                for pos in range(k):
-                    replay(pos, kept_before[pos][b], kept_before[pos + 1][b])
+                for pos in range(k):  # as `layer_io` gives them: the input on the output's device
+                    h_out = kept_before[pos + 1][b]
+                    replay(pos, kept_before[pos][b].to(h_out.device), h_out)
                 for pos in range(min(k, keep)):
                     states[pos].append(kept_before[pos][b])
                 if k == n and n < keep:  # nothing to run: the kept output stays the output
