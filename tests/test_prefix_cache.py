@@ -10,6 +10,7 @@ import torch
 import gradmap.prune.driver as driver
 from gradmap import fast_prune
 from gradmap.core.adapter import get_adapter
+from gradmap.core.errors import GradmapError
 from gradmap.core.surgery import remove_layers
 from gradmap.runtime.passes import forward_pass
 from gradmap.runtime.prefix_cache import PrefixCache
@@ -112,3 +113,12 @@ def test_a_memory_bound_keeps_only_the_leading_layers():
     again = _layer_outputs(model, calib, cache)
     assert cache.reused == 2  # positions 0 and 1: replaying needs each one's kept output too
     _same(again, _layer_outputs(model, calib))
+
+
+@pytest.mark.parametrize("raw", ["lots", "-1", "2.5e9"])
+def test_a_bad_memory_bound_in_the_environment_is_named(raw, monkeypatch):
+    monkeypatch.setenv("GRADMAP_PREFIX_CACHE_BYTES", raw)
+    with pytest.raises(GradmapError, match="GRADMAP_PREFIX_CACHE_BYTES"):
+        PrefixCache()
+    monkeypatch.setenv("GRADMAP_PREFIX_CACHE_BYTES", "0")
+    assert PrefixCache().max_bytes == 0

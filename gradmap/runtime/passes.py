@@ -126,7 +126,7 @@ def _cached_forward_pass(model, adapter, calib, offset, batch_size, on_layer, si
                 after_batch(start, start + rows.shape[0])
     cache.reused += k
     cache.run += n - k
-    cache.keep(adapter, key, states)
+    cache.keep(adapter, key, states, reused=k)
 
 
 def layer_sums(model: nn.Module, adapter: ModelAdapter, calib: torch.Tensor, batch_size: int,

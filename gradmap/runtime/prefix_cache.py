@@ -26,10 +26,28 @@ import torch
 from torch import nn
 
 from gradmap.core.adapter import ModelAdapter
+from gradmap.core.errors import GradmapError
 
-__all__ = ["PrefixCache", "DEFAULT_MAX_BYTES"]
+__all__ = ["PrefixCache", "DEFAULT_MAX_BYTES", "max_bytes_from_env"]
 
-DEFAULT_MAX_BYTES = int(os.environ.get("GRADMAP_PREFIX_CACHE_BYTES", 2 << 30))
+DEFAULT_MAX_BYTES = 2 << 30
+ENV = "GRADMAP_PREFIX_CACHE_BYTES"
+
+
+def max_bytes_from_env() -> int:
+    """The memory bound: `GRADMAP_PREFIX_CACHE_BYTES` (an integer >= 0; 0 turns the cache off),
+    else `DEFAULT_MAX_BYTES`."""
+    raw = os.environ.get(ENV)
+    if raw is None:
+        return DEFAULT_MAX_BYTES
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise GradmapError(f"{ENV}={raw!r} is not a byte count; set it to an integer >= 0 (0 turns the "
+                           "iterative loop's prefix cache off) or unset it for the default of 2 GiB")
+    return value
 
 
 @torch.no_grad()
@@ -49,8 +67,8 @@ def _checksum(tensors: list[torch.Tensor]) -> tuple[float, ...]:
 class PrefixCache:
     """Inputs of the leading decoder layers from the last pass, per micro-batch (module docstring)."""
 
-    def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES):
-        self.max_bytes = max_bytes
+    def __init__(self, max_bytes: int | None = None):
+        self.max_bytes = max_bytes_from_env() if max_bytes is None else max_bytes
         self.ids: list[int] = []                  # original ids of the layers when kept
         self.sums: list[tuple[float, ...]] = []   # checksum of each of those layers
         self.embed_sum: tuple[float, ...] = ()
@@ -80,13 +98,17 @@ class PrefixCache:
         # the input of position k is valid too when the layers before it are (a removal at k)
         return k
 
-    def keep(self, adapter: ModelAdapter, key: tuple, states: list[list[torch.Tensor]]) -> None:
+    def keep(self, adapter: ModelAdapter, key: tuple, states: list[list[torch.Tensor]], reused: int = 0) -> None:
         """Record the states of the pass that just ran (`states[p]`: inputs of position p; the
-        last entry may be the final output) with the checksums of the layers that made them."""
+        last entry may be the final output) with the checksums of the layers that made them.
+        The first `reused` positions were replayed: `usable` has just checked their sums (and the
+        embedding's), so they are kept, not taken again."""
         self.key, self.ids = key, list(adapter.original_ids)
         self.states = states
-        self.embed_sum = self._embed_sum(adapter)
-        self.sums = [self._layer_sum(adapter, p) for p in range(min(len(states), adapter.num_layers))]
+        if not reused:
+            self.embed_sum = self._embed_sum(adapter)
+        n = min(len(states), adapter.num_layers)
+        self.sums = self.sums[:min(reused, n)] + [self._layer_sum(adapter, p) for p in range(min(reused, n), n)]
 
     def positions_within_budget(self, per_position_bytes: int, n_layers: int) -> int:
         """How many states (inputs of positions 0.., then the final output) fit `max_bytes`."""
