@@ -240,3 +240,17 @@ def test_prune_cli_heals_and_saves_a_plain_checkpoint(tmp_path, capsys):
     assert report["heal"]["train"] == "norms+compensation" and report["heal"]["top_k"] == 8
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.num_hidden_layers == 4
+
+
+@pytest.mark.parametrize("bad", [dict(n_prune=99), dict(metric="no-such-metric"),
+                                 dict(metric="angular", schedule="iterative")])
+def test_fast_prune_heal_refuses_a_bad_prune_before_the_teacher_pass(bad, monkeypatch):
+    import gradmap.healing as healing
+    monkeypatch.setattr(healing, "teacher_targets", lambda *a, **k: pytest.fail("teacher pass ran"))
+    model = tiny_model("llama", 6)
+    before = copy.deepcopy(model.state_dict())
+    kwargs = {"n_prune": 2, **bad}
+    with pytest.raises(GradmapError):
+        gradmap.fast_prune(model, random_ids(4, 12), kwargs.pop("n_prune"), heal="compensation",
+                           progress=False, **kwargs)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())

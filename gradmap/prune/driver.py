@@ -243,6 +243,11 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
                 progress, offload, compute_device, safeguard, holdout, **metric_options)[0]
 
 
+# fast_prune's own keywords, as `_pruned_then_healed` receives them; the rest are metric options
+_RUN_KEYWORDS = ("metric", "compensation", "schedule", "protect_first", "protect_last", "batch_size", "progress",
+                 "offload", "compute_device", "safeguard", "holdout")
+
+
 def _pruned_then_healed(model: nn.Module, calib: torch.Tensor, n_prune: int, heal: Any, progress: bool,
                         prune_kwargs: dict[str, Any]) -> PruneResult:
     """`fast_prune(..., heal=...)`: options checked first, teacher targets on the dense model, prune, heal."""
@@ -257,6 +262,15 @@ def _pruned_then_healed(model: nn.Module, calib: torch.Tensor, n_prune: int, hea
     calib = check_calibration(model, calib)
     if calib.shape[0] < 2:
         raise GradmapError("heal= needs at least 2 calibration rows (one is held out)")
+    # the pruning's own refusals come before the teacher's forward over every row
+    check_prune_plan(get_adapter(model).original_ids, n_prune, prune_kwargs["protect_first"],
+                     prune_kwargs["protect_last"])
+    if prune_kwargs["metric"] is not None or prune_kwargs["compensation"] is not None:
+        named = {k: prune_kwargs[k] for k in ("metric", "compensation", "schedule")}
+        extra = {k: v for k, v in prune_kwargs.items() if k not in _RUN_KEYWORDS}
+        metric, compensation, schedule, extra = resolve_pipeline(*named.values(), extra)
+        check_schedule(get_metric(metric, **extra), schedule)
+        resolve_compensation(compensation)
     start = time.perf_counter()
     targets = teacher_targets(model, calib, opts.top_k)
     teacher_seconds = time.perf_counter() - start
