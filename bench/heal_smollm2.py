@@ -35,14 +35,35 @@ from gradmap.core.calibration import calibration_data
 from gradmap.evaluate import perplexity_report, zero_shot
 
 
+SEVEN = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+
+
 def evaluate(model, tokenizer, args) -> dict:
     start = time.perf_counter()
-    zs = zero_shot(model, tokenizer, "lambada_openai", limit=args.limit, batch_size=32, progress=False)
+    zs = zero_shot(model, tokenizer, "lambada_openai", limit=args.limit, batch_size=32, progress=False,
+                   per_example=True)
     lam = dict(zs["lambada_openai"], seconds=time.perf_counter() - start)
     start = time.perf_counter()
     rep = perplexity_report(model, tokenizer, "wikitext2", seq_len=2048, max_windows=args.ppl_windows,
                             progress=False)
-    return {"lambada": lam, "wikitext2": dict(rep.as_dict(), seconds=time.perf_counter() - start)}
+    out = {"lambada": lam, "wikitext2": dict(rep.as_dict(), seconds=time.perf_counter() - start)}
+    if args.task_limit:
+        start = time.perf_counter()
+        zs = zero_shot(model, tokenizer, SEVEN, limit=args.task_limit, batch_size=32, progress=False,
+                       per_example=True)
+        out["tasks"] = {"tasks": zs["tasks"], "average": zs["average"], "seconds": time.perf_counter() - start}
+    return out
+
+
+def fwd_bwd_floor(model, calib) -> float:
+    """Seconds of one forward+backward of the dense model over every calibration row (one row at a
+    time, as healing runs): the unit of the issue's budget."""
+    start = time.perf_counter()
+    for r in range(calib.shape[0]):
+        loss = model(input_ids=calib[r:r + 1], labels=calib[r:r + 1], use_cache=False).loss
+        loss.backward()
+    model.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
 
 
 def header(args) -> dict:
@@ -59,10 +80,17 @@ def stage_prune(args, out: dict) -> None:
     from gradmap.healing import teacher_targets
     model, tok = gradmap.load_model(args.model)
     calib = calibration_data(tok, "c4", n_samples=args.n_calib, seq_len=args.seq_len, seed=args.seed)
+    # healing text: the calibration rows, or --heal-rows fresh C4 windows of another draw
+    heal_ids = calib if not args.heal_rows else calibration_data(
+        tok, "c4", n_samples=args.heal_rows, seq_len=args.seq_len, seed=args.seed + 1000)
+    out["fwd_bwd_floor_seconds"] = fwd_bwd_floor(model, calib)
     start = time.perf_counter()
-    targets = teacher_targets(model, calib, k=args.top_k)
+    targets = teacher_targets(model, heal_ids, k=args.top_k)
     out["teacher_seconds"] = time.perf_counter() - start
-    torch.save({"calib": calib, "targets": targets.state_dict()}, args.work / "teacher.pt")
+    out["heal_rows"] = heal_ids.shape[0]
+    torch.save({"calib": heal_ids, "calib_tokens": calib.numel(), "floor": out["fwd_bwd_floor_seconds"],
+                "teacher_seconds": out["teacher_seconds"], "targets": targets.state_dict()},
+               args.work / "teacher.pt")
     start = time.perf_counter()
     res = gradmap.fast_prune(model, calib, args.n_prune, progress=False)
     out["prune"] = {"wall_seconds": time.perf_counter() - start, "removed_layers": sorted(res.removed_layers),
@@ -80,6 +108,11 @@ def stage_heal(args, out: dict) -> None:
     rep = heal(model, saved["calib"], teacher=targets, train=args.mode, steps=args.steps, lr=args.lr,
                batch_rows=args.batch_rows, seed=args.seed, progress=False, **json.loads(args.options))
     out["heal"] = dict(rep.to_dict(), wall_seconds=time.perf_counter() - start)
+    if "floor" in saved:  # the budget in the issue's unit: × one forward+backward over the calibration set
+        out["budget"] = {"trained_tokens_x_calib": rep.tokens / saved["calib_tokens"],
+                         "heal_x_floor": out["heal"]["wall_seconds"] / saved["floor"],
+                         "teacher_x_floor": saved["teacher_seconds"] / saved["floor"],
+                         "total_x_floor": (out["heal"]["wall_seconds"] + saved["teacher_seconds"]) / saved["floor"]}
     out["healed"] = evaluate(model, tok, args)
 
 
@@ -99,6 +132,9 @@ def main() -> None:
     p.add_argument("--options", default="{}", help="further heal() options as JSON")
     p.add_argument("--limit", type=int, default=500, help="first N LAMBADA texts")
     p.add_argument("--ppl-windows", type=int, default=8)
+    p.add_argument("--task-limit", type=int, default=0, help="also the 7 tasks on their first N examples")
+    p.add_argument("--heal-rows", type=int, default=0,
+                   help="heal on N fresh C4 windows (draw seed + 1000) instead of the calibration rows")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
