@@ -164,8 +164,8 @@ def test_gemma_pattern_refusal_says_how_to_export_and_the_advice_works(family, n
     broken = tiny_model(family, n_layers, vocab_size=len(tok), **FAMILY_KW[family])
     remove_layers(broken, [1])
     run = list(range(1, 1 + period))
-    _one_line_refusal(rf"to export it, remove layers in runs of {period} adjacent layers .*"
-                      rf"remove_layers\(model, {re.escape(str(run))}\)",
+    _one_line_refusal(rf"to export it, prune the dense model with fast_prune\(\.\.\., keep_attention_pattern=True\) "
+                      rf".*runs of {period} adjacent layers.*remove_layers\(model, {re.escape(str(run))}\)",
                       tmp_path, lambda: export_gguf(broken, tok, tmp_path / "m.gguf"))
     kept = tiny_model(family, n_layers, vocab_size=len(tok), **FAMILY_KW[family])
     remove_layers(kept, run)  # what the message proposes

@@ -65,6 +65,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "keeps its untouched tensors' quantisation, an HF model is converted to F16; "
                         "see docs/guide.md)")
     add_gguf_type_argument(p, "--gguf")
+    p.add_argument("--keep-attention-pattern", action="store_true",
+                   help="Gemma 2/3: remove only runs of P adjacent layers (P: the sliding/full attention "
+                        "period, 2 or 6), so the pruned model can leave as GGUF; --n-prune must be a multiple "
+                        "of P. Implied by --gguf; no effect on models without the alternation")
     add_overwrite_arguments(p, "a non-empty --out (and an existing --gguf)")
     p.add_argument("--heal", default=None, metavar="MODE",
                    help="after pruning, distil the pruned model towards the dense one on the calibration rows "
@@ -201,7 +205,9 @@ def _run(args: argparse.Namespace, device: str) -> int:
     result = fast_prune(model, calib, args.n_prune, protect_first=args.protect_first,
                         protect_last=args.protect_last, batch_size=args.batch_size,
                         progress=not args.no_progress and main, offload=args.offload,
-                        compute_device=device if args.offload else None, heal=heal, **fresh_kwargs())
+                        compute_device=device if args.offload else None, heal=heal,
+                        # a GGUF file can only describe the pattern at its index-derived positions
+                        keep_attention_pattern=args.keep_attention_pattern or bool(args.gguf), **fresh_kwargs())
     if not main:  # identical result on every rank; rank 0 writes, the others wait for it
         distributed.barrier()
         return 0
@@ -217,6 +223,9 @@ def _run(args: argparse.Namespace, device: str) -> int:
         del dense
     t = result.timings
     print(f"removed layers (original indices, in order): {result.removed_layers}")
+    if result.options.get("attention_period", 1) > 1:
+        print(f"kept the sliding/full attention pattern: removed runs of {result.options['attention_period']} "
+              "adjacent layers (--keep-attention-pattern)")
     for line in result.compensation_summary() or ["compensation: none"]:
         print(line)
     print("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in t.items()) +

@@ -166,8 +166,10 @@ def _pattern_message(config, got: list) -> str:
             f"({len(config.layer_types)} layers, "
             "the sliding/full attention pattern shifted by the removal): transformers derives each "
             "layer's type from its position and llama.cpp reads it per layer, so they would load "
-            f"different models; to export it, remove layers in runs of {period} adjacent layers "
-            f"(the number removed before every kept layer a multiple of {period}), e.g. "
+            f"different models; to export it, prune the dense model with fast_prune(..., "
+            f"keep_attention_pattern=True) (CLI: --keep-attention-pattern, implied by --gguf), which "
+            f"removes only runs of {period} adjacent layers, or remove such runs yourself (the number "
+            f"removed before every kept layer a multiple of {period}), e.g. "
             f"gradmap.remove_layers(model, {list(range(1, 1 + period))}) on the dense model, or keep "
             "the safetensors checkpoint (gradmap.save_pretrained) for it")
 

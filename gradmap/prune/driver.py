@@ -29,7 +29,7 @@ from gradmap.core import distributed
 from gradmap.prune.support import check_model_support, check_prune_support
 from gradmap.runtime.placement import OFFLOAD_MODES, layer_offload
 from gradmap.core.adapter import get_adapter
-from gradmap.prune.compensation.base import Compensator, NoCompensation, PruneContext
+from gradmap.prune.compensation.base import Compensator, PruneContext
 from gradmap.core.errors import GradmapError
 from gradmap.prune.metrics import Metric, ScoringRun, get_metric
 from gradmap.prune.metrics.base import check_choice
@@ -42,41 +42,15 @@ from gradmap.core.result import PruneResult
 from gradmap.core.surgery import remove_layers
 from gradmap.prune.safeguard import PipelineSafeguard, split_holdout
 from gradmap.prune.plan_checks import (SCHEDULES, check_calibration, check_prune_plan, check_schedule,
-                                        protected_layers)
+                                      protected_layers, resolve_compensation)
 from gradmap.prune.pipeline import DEFAULT_PIPELINE, default_pipeline_name, resolve_pipeline
 from gradmap.prune.auto import choose_pipeline
+from gradmap.prune.attention_pattern import check_pattern_plan, window_plan
 
 __all__ = ["fast_prune", "check_calibration", "resolve_compensation", "protected_layers", "check_schedule",
            "check_prune_plan", "SCHEDULES", "DEFAULT_PIPELINE", "resolve_pipeline", "default_pipeline_name"]
 
 log = logging.getLogger(__name__)
-
-def resolve_compensation(spec: Any) -> list[Compensator]:
-    """Compensators from "none", a registered name, a Compensator, or a list of those."""
-    items = [] if spec is None else list(spec) if isinstance(spec, (list, tuple)) else [spec]
-    from gradmap.prune import compensation as registry_module
-    get_compensator = getattr(registry_module, "get_compensator", None)
-    out: list[Compensator] = []
-    for item in items:
-        if isinstance(item, Compensator):
-            out.append(item)
-        elif item == "none":
-            continue
-        elif isinstance(item, str):
-            if get_compensator is None:
-                raise GradmapError(f"compensation {item!r} is not available in this installation (no "
-                                   "compensator registry); pass compensation='none' or a Compensator")
-            out.append(get_compensator(item))
-        else:
-            raise GradmapError(f"compensation must be 'none', a compensator name, a Compensator or a list "
-                               f"of those; got {item!r}")
-    names = [c.name for c in out]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:  # each would apply its correction again, under one report entry
-        raise GradmapError(f"compensation {twice[0]!r} is given twice; name each compensator once "
-                           "(e.g. --compensation magnitude,projection)")
-    return out or [NoCompensation()]
-
 
 @contextmanager
 def _peak_memory(model: nn.Module, result: PruneResult):
@@ -170,6 +144,14 @@ def _drop_prefix_cache(run: ScoringRun, ctx: PruneContext) -> None:
     run.prefix = ctx.prefix_cache = None
 
 
+def _plan(metric: Metric, run: ScoringRun, scores: dict[int, float], n: int, period: int):
+    """The metric's own plan, or windows of `period` adjacent layers (keep_attention_pattern). The
+    angular metric's plan removes one contiguous block already, which keeps the pattern."""
+    if period == 1 or metric.name == "angular":
+        return metric.plan(run, scores, n)
+    return (i for i in window_plan(scores, run.adapter.original_ids, run.removable, n, period))
+
+
 def _next_choice(plan, result: PruneResult) -> int:
     t = time.perf_counter()
     idx = next(plan)
@@ -181,7 +163,8 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
                compensation: Any = None, schedule: str | None = None, protect_first: int = 1,
                protect_last: int = 1, batch_size: int | None = None, progress: bool = True,
                offload: str | None = None, compute_device: str | torch.device | None = None,
-               safeguard: bool = True, holdout: float = 0.125, heal: Any = None, **metric_options) -> PruneResult:
+               safeguard: bool = True, holdout: float = 0.125, heal: Any = None,
+               keep_attention_pattern: bool = False, **metric_options) -> PruneResult:
     """Remove `n_prune` decoder layers of `model` in place and return what was done.
 
     With `metric`, `compensation` and `schedule` left None (and no metric options) this runs
@@ -229,64 +212,36 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     `calib`; the dense teacher's top-K log-probs are computed on this same model before any layer
     is removed (one forward per row), so no second copy is held. Its report is `result.heal`, its
     seconds `result.timings["heal"]` (outside "total").
+
+    `keep_attention_pattern=True` (Gemma 2/3): remove only runs of P adjacent layers, P the period of
+    the model's sliding/full attention alternation, so every kept layer's type still matches its
+    position and the pruned model can be exported as GGUF (transformers and llama.cpp then load the
+    same model); `n_prune` must be a multiple of P. No effect on models without an alternation.
+    See `gradmap.prune.attention_pattern`.
     """
     if heal is not None:
-        return _pruned_then_healed(model, calib, n_prune, heal, progress, dict(
+        from gradmap.prune.healed import pruned_then_healed
+        return pruned_then_healed(fast_prune, model, calib, n_prune, heal, progress, dict(
             metric=metric, compensation=compensation, schedule=schedule, protect_first=protect_first,
             protect_last=protect_last, batch_size=batch_size, progress=progress, offload=offload,
-            compute_device=compute_device, safeguard=safeguard, holdout=holdout, **metric_options))
+            compute_device=compute_device, safeguard=safeguard, holdout=holdout,
+            keep_attention_pattern=keep_attention_pattern, **metric_options))
     if metric is None and compensation is None and schedule is None and not metric_options and safeguard:
         return choose_pipeline(_run, model, calib, n_prune, holdout, protect_first=protect_first,
                                protect_last=protect_last, batch_size=batch_size, progress=progress,
-                               offload=offload, compute_device=compute_device)
+                               offload=offload, compute_device=compute_device,
+                               keep_attention_pattern=keep_attention_pattern)
     return _run(model, calib, n_prune, metric, compensation, schedule, protect_first, protect_last, batch_size,
-                progress, offload, compute_device, safeguard, holdout, **metric_options)[0]
-
-
-# fast_prune's own keywords, as `_pruned_then_healed` receives them; the rest are metric options
-_RUN_KEYWORDS = ("metric", "compensation", "schedule", "protect_first", "protect_last", "batch_size", "progress",
-                 "offload", "compute_device", "safeguard", "holdout")
-
-
-def _pruned_then_healed(model: nn.Module, calib: torch.Tensor, n_prune: int, heal: Any, progress: bool,
-                        prune_kwargs: dict[str, Any]) -> PruneResult:
-    """`fast_prune(..., heal=...)`: options checked first, teacher targets on the dense model, prune, heal."""
-    from gradmap.healing import check_heal, heal_options, teacher_targets
-    from gradmap.healing import heal as heal_fn
-
-    if prune_kwargs.get("offload"):
-        raise GradmapError(f"heal= cannot run with offload={prune_kwargs['offload']!r} yet (healing trains in memory); heal "
-                           "the saved pruned model with gradmap.heal on a device it fits")
-    opts = heal_options(heal)
-    check_heal(model, opts, n_layers_after=get_adapter(model).num_layers - n_prune)
-    calib = check_calibration(model, calib)
-    if calib.shape[0] < 2:
-        raise GradmapError("heal= needs at least 2 calibration rows (one is held out)")
-    # the pruning's own refusals come before the teacher's forward over every row
-    check_prune_plan(get_adapter(model).original_ids, n_prune, prune_kwargs["protect_first"],
-                     prune_kwargs["protect_last"])
-    if prune_kwargs["metric"] is not None or prune_kwargs["compensation"] is not None:
-        named = {k: prune_kwargs[k] for k in ("metric", "compensation", "schedule")}
-        extra = {k: v for k, v in prune_kwargs.items() if k not in _RUN_KEYWORDS}
-        metric, compensation, schedule, extra = resolve_pipeline(*named.values(), extra)
-        check_schedule(get_metric(metric, **extra), schedule)
-        resolve_compensation(compensation)
-    start = time.perf_counter()
-    targets = teacher_targets(model, calib, opts.top_k)
-    teacher_seconds = time.perf_counter() - start
-    result = fast_prune(model, calib, n_prune, **prune_kwargs)
-    report = heal_fn(model, calib, teacher=targets, options=opts, progress=progress and distributed.is_main())
-    report.teacher_seconds = teacher_seconds  # computed here, on the dense model, before pruning
-    result.heal = report.to_dict() | {"summary": report.summary()}
-    result.add_time("heal", teacher_seconds + report.seconds)
-    return result
+                progress, offload, compute_device, safeguard, holdout, keep_attention_pattern,
+                **metric_options)[0]
 
 
 def _run(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str | Metric | None = None,
          compensation: Any = None, schedule: str | None = None, protect_first: int = 1,
          protect_last: int = 1, batch_size: int | None = None, progress: bool = True,
          offload: str | None = None, compute_device: str | torch.device | None = None,
-         safeguard: bool = True, holdout: float = 0.125, **metric_options) -> tuple[PruneResult, PruneContext]:
+         safeguard: bool = True, holdout: float = 0.125, keep_attention_pattern: bool = False,
+         **metric_options) -> tuple[PruneResult, PruneContext]:
     """One pipeline, as `fast_prune` describes it; also returns its context (for `choose_pipeline`)."""
     adapter = get_adapter(model)
     defaulted = metric is None and compensation is None
@@ -305,6 +260,9 @@ def _run(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str | Metr
     progress = progress and distributed.is_main()
     ids = adapter.original_ids
     protected, removable = check_prune_plan(ids, n_prune, protect_first, protect_last)
+    if not isinstance(keep_attention_pattern, bool):
+        raise GradmapError(f"keep_attention_pattern must be True or False, got {keep_attention_pattern!r}")
+    period = check_pattern_plan(model.config, n_prune, removable, ids) if keep_attention_pattern else 1
     comp_batch_size = batch_size
     if batch_size is None:  # backward passes keep every layer's activations: a smaller budget share
         batch_size = default_batch_size(calib.shape[1], config=model.config, backward=_backward(metric_obj))
@@ -324,6 +282,7 @@ def _run(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str | Metr
                           n_calib=int(calib.shape[0]), seq_len=int(calib.shape[1]),
                           safeguard=safeguard, n_holdout=0 if hold is None else int(hold.shape[0]),
                           protected_layers=sorted(protected), offload=offload,
+                          keep_attention_pattern=keep_attention_pattern, attention_period=period,
                           default_pipeline=defaulted and schedule == DEFAULT_PIPELINE["schedule"],
                           compute_device=None if compute_device is None else str(compute_device),
                           # with the metric options above: everything a rerun needs
@@ -357,18 +316,19 @@ def _run(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str | Metr
                        disable=not progress)
             with bar:
                 if schedule == "one-shot":
-                    plan = metric_obj.plan(run, scores, n_prune)
+                    plan = _plan(metric_obj, run, scores, n_prune, period)
                     for _ in range(n_prune):
                         _remove(ctx, compensators, run, _next_choice(plan, result))
                         bar.update(1)
-                else:
-                    for decision in range(n_prune):
+                else:  # one decision removes `period` layers (one window; 1 without a pattern to keep)
+                    for decision in range(n_prune // period):
                         if decision > 0:
                             scores = _timed_score(metric_obj, run, ctx, None, abs_device)
-                        plan = metric_obj.plan(run, scores, 1)
-                        _remove(ctx, compensators, run, _next_choice(plan, result))
+                        plan = _plan(metric_obj, run, scores, period, period)
+                        for _ in range(period):
+                            _remove(ctx, compensators, run, _next_choice(plan, result))
+                            bar.update(1)
                         plan.close()
-                        bar.update(1)
             _drop_prefix_cache(run, ctx)
             if guard is not None:
                 guard.after_removals(list(ctx.editors))

@@ -10,10 +10,12 @@ import torch
 from torch import nn
 
 from gradmap.core.errors import GradmapError
+from gradmap.prune.compensation.base import Compensator, NoCompensation
 from gradmap.prune.metrics import Metric
 from gradmap.prune.metrics.base import check_choice
 
-__all__ = ["SCHEDULES", "check_calibration", "protected_layers", "check_schedule", "check_prune_plan"]
+__all__ = ["SCHEDULES", "check_calibration", "protected_layers", "check_schedule", "check_prune_plan",
+           "resolve_compensation"]
 
 SCHEDULES = ("one-shot", "iterative")
 
@@ -89,3 +91,30 @@ def check_prune_plan(original_ids: Sequence[int], n_prune: int, protect_first: i
                            f"(protect_first={protect_first}, protect_last={protect_last}); use n_prune <= "
                            f"{len(removable) - 1} or protect fewer layers")
     return protected, removable
+
+
+def resolve_compensation(spec: Any) -> list[Compensator]:
+    """Compensators from "none", a registered name, a Compensator, or a list of those."""
+    items = [] if spec is None else list(spec) if isinstance(spec, (list, tuple)) else [spec]
+    from gradmap.prune import compensation as registry_module
+    get_compensator = getattr(registry_module, "get_compensator", None)
+    out: list[Compensator] = []
+    for item in items:
+        if isinstance(item, Compensator):
+            out.append(item)
+        elif item == "none":
+            continue
+        elif isinstance(item, str):
+            if get_compensator is None:
+                raise GradmapError(f"compensation {item!r} is not available in this installation (no "
+                                   "compensator registry); pass compensation='none' or a Compensator")
+            out.append(get_compensator(item))
+        else:
+            raise GradmapError(f"compensation must be 'none', a compensator name, a Compensator or a list "
+                               f"of those; got {item!r}")
+    names = [c.name for c in out]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:  # each would apply its correction again, under one report entry
+        raise GradmapError(f"compensation {twice[0]!r} is given twice; name each compensator once "
+                           "(e.g. --compensation magnitude,projection)")
+    return out or [NoCompensation()]
