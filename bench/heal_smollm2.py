@@ -116,9 +116,14 @@ def stage_heal(args, out: dict) -> None:
     out["healed"] = evaluate(model, tok, args)
 
 
+def stage_dense(args, out: dict) -> None:
+    model, tok = gradmap.load_model(args.model)
+    out["dense"] = evaluate(model, tok, args)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("stage", choices=["prune", "heal"])
+    p.add_argument("stage", choices=["prune", "heal", "dense"])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--n-prune", type=int, default=8)
     p.add_argument("--n-calib", type=int, default=32)
@@ -142,7 +147,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     out = header(args)
     start = time.perf_counter()
-    (stage_prune if args.stage == "prune" else stage_heal)(args, out)
+    {"prune": stage_prune, "heal": stage_heal, "dense": stage_dense}[args.stage](args, out)
     out["total_seconds"] = time.perf_counter() - start
     args.out.write_text(json.dumps(out, indent=1, default=str) + "\n")
     print(json.dumps({k: v for k, v in out.items() if k not in ("machine", "versions")}, indent=1, default=str))

@@ -445,3 +445,39 @@ def test_render_results_fills_only_the_marked_region(tmp_path):
     assert doc.read_text() == text.replace(str(tmp_path / "cpu.json"), str(tmp_path))
     assert render.splice("# only hand\n", "X") == \
         "# only hand\n\n<!-- rendered:start -->\nX\n<!-- rendered:end -->\n"
+
+
+# --- +heal ---------------------------------------------------------------------------------
+
+def test_heal_parts_parse_check_their_options_and_round_trip():
+    spec = parse_method("gradmap+projection+heal(train='lora',steps=64)")
+    assert (spec.metric, spec.compensation, spec.heal) == ("gradmap", ("projection",), (("train", "lora"), ("steps", 64)))
+    assert spec.prune_kwargs()["heal"] == {"train": "lora", "steps": 64}
+    assert parse_method("auto+heal").prune_kwargs() == {"heal": {}}
+    assert "heal" not in parse_method("auto").prune_kwargs()
+    with pytest.raises(GradmapError, match="unknown heal option 'stepz'"):
+        parse_method("gradmap+heal(stepz=3)")
+    with pytest.raises(GradmapError, match="names heal twice"):
+        parse_method("gradmap+heal+heal")
+    assert len(parse_methods("block-influence,block-influence+heal")) == 2  # not the same method
+
+
+def test_compare_heals_a_heal_method_on_fresh_rows_and_reports_its_cost(tmp_path, text_file, monkeypatch):
+    monkeypatch.setattr(gradmap.evaluate, "zero_shot", fake_zero_shot)
+    seen = []
+
+    def spy(model, calib, n_prune, **kw):
+        seen.append(kw.get("heal_data"))
+        return gradmap.prune.fast_prune(model, calib, n_prune, **kw)
+
+    methods = "block-influence,block-influence+heal(steps=2,top_k=8,eval_every=1)"
+    res = run_compare(config(text_file, methods=methods), tmp_path / "o", progress=False,
+                      loader=tiny_loader(), prune_fn=spy, plots=False)
+    plain, healed = res["methods"]
+    assert seen[0] is None and seen[1].shape == (256, 32)  # HEAL_ROWS windows of the calibration length
+    assert not plain["prune_result"].get("heal") and "heal_ratio_to_floor" not in plain
+    assert healed["status"] == "ok", healed.get("traceback")
+    assert healed["prune_result"]["heal"]["steps"] == 2 and healed["prune_result"]["heal"]["rows"] == 256
+    assert healed["heal_ratio_to_floor"] == pytest.approx(healed["timings"]["heal"] / res["floor"]["seconds"])
+    again = parse_method(healed["pipeline"])  # the recorded pipeline reruns the heal, every option spelled out
+    assert dict(again.heal)["steps"] == 2 and dict(again.heal)["top_k"] == 8

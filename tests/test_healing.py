@@ -203,6 +203,26 @@ def test_fast_prune_heals_with_the_dense_model_as_its_own_teacher():
                                               for line in result.compensation_summary())
 
 
+def test_fast_prune_heals_on_heal_data_rows_not_the_calibration_rows():
+    model = tiny_model("llama", n_layers=6, seed=0)
+    calib, data = random_ids(8, 24, seed=1), random_ids(32, 24, seed=2)
+    targets = teacher_targets(model, data, k=K)
+    with pytest.raises(GradmapError, match="heal_data= is the text heal= trains on"):
+        gradmap.fast_prune(model, calib, 2, heal_data=data, progress=False)
+    with pytest.raises(GradmapError, match="at least 2 heal_data rows"):
+        gradmap.fast_prune(model, calib, 2, heal="compensation", heal_data=data[:1], progress=False)
+    assert model.config.num_hidden_layers == 6
+    result = gradmap.fast_prune(model, calib, 2, metric="block-influence", compensation="none", progress=False,
+                                heal={"train": "compensation", "steps": 12, "lr": 3e-3, "top_k": K,
+                                      "eval_every": 3}, heal_data=data)
+    heal = result.to_dict()["heal"]
+    assert heal["rows"] == 32 and heal["holdout_rows"] == 4
+    assert heal["tokens_x_calibration"] == pytest.approx(12 * 4 * 24 / calib.numel())
+    # the held-out KL was measured on the last rows of heal_data, against the dense model's targets there
+    assert heal["holdout_kl_final"] == pytest.approx(_heldout_kl(model, data, targets, range(28, 32)), rel=1e-4)
+    assert heal["holdout_kl_final"] < heal["holdout"][0]["kl"]
+
+
 def test_fast_prune_refuses_bad_heal_options_before_pruning():
     model = tiny_model("llama", n_layers=6)
     calib = random_ids(4, 12)
@@ -232,12 +252,21 @@ def test_prune_cli_heals_and_saves_a_plain_checkpoint(tmp_path, capsys):
             "none", "--calib", str(text), "--n-calib", "8", "--seq-len", "24", "--out", str(out), "--no-progress"]
     assert main(argv + ["--heal-option", "steps=2"]) == 2
     assert "--heal-option needs --heal" in capsys.readouterr().err
+    assert main(argv + ["--heal-data", str(text)]) == 2 and not out.exists()
+    assert "--heal-data needs --heal" in capsys.readouterr().err
+    assert main(argv + ["--heal", "compensation", "--heal-data", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err and not out.exists()
     assert main(argv + ["--heal", "everything"]) == 2 and not out.exists()
     assert "not a healing mode" in capsys.readouterr().err
     assert main(argv + ["--heal", "norms+compensation", "--heal-option", "steps=2", "--heal-option", "top_k=8"]) == 0
     assert "heal (norms+compensation): 2 steps" in capsys.readouterr().out
     report = json.loads((out / "report.json").read_text())
     assert report["heal"]["train"] == "norms+compensation" and report["heal"]["top_k"] == 8
+    assert report["heal"]["rows"] == 256  # --heal-rows' default, drawn apart from the 8 calibration rows
+    again = tmp_path / "on-calib"
+    assert main(argv[:-3] + ["--out", str(again), "--no-progress", "--heal", "compensation", "--heal-rows", "0",
+                             "--heal-option", "steps=2", "--heal-option", "top_k=8"]) == 0
+    assert json.loads((again / "report.json").read_text())["heal"]["rows"] == 8
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.num_hidden_layers == 4
 

@@ -76,6 +76,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "lora or partial (see docs/guide.md, 'Healing')")
     p.add_argument("--heal-option", action="append", default=[], metavar="KEY=VALUE",
                    help="healing option, repeatable (e.g. steps=64, lr=1e-3, top_k=128, batch_rows=4, seed=0)")
+    p.add_argument("--heal-data", default=None, metavar="SOURCE",
+                   help="healing text: c4, wikitext2 or a .jsonl/.txt path (default: the --calib source)")
+    p.add_argument("--heal-rows", type=int, default=256,
+                   help="healing rows of --seq-len tokens drawn from --heal-data with seed --seed + 1000, "
+                        "so they differ from the calibration draw (256, as measured; 0: heal on the "
+                        "calibration rows themselves)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
     add_speed_arguments(p, "the dense model (a copy kept in host memory) and the pruned one")
     return p
@@ -124,9 +130,16 @@ def pipeline_arguments(args: argparse.Namespace) -> tuple[dict, Callable[[], dic
 def heal_arguments(args: argparse.Namespace):
     """The validated HealOptions of --heal / --heal-option, or None without --heal."""
     if args.heal is None:
-        if args.heal_option:
-            raise GradmapError("--heal-option needs --heal MODE (e.g. --heal compensation)")
+        if args.heal_option or args.heal_data:
+            flag = "--heal-option" if args.heal_option else "--heal-data"
+            raise GradmapError(f"{flag} needs --heal MODE (e.g. --heal compensation)")
         return None
+    if args.heal_rows < 0 or (args.heal_rows == 0 and args.heal_data):
+        raise GradmapError(f"--heal-rows must be a positive number of rows to draw from --heal-data (or 0 without "
+                           f"--heal-data: heal on the calibration rows), got {args.heal_rows}")
+    if args.heal_data:
+        from gradmap.core.calibration import check_source
+        check_source(args.heal_data)
     if args.offload:
         raise GradmapError("--heal cannot run with --offload yet (healing trains in memory); drop one of them")
     from gradmap.healing.options import heal_options
@@ -202,10 +215,16 @@ def _run(args: argparse.Namespace, device: str) -> int:
     say(f"drawing {args.n_calib} x {args.seq_len} calibration tokens from {args.calib} "
           f"(seed {args.seed}) ...", flush=True)
     calib = calibration_data(tokenizer, args.calib, args.n_calib, args.seq_len, args.seed)
+    heal_data = None
+    if heal is not None and args.heal_rows:
+        source = args.heal_data or args.calib
+        say(f"drawing {args.heal_rows} x {args.seq_len} healing tokens from {source} (seed {args.seed + 1000}) ...",
+            flush=True)
+        heal_data = calibration_data(tokenizer, source, args.heal_rows, args.seq_len, args.seed + 1000)
     result = fast_prune(model, calib, args.n_prune, protect_first=args.protect_first,
                         protect_last=args.protect_last, batch_size=args.batch_size,
                         progress=not args.no_progress and main, offload=args.offload,
-                        compute_device=device if args.offload else None, heal=heal,
+                        compute_device=device if args.offload else None, heal=heal, heal_data=heal_data,
                         # a GGUF file can only describe the pattern at its index-derived positions
                         keep_attention_pattern=args.keep_attention_pattern or bool(args.gguf), **fresh_kwargs())
     if not main:  # identical result on every rank; rank 0 writes, the others wait for it

@@ -40,6 +40,8 @@ __all__ = ["CompareConfig", "run_compare", "DenseSource", "weights_fingerprint",
            "prune_row", "run_method", "FLOOR_DESCRIPTION"]
 
 log = logging.getLogger(__name__)
+# healing rows a `+heal` method trains on, drawn apart from the calibration rows (as `prune --heal-rows`)
+HEAL_ROWS = 256
 
 FLOOR_DESCRIPTION = ("one plain forward+backward of the LM loss over the whole calibration set "
                      "(same micro-batches as pruning, after one untimed warm-up sequence), "
@@ -348,15 +350,22 @@ def run_method(model, tokenizer, calib, spec: MethodSpec, row: dict, cfg: Compar
                tasks, prune_fn, progress: bool, results: dict, per_example: bool = False) -> None:
     """Prune a dense `model` with `spec`, evaluate it and fill `row` (floor/dense: `results`)."""
     row["status"] = "running"
+    healing = {}
+    if spec.heal is not None:  # as `gradmap prune --heal`: HEAL_ROWS fresh rows of the calibration source
+        from gradmap.core.calibration import calibration_data
+        healing["heal_data"] = calibration_data(tokenizer, cfg.calib, n_samples=HEAL_ROWS, seq_len=cfg.seq_len,
+                                                seed=row.get("seed", cfg.seed) + 1000)
     start = time.perf_counter()
     res = prune_fn(model, calib, cfg.n_prune, **spec.prune_kwargs(),
                    protect_first=cfg.protect_first, protect_last=cfg.protect_last,
-                   batch_size=cfg.batch_size, progress=progress)
+                   batch_size=cfg.batch_size, progress=progress, **healing)
     row["wall_seconds"] = time.perf_counter() - start
     row["removed_layers"] = sorted(res.removed_layers)
     row["timings"] = dict(res.timings)
     floor = results["floor"]["seconds"]
     row["ratio_to_floor"] = res.timings["total"] / floor if floor > 0 else None
+    if "heal" in res.timings:  # outside "total": the heal's own cost, teacher pass included
+        row["heal_ratio_to_floor"] = res.timings["heal"] / floor if floor > 0 else None
     row["scores"] = [{str(k): v for k, v in s.items()} for s in res.scores]
     row["prune_result"] = res.to_dict()
     row["pipeline"] = method_from_result(row["prune_result"])  # reruns it, every option spelled out

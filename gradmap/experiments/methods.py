@@ -12,7 +12,9 @@ A bare metric means no compensation (`+none` says the same explicitly). Without 
 `@schedule` suffix the schedule is the metric's default, as in `fast_prune(schedule=None)`
 (one-shot for `gradmap`, iterative for the others that support it, else the metric's only
 schedule: `ppl` is one-shot, `sleb` iterative);
-the parsed spec always names the schedule it resolved to. Valid metric names come from
+the parsed spec always names the schedule it resolved to. `+heal` or `+heal(key=value, ...)`
+anywhere after the metric (also `auto+heal`) heals the pruned model (`fast_prune(heal=...)`,
+options of `gradmap.healing.HealOptions`, e.g. `gradmap+projection+heal(train='lora',steps=64)`). Valid metric names come from
 the metrics registry and valid compensation names from the compensation registry, so a
 new entry there is a valid method here at once. Options are checked by building the metric
 or compensator (`get_metric` / `get_compensator`), so an unknown option or a bad value fails
@@ -87,6 +89,7 @@ class MethodSpec:
     schedule: str = DEFAULT_SCHEDULE
     metric_options: tuple[tuple[str, Any], ...] = ()
     compensation_options: tuple[tuple[tuple[str, Any], ...], ...] = ()
+    heal: tuple[tuple[str, Any], ...] | None = None  # `+heal(...)` options; None: no healing
 
     @property
     def label(self) -> str:
@@ -99,8 +102,9 @@ class MethodSpec:
         A compensation with options is passed as a freshly built Compensator (compensators
         keep per-run state), one without as its name. "auto" passes nothing: the default.
         """
+        healing = {} if self.heal is None else {"heal": dict(self.heal)}
         if self.metric == AUTO:
-            return {}
+            return healing
         comps: list[Any] = list(self.compensation)
         if any(self.compensation_options):
             from gradmap.prune.compensation import get_compensator
@@ -108,7 +112,7 @@ class MethodSpec:
                      for c, o in zip(self.compensation, self.compensation_options)]
         comp = comps[0] if len(comps) == 1 else comps
         return {"metric": self.metric, "compensation": comp, "schedule": self.schedule,
-                **dict(self.metric_options)}
+                **dict(self.metric_options), **healing}
 
 
 def _split_top(text: str, sep: str) -> list[str]:
@@ -214,9 +218,36 @@ def parse_method(name: str, metrics: Iterable[str] | None = None,
     text = name.strip()
     if not text:
         raise GradmapError("empty method name; " + _grammar(metrics, compensations))
-    if text == AUTO:  # the default: the best of the candidate pipelines on held-out rows
-        return MethodSpec(name=AUTO, metric=AUTO, compensation=(AUTO,), schedule=AUTO)
+    body, heal = _heal_part(text)
+    if body == AUTO:  # the default: the best of the candidate pipelines on held-out rows
+        return MethodSpec(name=text, metric=AUTO, compensation=(AUTO,), schedule=AUTO, heal=heal)
+    spec = _parse_pipeline(text, body, metrics, compensations, schedules)
+    return spec if heal is None else MethodSpec(**{**spec.__dict__, "heal": heal})
+
+
+def _heal_part(text: str) -> tuple[str, tuple[tuple[str, Any], ...] | None]:
+    """(the method without its `+heal(...)` part, the heal options or None); options checked."""
     body, *tail = _split_top(text, "@")
+    parts = _split_top(body, "+")
+    heals = [p for p in parts[1:] if p.partition("(")[0].strip() == "heal"]
+    if not heals:
+        return text, None
+    if len(heals) > 1:
+        raise GradmapError(f"method {text!r} names heal twice; name it once, e.g. +heal(train='lora')")
+    _, options = _options(text, heals[0])
+    try:
+        from gradmap.healing.options import heal_options
+        heal_options(dict(options))
+    except (GradmapError, TypeError, ValueError) as exc:
+        raise GradmapError(f"method {text!r}: {exc}") from None
+    rest = "+".join(p for p in parts if p is not heals[0])
+    return "@".join([rest, *tail]), options
+
+
+def _parse_pipeline(text: str, name: str, metrics: list[str], compensations: list[str],
+                    schedules: dict[str, tuple[str, ...]]) -> MethodSpec:
+    """`name` (the method without +heal) parsed; errors quote the whole method `text`."""
+    body, *tail = _split_top(name, "@")
     at, schedule = bool(tail), "@".join(tail)
     if at and schedule not in SCHEDULES:
         raise GradmapError(f"method {text!r}: unknown schedule {schedule!r}; "
@@ -281,7 +312,7 @@ def parse_methods(names: str | Iterable[str], metrics: Iterable[str] | None = No
     seen: set[tuple] = set()
     for spec in specs:
         key = (spec.metric, spec.compensation, spec.schedule, spec.metric_options,
-               spec.compensation_options)
+               spec.compensation_options, spec.heal)
         if key in seen:
             raise GradmapError(f"method {spec.name!r} repeats an earlier method (same metric, "
                                "compensations, schedule and options); list each method once")
@@ -324,5 +355,10 @@ def method_from_result(result: dict[str, Any]) -> str:
     cls = METRICS.get(metric)
     fields = [f.name for f in dataclasses.fields(cls)] if cls is not None else []
     metric_options = {k: options[k] for k in fields if k in options}
-    return format_method(metric, result.get("compensation") or ["none"], result["schedule"],
-                         metric_options, options.get("compensation_options"))
+    method = format_method(metric, result.get("compensation") or ["none"], result["schedule"],
+                           metric_options, options.get("compensation_options"))
+    heal = (result.get("heal") or {}).get("options")
+    if not heal:
+        return method
+    pipeline, _, schedule = method.rpartition("@")
+    return f"{pipeline}+heal({','.join(f'{k}={_literal(v)}' for k, v in sorted(heal.items()))})@{schedule}"

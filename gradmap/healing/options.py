@@ -23,8 +23,10 @@ def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
 class HealOptions:
     """What `gradmap.heal` trains and how long.
 
-    `train`: one of HEAL_MODES. `steps` optimiser steps of `batch_rows` calibration rows each
-    (Adam, learning rate `lr`, constant). `top_k`: teacher tokens kept per position (the loss is
+    `train`: one of HEAL_MODES. `steps` optimiser steps of `batch_rows` healing rows each
+    (Adam, learning rate `lr`, constant). The defaults (compensation maps, 160 steps of 4 rows,
+    lr 3e-4, held-out checks every 40 steps) are the variant measured on SmolLM2 with 256 healing
+    rows of 256 tokens (bench/RESULTS.md "Healing"). `top_k`: teacher tokens kept per position (the loss is
     top-K KL, gradmap/healing/teacher.py). `holdout`: the last fraction of the rows (at least one)
     is never trained on; its KL is measured every `eval_every` steps (0: only at the start and
     the end) and the best state is kept (early stopping; the unhealed model if no step helped).
@@ -33,12 +35,12 @@ class HealOptions:
     """
 
     train: str = "compensation"
-    steps: int = 32
+    steps: int = 160
     lr: float | None = None
     top_k: int = 128
     batch_rows: int = 4
     holdout: float = 0.125
-    eval_every: int = 0
+    eval_every: int = 40
     partial_layers: int = 2
     lora_rank: int = 8
     lora_alpha: float = 16.0
@@ -66,11 +68,12 @@ class HealOptions:
 
     @property
     def learning_rate(self) -> float:
-        """`lr`, or the mode's default: 1e-3 for the small maps and norms, 1e-4 for LoRA, 1e-5 for
-        whole layers (not yet chosen by a multi-seed measurement; bench/RESULTS.md "Healing")."""
+        """`lr`, or the mode's default: 3e-4 for the maps and norms (measured, 3 seeds), 1e-4 for
+        LoRA (measured with the maps' budget), 1e-5 for whole layers (not measured);
+        bench/RESULTS.md "Healing"."""
         if self.lr is not None:
             return float(self.lr)
-        return {"lora": 1e-4, "partial": 1e-5}.get(self.train, 1e-3)
+        return {"lora": 1e-4, "partial": 1e-5}.get(self.train, 3e-4)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self) | {"lr": self.learning_rate}

@@ -164,7 +164,8 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
                protect_last: int = 1, batch_size: int | None = None, progress: bool = True,
                offload: str | None = None, compute_device: str | torch.device | None = None,
                safeguard: bool = True, holdout: float = 0.125, heal: Any = None,
-               keep_attention_pattern: bool = False, **metric_options) -> PruneResult:
+               keep_attention_pattern: bool = False, heal_data: torch.Tensor | None = None,
+               **metric_options) -> PruneResult:
     """Remove `n_prune` decoder layers of `model` in place and return what was done.
 
     With `metric`, `compensation` and `schedule` left None (and no metric options) this runs
@@ -209,8 +210,9 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
 
     `heal` (None, a mode name of `gradmap.healing.HEAL_MODES`, a dict of heal options or a
     HealOptions): after pruning, `gradmap.heal` distils the pruned model towards the dense one on
-    `calib`; the dense teacher's top-K log-probs are computed on this same model before any layer
-    is removed (one forward per row), so no second copy is held. Its report is `result.heal`, its
+    `heal_data` (token ids [rows, seq_len]; None: `calib`; more rows than the calibration set
+    heal better, bench/RESULTS.md "Healing"); the dense teacher's top-K log-probs are computed on
+    this same model before any layer is removed (one forward per row), so no second copy is held. Its report is `result.heal`, its
     seconds `result.timings["heal"]` (outside "total").
 
     `keep_attention_pattern=True` (Gemma 2/3): remove only runs of P adjacent layers, P the period of
@@ -219,9 +221,12 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     same model); `n_prune` must be a multiple of P. No effect on models without an alternation.
     See `gradmap.prune.attention_pattern`.
     """
+    if heal_data is not None and heal is None:
+        raise GradmapError("heal_data= is the text heal= trains on; pass heal= too (e.g. heal='compensation') "
+                           "or drop heal_data")
     if heal is not None:
         from gradmap.prune.healed import pruned_then_healed
-        return pruned_then_healed(fast_prune, model, calib, n_prune, heal, progress, dict(
+        return pruned_then_healed(fast_prune, model, calib, heal_data, n_prune, heal, progress, dict(
             metric=metric, compensation=compensation, schedule=schedule, protect_first=protect_first,
             protect_last=protect_last, batch_size=batch_size, progress=progress, offload=offload,
             compute_device=compute_device, safeguard=safeguard, holdout=holdout,

@@ -25,8 +25,9 @@ _RUN_KEYWORDS = ("metric", "compensation", "schedule", "protect_first", "protect
                  "offload", "compute_device", "safeguard", "holdout", "keep_attention_pattern")
 
 
-def pruned_then_healed(prune: Callable[..., PruneResult], model: nn.Module, calib: torch.Tensor, n_prune: int,
-                       heal: Any, progress: bool, prune_kwargs: dict[str, Any]) -> PruneResult:
+def pruned_then_healed(prune: Callable[..., PruneResult], model: nn.Module, calib: torch.Tensor,
+                       heal_data: torch.Tensor | None, n_prune: int, heal: Any, progress: bool,
+                       prune_kwargs: dict[str, Any]) -> PruneResult:
     """`fast_prune(..., heal=...)` (`prune` is fast_prune): options checked first, teacher targets on the
     dense model, prune, heal."""
     from gradmap.healing import check_heal, heal_options, teacher_targets
@@ -38,8 +39,10 @@ def pruned_then_healed(prune: Callable[..., PruneResult], model: nn.Module, cali
     opts = heal_options(heal)
     check_heal(model, opts, n_layers_after=get_adapter(model).num_layers - n_prune)
     calib = check_calibration(model, calib)
-    if calib.shape[0] < 2:
-        raise GradmapError("heal= needs at least 2 calibration rows (one is held out)")
+    data = calib if heal_data is None else check_calibration(model, heal_data)
+    if data.shape[0] < 2:
+        raise GradmapError(f"heal= needs at least 2 {'calibration' if heal_data is None else 'heal_data'} rows "
+                           "(one is held out)")
     # the pruning's own refusals come before the teacher's forward over every row
     _, removable = check_prune_plan(get_adapter(model).original_ids, n_prune, prune_kwargs["protect_first"],
                                     prune_kwargs["protect_last"])
@@ -52,11 +55,13 @@ def pruned_then_healed(prune: Callable[..., PruneResult], model: nn.Module, cali
         check_schedule(get_metric(metric, **extra), schedule)
         resolve_compensation(compensation)
     start = time.perf_counter()
-    targets = teacher_targets(model, calib, opts.top_k)
+    targets = teacher_targets(model, data, opts.top_k)
     teacher_seconds = time.perf_counter() - start
     result = prune(model, calib, n_prune, **prune_kwargs)
-    report = heal_fn(model, calib, teacher=targets, options=opts, progress=progress and distributed.is_main())
+    report = heal_fn(model, data, teacher=targets, options=opts, progress=progress and distributed.is_main())
     report.teacher_seconds = teacher_seconds  # computed here, on the dense model, before pruning
-    result.heal = report.to_dict() | {"summary": report.summary()}
+    # the budget in the unit fast_prune's own cost is quoted in: tokens of the calibration set
+    result.heal = report.to_dict() | {"summary": report.summary(), "rows": int(data.shape[0]),
+                                      "tokens_x_calibration": report.tokens / calib.numel()}
     result.add_time("heal", teacher_seconds + report.seconds)
     return result
