@@ -256,6 +256,8 @@ def test_prune_cli_heals_and_saves_a_plain_checkpoint(tmp_path, capsys):
     assert "--heal-data needs --heal" in capsys.readouterr().err
     assert main(argv + ["--heal", "compensation", "--heal-data", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in capsys.readouterr().err and not out.exists()
+    assert main(argv[:5] + argv[9:] + ["--method", "block-influence+heal"]) == 2 and not out.exists()
+    assert "--method takes no +heal in gradmap prune" in capsys.readouterr().err
     assert main(argv + ["--heal", "everything"]) == 2 and not out.exists()
     assert "not a healing mode" in capsys.readouterr().err
     assert main(argv + ["--heal", "norms+compensation", "--heal-option", "steps=2", "--heal-option", "top_k=8"]) == 0

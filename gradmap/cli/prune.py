@@ -124,6 +124,9 @@ def pipeline_arguments(args: argparse.Namespace) -> tuple[dict, Callable[[], dic
                            "+magnitude@one-shot', or drop --method")
     from gradmap.experiments.methods import parse_method
     spec = parse_method(args.method)  # names valid metrics, compensations and options on error
+    if spec.heal is not None:  # one way to ask for healing here, with its data flags beside it
+        raise GradmapError("--method takes no +heal in gradmap prune; drop it and pass --heal MODE (with "
+                           "--heal-option KEY=VALUE for its options)")
     return spec.prune_kwargs(), spec.prune_kwargs
 
 
