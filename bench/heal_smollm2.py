@@ -92,7 +92,8 @@ def stage_prune(args, out: dict) -> None:
                 "teacher_seconds": out["teacher_seconds"], "targets": targets.state_dict()},
                args.work / "teacher.pt")
     start = time.perf_counter()
-    res = gradmap.fast_prune(model, calib, args.n_prune, progress=False)
+    from gradmap.experiments.methods import parse_method
+    res = gradmap.fast_prune(model, calib, args.n_prune, progress=False, **parse_method(args.method).prune_kwargs())
     out["prune"] = {"wall_seconds": time.perf_counter() - start, "removed_layers": sorted(res.removed_layers),
                     "summary": res.compensation_summary()}
     gradmap.save_pretrained(model, tok, args.work / "pruned", report=res.to_dict(), overwrite=True)
@@ -126,6 +127,7 @@ def main() -> None:
     p.add_argument("stage", choices=["prune", "heal", "dense"])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--n-prune", type=int, default=8)
+    p.add_argument("--method", default="auto", help="the pruning pipeline, a compare method string (auto)")
     p.add_argument("--n-calib", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--seed", type=int, default=0)

@@ -1,0 +1,102 @@
+"""The healing study's table (issue 26): bench/results/heal_data_*.json -> markdown, paired statistics.
+
+    python bench/heal_report.py [--results bench/results]
+
+Every comparison is paired: the same seed's unhealed model (PPL, per-seed ratios, t interval over
+seeds) and the same examples (LAMBADA and the 7 tasks: per-example differences pooled over seeds,
+normal 95% interval of the mean difference). The dense row is seed-independent (one run).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import statistics
+from pathlib import Path
+
+T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided t quantiles by degrees of freedom
+NO_BOOLQ = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
+
+
+def _load(results: Path) -> tuple[dict, dict]:
+    runs: dict[str, dict[int, dict]] = {}
+    dense = None
+    for f in sorted(glob.glob(str(results / "heal_data_*.json"))):
+        d = json.loads(Path(f).read_text())
+        name = Path(f).stem.removeprefix("heal_data_")
+        if name == "dense":
+            dense = d["dense"]
+            continue
+        seed, _, variant = name.partition("_")
+        runs.setdefault(variant, {})[int(seed.removeprefix("s"))] = d
+    return runs, dense
+
+
+def _mean_ci(xs: list[float]) -> str:
+    m = statistics.fmean(xs)
+    if len(xs) < 2:
+        return f"{m:+.1f}"
+    half = T95[len(xs) - 1] * statistics.stdev(xs) / math.sqrt(len(xs))
+    return f"{m:+.1f} [{m - half:+.1f}, {m + half:+.1f}]"
+
+
+def _correct(ev: dict, task: str) -> list[int]:
+    if task == "lambada":
+        return ev["lambada"]["correct"]["acc"]
+    t = ev["tasks"]["tasks"][task]
+    return t["correct"][t["metric"]]
+
+
+def _paired(pairs: list[tuple[list[int], list[int]]]) -> str:
+    """Mean per-example difference (points) of b − a pooled over pairs, with a normal 95% interval."""
+    diffs = [y - x for a, b in pairs for x, y in zip(a, b)]
+    m = statistics.fmean(diffs)
+    half = 1.96 * statistics.pstdev(diffs) / math.sqrt(len(diffs))
+    return f"{100 * m:+.1f} [{100 * (m - half):+.1f}, {100 * (m + half):+.1f}] (n={len(diffs)})"
+
+
+def _avg_no_boolq(ev: dict) -> list[int]:
+    return [c for t in NO_BOOLQ for c in _correct(ev, t)]
+
+
+def report(results: Path) -> str:
+    runs, dense = _load(results)
+    lines = ["| model | seeds | WikiText-2 PPL (16 windows), per seed | PPL change vs unhealed, % [95% t] | "
+             "LAMBADA acc % (n = 500 per seed) | LAMBADA vs unhealed, points [95%] | 6-task avg (no BoolQ) % | "
+             "6-task vs dense, points [95%] | heal × floor (teacher incl.) |", "|" + "---|" * 9]
+    if dense is not None:
+        lines.append(f"| dense | — | {dense['wikitext2']['ppl']:.2f} | — | {100 * dense['lambada']['acc']:.1f} | — | "
+                     f"{100 * statistics.fmean(_avg_no_boolq(dense)):.1f} | — | — |")
+    order = sorted(runs, key=lambda v: (v.startswith("gradmap_projection"), not v.endswith("unhealed"), v))
+    for variant in order:
+        by_seed = runs[variant]
+        # a pipeline's own unhealed run is its base (the default's: "unhealed")
+        base = runs.get("gradmap_projection_unhealed" if variant.startswith("gradmap_projection") else "unhealed", {})
+        unhealed = variant.endswith("unhealed")
+        seeds = sorted(s for s in by_seed if s in base)
+        if not seeds:
+            continue
+        ev = {s: by_seed[s]["unhealed" if unhealed else "healed"] for s in seeds}
+        ppl = [ev[s]["wikitext2"]["ppl"] for s in seeds]
+        change = [100 * (ev[s]["wikitext2"]["ppl"] / base[s]["unhealed"]["wikitext2"]["ppl"] - 1) for s in seeds]
+        lam = statistics.fmean(c for s in seeds for c in _correct(ev[s], "lambada"))
+        lam_vs = _paired([(_correct(base[s]["unhealed"], "lambada"), _correct(ev[s], "lambada")) for s in seeds])
+        avg6 = statistics.fmean(c for s in seeds for c in _avg_no_boolq(ev[s]))
+        vs_dense = _paired([(_avg_no_boolq(dense), _avg_no_boolq(ev[s])) for s in seeds]) if dense else "—"
+        budget = [by_seed[s].get("budget", {}).get("total_x_floor") for s in seeds]
+        cost = "—" if None in budget else ", ".join(f"{b:.1f}" for b in budget)
+        lines.append(f"| {variant} | {','.join(map(str, seeds))} | {', '.join(f'{p:.2f}' for p in ppl)} | "
+                     f"{'—' if unhealed else _mean_ci(change)} | {100 * lam:.1f} | "
+                     f"{'—' if unhealed else lam_vs} | {100 * avg6:.1f} | {vs_dense} | {cost} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--results", type=Path, default=Path("bench/results"))
+    print(report(p.parse_args().results))
+
+
+if __name__ == "__main__":
+    main()
