@@ -3,8 +3,8 @@
     python bench/heal_report.py [--results bench/results]
 
 Every comparison is paired: the same seed's unhealed model (PPL, per-seed ratios, t interval over
-seeds) and the same examples (LAMBADA and the 7 tasks: per-example differences pooled over seeds,
-normal 95% interval of the mean difference). The dense row is seed-independent (one run).
+seeds) and the same examples (LAMBADA and the 7 tasks: each example's difference averaged over the
+seeds, normal 95% interval over the examples). The dense row is seed-independent (one run).
 """
 from __future__ import annotations
 
@@ -49,11 +49,14 @@ def _correct(ev: dict, task: str) -> list[int]:
 
 
 def _paired(pairs: list[tuple[list[int], list[int]]]) -> str:
-    """Mean per-example difference (points) of b − a pooled over pairs, with a normal 95% interval."""
-    diffs = [y - x for a, b in pairs for x, y in zip(a, b)]
+    """Mean per-example difference (points) of b − a with a normal 95% interval. The seeds score the
+    same examples, so each example's difference is averaged over the seeds first and the interval
+    is over examples (n = examples, not examples × seeds)."""
+    n = len(pairs[0][0])
+    diffs = [statistics.fmean(b[i] - a[i] for a, b in pairs) for i in range(n)]
     m = statistics.fmean(diffs)
-    half = 1.96 * statistics.pstdev(diffs) / math.sqrt(len(diffs))
-    return f"{100 * m:+.1f} [{100 * (m - half):+.1f}, {100 * (m + half):+.1f}] (n={len(diffs)})"
+    half = 1.96 * statistics.stdev(diffs) / math.sqrt(n)
+    return f"{100 * m:+.1f} [{100 * (m - half):+.1f}, {100 * (m + half):+.1f}] (n={n})"
 
 
 def _avg_no_boolq(ev: dict) -> list[int]:
