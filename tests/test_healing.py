@@ -266,9 +266,10 @@ def test_prune_cli_heals_and_saves_a_plain_checkpoint(tmp_path, capsys):
     assert report["heal"]["train"] == "norms+compensation" and report["heal"]["top_k"] == 8
     assert report["heal"]["rows"] == 256  # --heal-rows' default, drawn apart from the 8 calibration rows
     again = tmp_path / "on-calib"
-    assert main(argv[:-3] + ["--out", str(again), "--no-progress", "--heal", "compensation", "--heal-rows", "0",
+    assert main(argv[:-3] + ["--out", str(again), "--no-progress", "--heal", "--heal-rows", "0",
                              "--heal-option", "steps=2", "--heal-option", "top_k=8"]) == 0
-    assert json.loads((again / "report.json").read_text())["heal"]["rows"] == 8
+    healed = json.loads((again / "report.json").read_text())["heal"]
+    assert healed["rows"] == 8 and healed["train"] == "norms+compensation"  # --heal without MODE: the default
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.num_hidden_layers == 4
 

@@ -70,10 +70,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "period, 2 or 6), so the pruned model can leave as GGUF; --n-prune must be a multiple "
                         "of P. Implied by --gguf; no effect on models without the alternation")
     add_overwrite_arguments(p, "a non-empty --out (and an existing --gguf)")
-    p.add_argument("--heal", default=None, metavar="MODE",
-                   help="after pruning, distil the pruned model towards the dense one on the calibration rows "
-                        "(top-K KL) and fold the result into plain weights: compensation, norms+compensation, "
-                        "lora or partial (see docs/guide.md, 'Healing')")
+    p.add_argument("--heal", nargs="?", const="norms+compensation", default=None, metavar="MODE",
+                   help="after pruning, distil the pruned model towards the dense one on --heal-rows fresh rows "
+                        "(top-K KL) and fold the result into plain weights: norms+compensation (the default when "
+                        "MODE is left out), compensation, lora or partial (see docs/guide.md, 'Healing')")
     p.add_argument("--heal-option", action="append", default=[], metavar="KEY=VALUE",
                    help="healing option, repeatable (e.g. steps=64, lr=1e-3, top_k=128, batch_rows=4, seed=0)")
     p.add_argument("--heal-data", default=None, metavar="SOURCE",

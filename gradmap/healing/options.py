@@ -24,9 +24,9 @@ class HealOptions:
     """What `gradmap.heal` trains and how long.
 
     `train`: one of HEAL_MODES. `steps` optimiser steps of `batch_rows` healing rows each
-    (Adam, learning rate `lr`, constant). The defaults (compensation maps, 160 steps of 4 rows,
-    lr 3e-4, held-out checks every 40 steps) are the variant measured on SmolLM2 with 256 healing
-    rows of 256 tokens (bench/RESULTS.md "Healing"). `top_k`: teacher tokens kept per position (the loss is
+    (Adam, learning rate `lr`, constant). The defaults (the seam maps and the norm weights, 160
+    steps of 4 rows, lr 3e-4, held-out checks every 40 steps) are the variant measured best on
+    SmolLM2 over 3 seeds with 256 healing rows of 256 tokens (bench/RESULTS.md "Healing"). `top_k`: teacher tokens kept per position (the loss is
     top-K KL, gradmap/healing/teacher.py). `holdout`: the last fraction of the rows (at least one)
     is never trained on; its KL is measured every `eval_every` steps (0: only at the start and
     the end) and the best state is kept (early stopping; the unhealed model if no step helped).
@@ -34,7 +34,7 @@ class HealOptions:
     the LoRA adapters of `lora`. `seed` seeds the row order and the LoRA initialisation.
     """
 
-    train: str = "compensation"
+    train: str = "norms+compensation"
     steps: int = 160
     lr: float | None = None
     top_k: int = 128
