@@ -4,6 +4,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from llama_cpp_logits import llama_cpp_logits
 from tiny import tiny_model
 from tiny_tokenizer import BPE_TEXT as TEXT, byte_level_tokenizer
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma3TextConfig
@@ -73,13 +74,7 @@ def test_pruned_model_keeps_its_pattern_and_loads_alike_in_transformers_and_llam
         assert back.config.layer_types == model.config.layer_types
         np.testing.assert_allclose(back(ids).logits[0].numpy(), want, atol=1e-4, rtol=0)
     llama_cpp = pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (gguf-runtime extra)")
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_batch=64, n_threads=1, logits_all=True,
-                          type_k=0, type_v=0, verbose=False)
-    try:
-        llm.eval(ids[0].tolist())
-        got = np.array(llm.scores[:ids.shape[1]])
-    finally:
-        llm.close()
+    got = llama_cpp_logits(llama_cpp, out, ids)
     # the tolerance of test_gguf_convert's Gemma logits check (ggml's fp16 GELU table)
     assert np.abs(got - want).max() <= 5e-3, np.abs(got - want).max()
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, GGUFReader
 from gguf.quants import dequantize, quantize
+from llama_cpp_logits import llama_cpp_logits
 from tiny import tiny_model
 from tiny_tokenizer import BPE_TEXT as TEXT, byte_level_tokenizer
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel
@@ -256,14 +257,7 @@ def test_llama_cpp_logits_match_transformers(family, tok, tmp_path):
     ids = torch.randint(3, len(tok), (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(ids).logits[0].numpy()
-    # an F32 KV cache (llama.cpp defaults to F16), so only the arithmetic order differs
-    llm = llama_cpp.Llama(model_path=str(out), n_ctx=64, n_batch=64, n_threads=1, logits_all=True,
-                          type_k=0, type_v=0, verbose=False)
-    try:
-        llm.eval(ids[0].tolist())
-        got = np.array(llm.scores[:ids.shape[1]])
-    finally:
-        llm.close()
+    got = llama_cpp_logits(llama_cpp, out, ids)
     assert got.shape == want.shape
     assert np.abs(got - want).max() <= LLAMA_CPP_TOL.get(family, 1e-4), np.abs(got - want).max()
     assert (got.argmax(-1) == want.argmax(-1)).all()
@@ -352,16 +346,6 @@ def test_smollm2_from_hf_folder_runs_in_llama_cpp(smol_hf, tmp_path):
 
 # --- a Gemma loaded from a GGUF file, pruned, exported by copying (the path SmolLM2 takes) ---
 
-def _llama_cpp_logits(llama_cpp, path, ids):
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=64, n_batch=64, n_threads=1, logits_all=True,
-                          type_k=0, type_v=0, verbose=False)
-    try:
-        llm.eval(ids[0].tolist())
-        return np.array(llm.scores[:ids.shape[1]])
-    finally:
-        llm.close()
-
-
 # removals that keep the index-derived sliding/full pattern: Gemma 2 alternates (remove a pair),
 # Gemma 3 has one full layer in 6 (here 8 layers: s s s s s f s s, remove the last two)
 PATTERN_KEEPING = {"gemma2": [1, 2], "gemma3_text": [6, 7]}
@@ -382,7 +366,7 @@ def test_gemma_from_gguf_pruned_keeping_its_pattern_runs_in_llama_cpp(family, to
     ids = torch.randint(3, len(tok), (1, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         want = model(ids).logits[0].float().numpy()
-    got = _llama_cpp_logits(llama_cpp, tmp_path / "pruned.gguf", ids)
+    got = llama_cpp_logits(llama_cpp, tmp_path / "pruned.gguf", ids)
     assert np.abs(got - want).max() <= LLAMA_CPP_TOL[family], np.abs(got - want).max()
     assert (got.argmax(-1) == want.argmax(-1)).all()
 

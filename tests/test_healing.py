@@ -66,7 +66,9 @@ def test_topk_kl_is_zero_for_the_teacher_and_bounded_by_the_full_kl():
 
 
 @pytest.mark.parametrize("family,mode", [(f, m) for m in HEAL_MODES for f in ("llama",)] +
-                         [("gemma2", "compensation"), ("phi3", "partial"), ("qwen3", "lora")])
+                         [("gemma2", "compensation"), ("phi3", "partial"), ("qwen3", "lora")] +
+                         # the default mode on the other families (Gemma: diagonal maps, post-norms)
+                         [(f, "norms+compensation") for f in ("gemma3_text", "qwen2", "mistral", "phi3")])
 def test_heal_lowers_heldout_kl_and_leaves_a_plain_model(family, mode, tmp_path):
     _needs(mode)
     model, calib, targets = _setup(family)

@@ -145,9 +145,9 @@ def _drop_prefix_cache(run: ScoringRun, ctx: PruneContext) -> None:
 
 
 def _plan(metric: Metric, run: ScoringRun, scores: dict[int, float], n: int, period: int):
-    """The metric's own plan, or windows of `period` adjacent layers (keep_attention_pattern). The
-    angular metric's plan removes one contiguous block already, which keeps the pattern."""
-    if period == 1 or metric.name == "angular":
+    """The metric's own plan, or windows of `period` adjacent layers (keep_attention_pattern). A plan
+    that removes one contiguous block (`plans_one_block`) keeps the pattern already."""
+    if period == 1 or metric.plans_one_block:
         return metric.plan(run, scores, n)
     return (i for i in window_plan(scores, run.adapter.original_ids, run.removable, n, period))
 
@@ -221,6 +221,8 @@ def fast_prune(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str 
     same model); `n_prune` must be a multiple of P. No effect on models without an alternation.
     See `gradmap.prune.attention_pattern`.
     """
+    if not isinstance(keep_attention_pattern, bool):  # before the heal path's teacher pass too
+        raise GradmapError(f"keep_attention_pattern must be True or False, got {keep_attention_pattern!r}")
     if heal_data is not None and heal is None:
         raise GradmapError("heal_data= is the text heal= trains on; pass heal= too (e.g. heal='compensation') "
                            "or drop heal_data")
@@ -265,8 +267,6 @@ def _run(model: nn.Module, calib: torch.Tensor, n_prune: int, metric: str | Metr
     progress = progress and distributed.is_main()
     ids = adapter.original_ids
     protected, removable = check_prune_plan(ids, n_prune, protect_first, protect_last)
-    if not isinstance(keep_attention_pattern, bool):
-        raise GradmapError(f"keep_attention_pattern must be True or False, got {keep_attention_pattern!r}")
     period = check_pattern_plan(model.config, n_prune, removable, ids) if keep_attention_pattern else 1
     comp_batch_size = batch_size
     if batch_size is None:  # backward passes keep every layer's activations: a smaller budget share

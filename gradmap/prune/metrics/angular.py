@@ -36,6 +36,7 @@ class Angular(Metric):
     tokens: str = "last"
 
     name: ClassVar[str] = "angular"
+    plans_one_block: ClassVar[bool] = True
     needs: ClassVar[frozenset[str]] = frozenset({"layer_io"})
     schedules: ClassVar[tuple[str, ...]] = ("one-shot",)
     plain_forward: ClassVar[bool] = True

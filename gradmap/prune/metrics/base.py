@@ -83,6 +83,9 @@ class Metric:
     # decides from them whether the metric can run streamed or on offloaded weights. A metric
     # that runs forwards of its own declares "own_passes" (the conservative default).
     needs: ClassVar[frozenset[str]] = frozenset({"own_passes"})
+    # True when plan() removes one contiguous block of layers (it then keeps a sliding/full
+    # attention pattern by itself when n_prune is whole periods: gradmap.prune.attention_pattern)
+    plans_one_block: ClassVar[bool] = False
 
     def score(self, run: ScoringRun) -> dict[int, float]:
         raise NotImplementedError
