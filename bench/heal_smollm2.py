@@ -15,7 +15,10 @@ Stage 1 computes the dense model's top-K next-token log-probs on the calibration
 (`fast_prune(model, calib, 8)`), saves the pruned model and evaluates it. Stage 2 loads the
 pruned model and the cached teacher targets (no dense model in memory), heals and evaluates.
 Evaluation: WikiText-2 PPL (L = 2048, first --ppl-windows windows) and LAMBADA on the first
---limit texts, with seconds. Not collected by pytest (no test_ prefix).
+--limit texts, with seconds. `heal --curve 40,160,...` also evaluates the state after each of those
+steps inside the one run (heal's on_eval; with a constant learning rate that is the model a run of
+that many steps would end with, before early stopping picks among the held-out checks): a budget
+curve whose healing seconds leave out the evaluations. Not collected by pytest (no test_ prefix).
 """
 from __future__ import annotations
 
@@ -105,16 +108,42 @@ def stage_heal(args, out: dict) -> None:
     model, tok = gradmap.load_model(str(args.work / "pruned"))
     saved = torch.load(args.work / "teacher.pt")
     targets = TeacherTargets.from_state_dict(saved["targets"])
+    curve_steps = sorted({int(x) for x in args.curve.split(",")}) if args.curve else []
+    steps = max(curve_steps + [args.steps])
+    options = json.loads(args.options)
+    if curve_steps and any(s % options.get("eval_every", 40) for s in curve_steps):
+        raise SystemExit("--curve steps must be multiples of eval_every (40 unless --options sets it)")
+    out["curve"], spent = [], {"eval": 0.0}
+    calib_tokens, floor = saved.get("calib_tokens", saved["calib"].numel()), saved.get("floor", float("nan"))
     start = time.perf_counter()
-    rep = heal(model, saved["calib"], teacher=targets, train=args.mode, steps=args.steps, lr=args.lr,
-               batch_rows=args.batch_rows, seed=args.seed, progress=False, **json.loads(args.options))
-    out["heal"] = dict(rep.to_dict(), wall_seconds=time.perf_counter() - start)
+
+    def observe(m, step, kl):
+        if step not in curve_steps:
+            return
+        t0 = time.perf_counter()
+        healing = t0 - start - spent["eval"]
+        point = {"step": step, "heldout_kl": kl, "heal_seconds": healing,
+                 "trained_tokens_x_calib": step * args.batch_rows * saved["calib"].shape[1] / calib_tokens,
+                 "total_x_floor": (healing + saved.get("teacher_seconds", 0.0)) / floor, **evaluate(m, tok, args)}
+        out["curve"].append(point)
+        spent["eval"] += time.perf_counter() - t0
+        print(json.dumps({k: point[k] for k in ("step", "heldout_kl", "total_x_floor")} |
+                         {"ppl": point["wikitext2"]["ppl"], "lambada": point["lambada"]["acc"]}), flush=True)
+
+    rep = heal(model, saved["calib"], teacher=targets, train=args.mode, steps=steps, lr=args.lr,
+               batch_rows=args.batch_rows, seed=args.seed, progress=False, on_eval=observe, **options)
+    out["heal"] = dict(rep.to_dict(), wall_seconds=time.perf_counter() - start - spent["eval"],
+                       curve_eval_seconds=spent["eval"])
     if "floor" in saved:  # the budget in the issue's unit: × one forward+backward over the calibration set
         out["budget"] = {"trained_tokens_x_calib": rep.tokens / saved["calib_tokens"],
                          "heal_x_floor": out["heal"]["wall_seconds"] / saved["floor"],
                          "teacher_x_floor": saved["teacher_seconds"] / saved["floor"],
                          "total_x_floor": (out["heal"]["wall_seconds"] + saved["teacher_seconds"]) / saved["floor"]}
-    out["healed"] = evaluate(model, tok, args)
+    last = out["curve"][-1] if out["curve"] else {}
+    if last.get("step") == rep.best_step:  # the kept state was just evaluated: don't evaluate it twice
+        out["healed"] = {k: last[k] for k in ("lambada", "wikitext2", "tasks") if k in last}
+    else:
+        out["healed"] = evaluate(model, tok, args)
 
 
 def stage_dense(args, out: dict) -> None:
@@ -136,6 +165,8 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=40)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-rows", type=int, default=4)
+    p.add_argument("--curve", default="", help="heal: also evaluate after these steps (comma list, multiples of "
+                   "eval_every); the run lasts until the largest")
     p.add_argument("--options", default="{}", help="further heal() options as JSON")
     p.add_argument("--limit", type=int, default=500, help="first N LAMBADA texts")
     p.add_argument("--ppl-windows", type=int, default=8)

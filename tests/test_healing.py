@@ -128,6 +128,7 @@ def test_a_dense_model_as_teacher_gives_the_cached_targets_result():
     (dict(train="partial", partial_layers=9), "partial_layers"),
     (dict(warmup=3), "unknown heal option"),
     (dict(teacher=None), "teacher"),
+    (dict(on_eval="print"), "on_eval"),
 ])
 def test_bad_options_are_refused_before_any_work(kwargs, match):
     model, calib, targets = _setup()
@@ -136,6 +137,32 @@ def test_bad_options_are_refused_before_any_work(kwargs, match):
     with pytest.raises(GradmapError, match=match):
         gradmap.heal(model, calib, progress=False, **kwargs)
     assert _same_state(model, state)
+
+
+@pytest.mark.parametrize("mode", ["norms+compensation", "lora"])
+def test_on_eval_sees_the_current_state_at_every_heldout_check(mode):
+    # the budget curve of bench/heal_smollm2.py evaluates inside this callback: the model it gets
+    # must compute what the state of that step gives once folded / merged, and nothing may leak back
+    _needs(mode)
+    model, calib, targets = _setup()
+    seen = []
+
+    def watch(m, step, kl):
+        assert m is model and not m.training and not torch.is_grad_enabled()
+        seen.append((step, kl, _heldout_kl(m, calib, targets)))
+
+    rep = gradmap.heal(model, calib, teacher=targets, train=mode, steps=12, lr=LR[mode], top_k=K, eval_every=3,
+                       progress=False, on_eval=watch)
+    assert [s for s, _, _ in seen] == [0, 3, 6, 9, 12]
+    assert [kl for _, kl, _ in seen] == [h["kl"] for h in rep.holdout]
+    for _, kl, fresh in seen:
+        assert fresh == pytest.approx(kl, rel=1e-4)
+    best = [fresh for step, _, fresh in seen if step == rep.best_step][0]
+    assert rep.holdout_kl_final == pytest.approx(best, rel=1e-4)
+    twin, _, _ = _setup()  # the callback changes nothing: a run without it ends in the same weights
+    gradmap.heal(twin, calib, teacher=targets, train=mode, steps=12, lr=LR[mode], top_k=K, eval_every=3,
+                 progress=False)
+    assert _same_state(model, _state(twin))
 
 
 def test_a_model_with_no_removal_site_is_refused_for_compensation():

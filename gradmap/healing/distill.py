@@ -11,7 +11,9 @@ rows; Adam at a constant learning rate updates only what the mode trains (HealOp
 
 The last `holdout` fraction of the rows is never trained on; its KL is measured before training,
 every `eval_every` steps and at the end, and the parameters of the best of those states are kept
-(early stopping; if no step lowered it, the model is returned unhealed). Every existing weight
+(early stopping; if no step lowered it, the model is returned unhealed). `on_eval(model, step, kl)`
+runs after each of those held-out checks, with the model computing exactly what the current state
+would give once folded: a budget curve from one run instead of one run per budget. Every existing weight
 the mode edits is copied first; an exception or interrupt at any point (training, fold, merge)
 removes the hooks/adapters and restores those copies, leaving the pruned-but-unhealed model.
 """
@@ -20,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -135,7 +137,8 @@ def _kl(model: nn.Module, calib: torch.Tensor, targets: TeacherTargets, rows: li
 
 def heal(model: nn.Module, calib: torch.Tensor, teacher: Any = None, train: str | None = None,
          steps: int | None = None, lr: float | None = None, top_k: int | None = None, seed: int | None = None,
-         progress: bool = True, options: Any = None, **more: Any) -> HealReport:
+         progress: bool = True, options: Any = None, on_eval: Callable[[nn.Module, int, float], None] | None = None,
+         **more: Any) -> HealReport:
     """Heal the pruned `model` in place by top-K distillation towards `teacher`; see the module docstring.
 
     `teacher`: the dense model (its top-K log-probs on `calib` are computed once, before training;
@@ -143,9 +146,13 @@ def heal(model: nn.Module, calib: torch.Tensor, teacher: Any = None, train: str 
     the same rows (`gradmap.healing.teacher_targets`; `fast_prune(heal=...)` computes them on the
     model itself before pruning). `options` (a mode name, dict or HealOptions) and the keyword
     arguments (`train`, `steps`, `lr`, `top_k`, `seed`, any other HealOptions field) combine,
-    keywords winning. Every option is checked before any work. Returns a HealReport; the model
-    afterwards has exactly its previous modules and config.
+    keywords winning. Every option is checked before any work. `on_eval(model, step, kl)` is
+    called after every held-out check (step 0 = unhealed) with the current, not the best, state
+    active; it must not change the model. Returns a HealReport; the model afterwards has exactly
+    its previous modules and config.
     """
+    if on_eval is not None and not callable(on_eval):
+        raise GradmapError(f"heal on_eval must be a callable (model, step, kl), got {type(on_eval).__name__}")
     opts = heal_options(options, train=train, steps=steps, lr=lr, top_k=top_k, seed=seed, **more)
     calib = _check_calib(calib)
     teacher = _targets(teacher, calib, opts.top_k)
@@ -169,7 +176,7 @@ def heal(model: nn.Module, calib: torch.Tensor, teacher: Any = None, train: str 
         plan = _trainable(model, opts)
         backup = [t.detach().clone() for t in plan.edited]
         try:
-            report = _train(model, calib, teacher, plan, opts, train_rows, hold_rows, gen, progress)
+            report = _train(model, calib, teacher, plan, opts, train_rows, hold_rows, gen, progress, on_eval)
             with torch.no_grad():
                 plan.finalize()
         except BaseException:
@@ -189,8 +196,20 @@ def heal(model: nn.Module, calib: torch.Tensor, teacher: Any = None, train: str 
     return report
 
 
+def _observe(model: nn.Module, on_eval: Callable[[nn.Module, int, float], None], step: int, kl: float) -> None:
+    # the callback evaluates; gradients must not reach the trained parameters, and train mode is restored
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            on_eval(model, step, kl)
+    finally:
+        model.train(was_training)
+
+
 def _train(model: nn.Module, calib: torch.Tensor, teacher: TeacherTargets, plan: Trainable, opts: HealOptions,
-           train_rows: list[int], hold_rows: list[int], gen: torch.Generator, progress: bool) -> HealReport:
+           train_rows: list[int], hold_rows: list[int], gen: torch.Generator, progress: bool,
+           on_eval: Callable[[nn.Module, int, float], None] | None = None) -> HealReport:
     """The optimisation loop with held-out early stopping; leaves the best parameters in `plan.params`."""
     for p in plan.params:
         p.requires_grad_(True)
@@ -204,6 +223,8 @@ def _train(model: nn.Module, calib: torch.Tensor, teacher: TeacherTargets, plan:
     every = opts.eval_every or opts.steps
     bar = tqdm(range(1, opts.steps + 1), desc=f"heal ({opts.train})", unit="step", disable=not progress)
     with plan.active():
+        if on_eval is not None:
+            _observe(model, on_eval, 0, best)
         for step in bar:
             rows = []
             while len(rows) < opts.batch_rows:
@@ -221,6 +242,8 @@ def _train(model: nn.Module, calib: torch.Tensor, teacher: TeacherTargets, plan:
                 if kl < best:
                     best, best_step = kl, step
                     best_params = [p.detach().clone() for p in plan.params]
+                if on_eval is not None:
+                    _observe(model, on_eval, step, kl)
     with torch.no_grad():
         for p, b in zip(plan.params, best_params):
             p.copy_(b)
