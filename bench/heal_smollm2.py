@@ -86,6 +86,12 @@ def stage_prune(args, out: dict) -> None:
     # healing text: the calibration rows, or --heal-rows fresh C4 windows of another draw
     heal_ids = calib if not args.heal_rows else calibration_data(
         tok, "c4", n_samples=args.heal_rows, seq_len=args.seq_len, seed=args.seed + 1000)
+    if args.heal_source == "self":  # self-distillation: the dense model continues each row's first 16 tokens
+        from gradmap.healing import self_generated
+        start = time.perf_counter()
+        heal_ids = self_generated(model, heal_ids, prefix=16, seed=args.seed + 1000)
+        out["self_generated"] = {"seconds": time.perf_counter() - start,
+                                 "first_rows": tok.batch_decode(heal_ids[:3])}
     out["fwd_bwd_floor_seconds"] = fwd_bwd_floor(model, calib)
     start = time.perf_counter()
     targets = teacher_targets(model, heal_ids, k=args.top_k)
@@ -173,6 +179,9 @@ def main() -> None:
     p.add_argument("--task-limit", type=int, default=0, help="also the 7 tasks on their first N examples")
     p.add_argument("--heal-rows", type=int, default=0,
                    help="heal on N fresh C4 windows (draw seed + 1000) instead of the calibration rows")
+    p.add_argument("--heal-source", choices=["c4", "self"], default="c4",
+                   help="prune: the healing rows as drawn (c4), or written by the dense model from their first 16 "
+                        "tokens (self)")
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()

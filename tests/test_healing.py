@@ -301,6 +301,28 @@ def test_prune_cli_heals_and_saves_a_plain_checkpoint(tmp_path, capsys):
     assert healed["rows"] == 8 and healed["train"] == "norms+compensation"  # --heal without MODE: the default
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     assert reloaded.config.num_hidden_layers == 4
+    selfd = tmp_path / "self"
+    assert main(argv[:-3] + ["--out", str(selfd), "--no-progress", "--heal", "--heal-data", "self", "--heal-rows",
+                             "6", "--heal-option", "steps=2", "--heal-option", "top_k=8"]) == 0
+    assert "the dense model writes the healing text" in capsys.readouterr().out
+    healed = json.loads((selfd / "report.json").read_text())
+    assert healed["heal"]["rows"] == 6 and healed["command"]["heal_data"] == "self"
+
+
+def test_self_generated_rows_keep_their_prompt_and_are_seeded():
+    model = tiny_model("llama", n_layers=4)
+    prompts = random_ids(5, 20, seed=1)
+    state, rng = _state(model), torch.random.get_rng_state()
+    a = gradmap.healing.self_generated(model, prompts, prefix=4, seed=0, batch_rows=2)
+    assert torch.equal(torch.random.get_rng_state(), rng) and _same_state(model, state) and model.training is False
+    assert a.shape == prompts.shape and a.dtype == prompts.dtype and torch.equal(a[:, :4], prompts[:, :4])
+    assert torch.equal(a, gradmap.healing.self_generated(model, prompts, prefix=4, seed=0, batch_rows=2))
+    assert not torch.equal(a, gradmap.healing.self_generated(model, prompts, prefix=4, seed=1, batch_rows=2))
+    assert (a[:, 4:] != prompts[:, 4:]).float().mean() > 0.5  # written, not copied
+    assert not (a[:, 4:] == model.generation_config.eos_token_id).any()  # no early end: rows keep full length
+    for bad, match in ((dict(prefix=20), "prefix"), (dict(prefix=0), "prefix"), (dict(prompts=prompts[0]), "shape")):
+        with pytest.raises(GradmapError, match=match):
+            gradmap.healing.self_generated(model, **({"prompts": prompts, "prefix": 4} | bad))
 
 
 @pytest.mark.parametrize("bad", [dict(n_prune=99), dict(metric="no-such-metric"),

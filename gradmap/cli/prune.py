@@ -20,6 +20,8 @@ from gradmap.core.errors import GradmapError
 
 __all__ = ["add_parser", "run", "parse_options", "pipeline_arguments", "gguf_line", "heal_arguments"]
 
+SELF, SELF_PREFIX = "self", 16  # --heal-data self: the dense model continues each row's first 16 tokens
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
@@ -77,7 +79,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--heal-option", action="append", default=[], metavar="KEY=VALUE",
                    help="healing option, repeatable (e.g. steps=64, lr=1e-3, top_k=128, batch_rows=4, seed=0)")
     p.add_argument("--heal-data", default=None, metavar="SOURCE",
-                   help="healing text: c4, wikitext2 or a .jsonl/.txt path (default: the --calib source)")
+                   help="healing text: c4, wikitext2 or a .jsonl/.txt path (default: the --calib source), or "
+                        "'self': the dense model writes it, continuing the first 16 tokens of each row drawn "
+                        "from --calib (self-distillation)")
     p.add_argument("--heal-rows", type=int, default=256,
                    help="healing rows of --seq-len tokens drawn from --heal-data with seed --seed + 1000, "
                         "so they differ from the calibration draw (256, as measured; 0: heal on the "
@@ -140,7 +144,7 @@ def heal_arguments(args: argparse.Namespace):
     if args.heal_rows < 0 or (args.heal_rows == 0 and args.heal_data):
         raise GradmapError(f"--heal-rows must be a positive number of rows to draw from --heal-data (or 0 without "
                            f"--heal-data: heal on the calibration rows), got {args.heal_rows}")
-    if args.heal_data:
+    if args.heal_data and args.heal_data != SELF:
         from gradmap.core.calibration import check_source
         check_source(args.heal_data)
     if args.offload:
@@ -220,10 +224,16 @@ def _run(args: argparse.Namespace, device: str) -> int:
     calib = calibration_data(tokenizer, args.calib, args.n_calib, args.seq_len, args.seed)
     heal_data = None
     if heal is not None and args.heal_rows:
-        source = args.heal_data or args.calib
+        source = args.calib if args.heal_data in (None, SELF) else args.heal_data
         say(f"drawing {args.heal_rows} x {args.seq_len} healing tokens from {source} (seed {args.seed + 1000}) ...",
             flush=True)
         heal_data = calibration_data(tokenizer, source, args.heal_rows, args.seq_len, args.seed + 1000)
+        if args.heal_data == SELF:  # the model is still dense here
+            from gradmap.healing import self_generated
+            say(f"the dense model writes the healing text (first {SELF_PREFIX} tokens of each row kept) ...",
+                flush=True)
+            heal_data = self_generated(model, heal_data, prefix=min(SELF_PREFIX, args.seq_len - 1),
+                                       seed=args.seed + 1000, progress=not args.no_progress and main)
     result = fast_prune(model, calib, args.n_prune, protect_first=args.protect_first,
                         protect_last=args.protect_last, batch_size=args.batch_size,
                         progress=not args.no_progress and main, offload=args.offload,
