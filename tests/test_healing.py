@@ -283,6 +283,8 @@ def test_prune_cli_heals_and_saves_a_plain_checkpoint(tmp_path, capsys):
     assert "--heal-option needs --heal" in capsys.readouterr().err
     assert main(argv + ["--heal-data", str(text)]) == 2 and not out.exists()
     assert "--heal-data needs --heal" in capsys.readouterr().err
+    assert main(argv + ["--heal-rows", "64"]) == 2 and not out.exists()
+    assert "--heal-rows needs --heal" in capsys.readouterr().err
     assert main(argv + ["--heal", "compensation", "--heal-data", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in capsys.readouterr().err and not out.exists()
     assert main(argv[:5] + argv[9:] + ["--method", "block-influence+heal"]) == 2 and not out.exists()

@@ -82,7 +82,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="healing text: c4, wikitext2 or a .jsonl/.txt path (default: the --calib source), or "
                         "'self': the dense model writes it, continuing the first 16 tokens of each row drawn "
                         "from --calib (self-distillation)")
-    p.add_argument("--heal-rows", type=int, default=256,
+    p.add_argument("--heal-rows", type=int, default=None,
                    help="healing rows of --seq-len tokens drawn from --heal-data with seed --seed + 1000, "
                         "so they differ from the calibration draw (256, as measured; 0: heal on the "
                         "calibration rows themselves)")
@@ -137,10 +137,14 @@ def pipeline_arguments(args: argparse.Namespace) -> tuple[dict, Callable[[], dic
 def heal_arguments(args: argparse.Namespace):
     """The validated HealOptions of --heal / --heal-option, or None without --heal."""
     if args.heal is None:
-        if args.heal_option or args.heal_data:
-            flag = "--heal-option" if args.heal_option else "--heal-data"
-            raise GradmapError(f"{flag} needs --heal MODE (e.g. --heal compensation)")
+        given = [f for f, v in (("--heal-option", args.heal_option), ("--heal-data", args.heal_data),
+                                ("--heal-rows", args.heal_rows is not None)) if v]
+        if given:  # silently ignoring a healing flag would save an unhealed model the user thinks is healed
+            raise GradmapError(f"{given[0]} needs --heal MODE (e.g. --heal compensation)")
         return None
+    from gradmap.healing.options import HEAL_ROWS, heal_options
+    if args.heal_rows is None:
+        args.heal_rows = HEAL_ROWS
     if args.heal_rows < 0 or (args.heal_rows == 0 and args.heal_data):
         raise GradmapError(f"--heal-rows must be a positive number of rows to draw from --heal-data (or 0 without "
                            f"--heal-data: heal on the calibration rows), got {args.heal_rows}")
@@ -149,7 +153,6 @@ def heal_arguments(args: argparse.Namespace):
         check_source(args.heal_data)
     if args.offload:
         raise GradmapError("--heal cannot run with --offload yet (healing trains in memory); drop one of them")
-    from gradmap.healing.options import heal_options
     return heal_options({"train": args.heal, **parse_options(args.heal_option, "--heal-option", "steps=64")})
 
 

@@ -34,14 +34,13 @@ from gradmap.experiments.compare_speed import measure_row
 from gradmap.experiments.dense_source import DenseSource, check_calibration_untouched, weights_fingerprint
 from gradmap.experiments.methods import (MethodSpec, method_from_result, parse_methods,
                                          split_methods)
+from gradmap.healing.options import HEAL_ROWS
 
 __all__ = ["CompareConfig", "run_compare", "DenseSource", "weights_fingerprint",
            "forward_backward_seconds", "greedy_generate", "evaluate_model", "environment",
            "prune_row", "run_method", "FLOOR_DESCRIPTION"]
 
 log = logging.getLogger(__name__)
-# healing rows a `+heal` method trains on, drawn apart from the calibration rows (as `prune --heal-rows`)
-HEAL_ROWS = 256
 
 FLOOR_DESCRIPTION = ("one plain forward+backward of the LM loss over the whole calibration set "
                      "(same micro-batches as pruning, after one untimed warm-up sequence), "

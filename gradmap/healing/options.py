@@ -8,10 +8,13 @@ from typing import Any
 
 from gradmap.core.errors import GradmapError
 
-__all__ = ["HEAL_MODES", "HealOptions", "heal_options"]
+__all__ = ["HEAL_MODES", "HEAL_ROWS", "HealOptions", "heal_options"]
 
 # what trains (gradmap/healing/trainables.py, gradmap/healing/lora.py)
 HEAL_MODES = ("compensation", "norms+compensation", "lora", "partial")
+# fresh healing rows the command line and compare draw by default: 32 calibration rows overfit the
+# maps on SmolLM2, 256 did not (bench/RESULTS.md "Healing")
+HEAL_ROWS = 256
 
 
 def _positive_int(name: str, value: Any, minimum: int = 1) -> None:
