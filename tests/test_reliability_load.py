@@ -85,6 +85,11 @@ def test_random_and_truncated_gguf(tmp_path, no_hub):
     with pytest.raises(GradmapError, match="truncated"):
         load_model(str(cut))
     assert time.perf_counter() - start < 5
+    corrupt = tmp_path / "corrupt.gguf"  # a key length of 2**62: refused, not a MemoryError
+    corrupt.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(8) + (1).to_bytes(8, "little")
+                        + (2 ** 62).to_bytes(8, "little") + bytes(64))
+    with pytest.raises(GradmapError, match="truncated or corrupt"):
+        load_model(str(corrupt))
 
 
 def test_gguf_truncated_in_the_weights_is_one_clear_error(tmp_path):

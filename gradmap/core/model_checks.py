@@ -72,6 +72,9 @@ def looks_local(name: str) -> bool:
 
 
 def _read_exact(f, n: int, path: Path) -> bytes:
+    # a corrupt length field must not become a multi-GB read (MemoryError) before the size check
+    if n > os.fstat(f.fileno()).st_size - f.tell():
+        raise GradmapError(f"{str(path)!r} ends inside its header (truncated or corrupt); download it again")
     data = f.read(n)
     if len(data) != n:
         raise GradmapError(f"{str(path)!r} ends inside its header (truncated); download it again")
