@@ -1,6 +1,10 @@
 """The healing study's table (issue 26): bench/results/heal_data_*.json -> markdown, paired statistics.
 
-    python bench/heal_report.py [--results bench/results]
+    python bench/heal_report.py [--results bench/results] [--prefix heal_data_]
+    python bench/heal_report.py --curve bench/results/heal_curve_s0_norms_compensation.json
+
+The first form reads PREFIX*.json (PREFIXdense.json, PREFIXsS_VARIANT.json); the second tabulates
+a budget curve (`bench/heal_smollm2.py heal --curve ...`) against its seed's unhealed run.
 
 Every comparison is paired: the same seed's unhealed model (PPL, per-seed ratios, t interval over
 seeds) and the same examples (LAMBADA and the 7 tasks: each example's difference averaged over the
@@ -19,12 +23,12 @@ T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571}  # two-sided t quantil
 NO_BOOLQ = ["piqa", "hellaswag", "winogrande", "arc_easy", "arc_challenge", "openbookqa"]
 
 
-def _load(results: Path) -> tuple[dict, dict]:
+def _load(results: Path, prefix: str) -> tuple[dict, dict]:
     runs: dict[str, dict[int, dict]] = {}
     dense = None
-    for f in sorted(glob.glob(str(results / "heal_data_*.json"))):
+    for f in sorted(glob.glob(str(results / f"{prefix}*.json"))):
         d = json.loads(Path(f).read_text())
-        name = Path(f).stem.removeprefix("heal_data_")
+        name = Path(f).stem.removeprefix(prefix)
         if name == "dense":
             dense = d["dense"]
             continue
@@ -63,8 +67,8 @@ def _avg_no_boolq(ev: dict) -> list[int]:
     return [c for t in NO_BOOLQ for c in _correct(ev, t)]
 
 
-def report(results: Path) -> str:
-    runs, dense = _load(results)
+def report(results: Path, prefix: str = "heal_data_") -> str:
+    runs, dense = _load(results, prefix)
     lines = ["| model | seeds | WikiText-2 PPL (16 windows), per seed | PPL change vs unhealed, % [95% t] | "
              "LAMBADA acc % (n = 500 per seed) | LAMBADA vs unhealed, points [95%] | 6-task avg (no BoolQ) % | "
              "6-task vs dense, points [95%] | heal × floor (teacher incl.) |", "|" + "---|" * 9]
@@ -95,10 +99,36 @@ def report(results: Path) -> str:
     return "\n".join(lines)
 
 
+def curve(path: Path, results: Path) -> str:
+    """One row per evaluated step of a --curve run, paired with the seed's unhealed run (same examples)."""
+    d = json.loads(path.read_text())
+    seed = d["settings"]["seed"]
+    base = json.loads((results / f"heal_data_s{seed}_unhealed.json").read_text())["unhealed"]
+    dense_file = results / "heal_data_dense.json"
+    dense = json.loads(dense_file.read_text())["dense"] if dense_file.exists() else None
+    lines = ["| step | tokens × calib set | × floor (teacher incl.) | held-out KL | WikiText-2 PPL | vs unhealed | "
+             "LAMBADA % | vs unhealed, points [95%] | 6-task avg % | vs dense, points [95%] |", "|" + "---|" * 10]
+    lines.append(f"| 0 (unhealed) | 0 | — | {d['heal']['holdout'][0]['kl']:.3f} | {base['wikitext2']['ppl']:.2f} | — | "
+                 f"{100 * base['lambada']['acc']:.1f} | — | {100 * statistics.fmean(_avg_no_boolq(base)):.1f} | "
+                 f"{_paired([(_avg_no_boolq(dense), _avg_no_boolq(base))]) if dense else '—'} |")
+    for pt in d["curve"]:
+        lam = _paired([(_correct(base, "lambada"), _correct(pt, "lambada"))])
+        vs_dense = _paired([(_avg_no_boolq(dense), _avg_no_boolq(pt))]) if dense else "—"
+        lines.append(f"| {pt['step']} | {pt['trained_tokens_x_calib']:.0f} | {pt['total_x_floor']:.1f} | "
+                     f"{pt['heldout_kl']:.3f} | {pt['wikitext2']['ppl']:.2f} | "
+                     f"{100 * (pt['wikitext2']['ppl'] / base['wikitext2']['ppl'] - 1):+.1f}% | "
+                     f"{100 * pt['lambada']['acc']:.1f} | {lam} | {100 * statistics.fmean(_avg_no_boolq(pt)):.1f} | "
+                     f"{vs_dense} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--results", type=Path, default=Path("bench/results"))
-    print(report(p.parse_args().results))
+    p.add_argument("--prefix", default="heal_data_", help="raw files PREFIX*.json (heal_gemma3_ for Gemma 3)")
+    p.add_argument("--curve", type=Path, default=None, help="a --curve run's JSON: its budget table instead")
+    args = p.parse_args()
+    print(curve(args.curve, args.results) if args.curve else report(args.results, args.prefix))
 
 
 if __name__ == "__main__":
