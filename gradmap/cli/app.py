@@ -15,12 +15,12 @@ from gradmap.core.errors import GradmapError
 from gradmap.version import __version__
 
 DESCRIPTION = ("Remove whole decoder layers from Hugging Face causal LMs and repair the damage "
-               "(prune), zero individual weights (sparsify), measure perplexity and zero-shot "
+               "(prune, heal), zero individual weights (sparsify), measure perplexity and zero-shot "
                "accuracy (eval), and compare pruning methods side by side (compare). Every "
                "command checks its inputs before loading the model.")
 VERBOSE_HELP = "log progress details"
 
-SUBCOMMANDS = ["eval", "prune", "sparsify", "compare"]
+SUBCOMMANDS = ["eval", "prune", "heal", "sparsify", "compare"]
 
 
 def _modules():
