@@ -133,6 +133,9 @@ def stage_heal(args, out: dict) -> None:
                  "total_x_floor": (healing + saved.get("teacher_seconds", 0.0)) / floor, **evaluate(m, tok, args)}
         out["curve"].append(point)
         spent["eval"] += time.perf_counter() - t0
+        # every point on disk as it comes: a run cut short (a session's end) keeps what it measured
+        partial = args.out.with_name(args.out.stem + ".partial.json")
+        partial.write_text(json.dumps(out, indent=1, default=str) + "\n")
         print(json.dumps({k: point[k] for k in ("step", "heldout_kl", "total_x_floor")} |
                          {"ppl": point["wikitext2"]["ppl"], "lambada": point["lambada"]["acc"]}), flush=True)
 
