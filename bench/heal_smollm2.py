@@ -119,6 +119,16 @@ def stage_heal(args, out: dict) -> None:
     options = json.loads(args.options)
     if curve_steps and any(s % options.get("eval_every", 40) for s in curve_steps):
         raise SystemExit("--curve steps must be multiples of eval_every (40 unless --options sets it)")
+    teacher_seconds = saved.get("teacher_seconds", 0.0)
+    if options.get("seam_mse", 0) > 0:  # the seam loss needs the dense states at this prune's seams: one more pass
+        from gradmap.core.adapter import get_adapter
+        from gradmap.healing import teacher_targets
+        from gradmap.healing.seams import seam_layers
+        dense, _ = gradmap.load_model(args.model)
+        t0 = time.perf_counter()
+        targets = teacher_targets(dense, saved["calib"], k=args.top_k, hidden_at=seam_layers(get_adapter(model)))
+        teacher_seconds = time.perf_counter() - t0  # top-K and the seam states in one pass, as `gradmap heal`
+        del dense
     out["curve"], spent = [], {"eval": 0.0}
     calib_tokens, floor = saved.get("calib_tokens", saved["calib"].numel()), saved.get("floor", float("nan"))
     start = time.perf_counter()
@@ -130,7 +140,7 @@ def stage_heal(args, out: dict) -> None:
         healing = t0 - start - spent["eval"]
         point = {"step": step, "heldout_kl": kl, "heal_seconds": healing,
                  "trained_tokens_x_calib": step * args.batch_rows * saved["calib"].shape[1] / calib_tokens,
-                 "total_x_floor": (healing + saved.get("teacher_seconds", 0.0)) / floor, **evaluate(m, tok, args)}
+                 "total_x_floor": (healing + teacher_seconds) / floor, **evaluate(m, tok, args)}
         out["curve"].append(point)
         spent["eval"] += time.perf_counter() - t0
         # every point on disk as it comes: a run cut short (a session's end) keeps what it measured
@@ -146,8 +156,8 @@ def stage_heal(args, out: dict) -> None:
     if "floor" in saved:  # the budget in the unit: × one forward+backward over the calibration set
         out["budget"] = {"trained_tokens_x_calib": rep.tokens / saved["calib_tokens"],
                          "heal_x_floor": out["heal"]["wall_seconds"] / saved["floor"],
-                         "teacher_x_floor": saved["teacher_seconds"] / saved["floor"],
-                         "total_x_floor": (out["heal"]["wall_seconds"] + saved["teacher_seconds"]) / saved["floor"]}
+                         "teacher_x_floor": teacher_seconds / saved["floor"],
+                         "total_x_floor": (out["heal"]["wall_seconds"] + teacher_seconds) / saved["floor"]}
     last = out["curve"][-1] if out["curve"] else {}
     if last.get("step") == rep.best_step:  # the kept state was just evaluated: don't evaluate it twice
         out["healed"] = {k: last[k] for k in ("lambada", "wikitext2", "tasks") if k in last}

@@ -44,12 +44,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _check_pair(model: str, teacher: str, mode: str) -> None:
-    """From config.json / GGUF headers only: the pruned model's layers are a strict subset of the teacher's."""
+def _check_pair(model: str, teacher: str, opts) -> list[int] | None:
+    """From config.json / GGUF headers only: the pruned model's layers are a strict subset of the teacher's.
+    Returns the seams (original ids of kept layers right after removed ones), None when unknown."""
     from gradmap.core.models import model_layer_ids
+    mode = opts.train
     kept, dense = model_layer_ids(model), model_layer_ids(teacher)
     if kept is None or dense is None:
-        return  # a hub id not cached yet: checked after loading
+        return None  # a hub id not cached yet: checked after loading
     if len(kept) >= len(dense) or max(kept) >= len(dense):
         raise GradmapError(f"--model has {len(kept)} layers (original ids up to {max(kept)}) but --teacher has "
                            f"{len(dense)}: --teacher must be the dense model --model was pruned from")
@@ -57,6 +59,12 @@ def _check_pair(model: str, teacher: str, mode: str) -> None:
         raise GradmapError(f"--mode {mode} trains a map where layers were removed, and --model records no gap "
                            "between kept layers (only the last layers removed, or not pruned by gradmap); use "
                            "--mode lora or partial")
+    from gradmap.healing.seams import seams_of
+    seams = seams_of(kept)
+    if opts.seam_mse > 0 and not seams:
+        raise GradmapError("--heal-option seam_mse needs a kept layer right after removed ones, and --model records "
+                           "none (only the last layers removed, or not pruned by gradmap); leave seam_mse out")
+    return seams
 
 
 def run(args: argparse.Namespace) -> int:
@@ -87,7 +95,10 @@ def _run(args: argparse.Namespace, device: str) -> int:
     opts = heal_options({"train": args.mode, "seed": args.seed,
                          **parse_options(args.heal_option, "--heal-option", "steps=320")})
     check_context(args.teacher, {"--seq-len": args.seq_len})
-    _check_pair(args.model, args.teacher, opts.train)
+    seams = _check_pair(args.model, args.teacher, opts)
+    if opts.seam_mse > 0 and seams is None:
+        raise GradmapError("--heal-option seam_mse needs --model's layer ids before the teacher loads; pass the "
+                           "pruned checkpoint as a local folder")
     from gradmap.healing import check_heal, self_generated, teacher_targets
     from gradmap.healing import heal as heal_fn
 
@@ -102,7 +113,7 @@ def _run(args: argparse.Namespace, device: str) -> int:
         rows = self_generated(dense, rows, prefix=min(SELF_PREFIX, args.seq_len - 1), seed=args.seed + 1000,
                               progress=not args.no_progress)
     start = time.perf_counter()
-    targets = teacher_targets(dense, rows, opts.top_k)
+    targets = teacher_targets(dense, rows, opts.top_k, hidden_at=seams if opts.seam_mse > 0 else ())
     teacher_seconds = time.perf_counter() - start
     vocab = dense.get_output_embeddings().weight.shape[0]
     del dense  # before the pruned model loads: one model in memory at a time

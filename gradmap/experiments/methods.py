@@ -236,8 +236,8 @@ def _heal_part(text: str) -> tuple[str, tuple[tuple[str, Any], ...] | None]:
         raise GradmapError(f"method {text!r} names heal twice; name it once, e.g. +heal(train='lora')")
     _, options = _options(text, heals[0])
     try:
-        from gradmap.healing.options import heal_options
-        heal_options(dict(options))
+        from gradmap.healing.options import check_before_pruning, heal_options
+        check_before_pruning(heal_options(dict(options)))
     except (GradmapError, TypeError, ValueError) as exc:
         raise GradmapError(f"method {text!r}: {exc}") from None
     rest = "+".join(p for p in parts if p is not heals[0])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
@@ -32,6 +33,7 @@ from gradmap.core.adapter import get_adapter
 from gradmap.core.errors import GradmapError
 from gradmap.healing.lora import check_peft, lora_trainable
 from gradmap.healing.options import HealOptions, heal_options
+from gradmap.healing.seams import check_seams, seam_inputs, seam_loss_sum
 from gradmap.healing.teacher import TeacherTargets, teacher_targets, topk_kl_sum
 from gradmap.healing.trainables import Trainable, compensation_trainable, partial_trainable
 from gradmap.runtime.batching import preserved_state
@@ -110,6 +112,19 @@ def _targets(teacher: Any, calib: torch.Tensor, k: int) -> tuple[TeacherTargets 
                        "not used again) or TeacherTargets from gradmap.healing.teacher_targets(dense, calib, k)")
 
 
+def _check_seam_targets(targets: TeacherTargets, seams: list[int], calib: torch.Tensor, hidden: int) -> None:
+    missing = [j for j in seams if j not in targets.hidden]
+    if missing:
+        raise GradmapError(f"seam_mse needs the dense model's hidden states entering layer(s) {missing} (the "
+                           f"seams), which these teacher targets do not hold; pass teacher=the dense model or "
+                           f"targets from teacher_targets(dense, calib, k, hidden_at={seams})")
+    for j in seams:
+        if tuple(targets.hidden[j].shape) != (*calib.shape, hidden):
+            raise GradmapError(f"teacher hidden states at layer {j} have shape {tuple(targets.hidden[j].shape)}, "
+                               f"not (rows, positions, hidden) = {(*calib.shape, hidden)}; compute them on the "
+                               "same rows with the dense model of this student")
+
+
 def _trainable(model: nn.Module, opts: HealOptions) -> Trainable:
     adapter = get_adapter(model)
     if opts.train in ("compensation", "norms+compensation"):
@@ -120,19 +135,26 @@ def _trainable(model: nn.Module, opts: HealOptions) -> Trainable:
 
 
 def _kl(model: nn.Module, calib: torch.Tensor, targets: TeacherTargets, rows: list[int], k: int,
-        grad: bool) -> float:
-    """Mean top-K KL per position over `rows` (one row per forward); backward per row when `grad`."""
+        grad: bool, seam_weight: float = 0.0) -> tuple[float, float]:
+    """(mean top-K KL per position, mean seam loss per row) over `rows`, one row per forward; with
+    `grad`, backward per row of KL + seam_weight × seam loss (the seam loss only when the weight is
+    above 0, else 0.0)."""
     device = model_device(model)
-    total, count = 0.0, len(rows) * calib.shape[1]
+    seams = list(targets.hidden) if seam_weight > 0 else []
+    adapter = get_adapter(model)
+    total, seam_total, count = 0.0, 0.0, len(rows) * calib.shape[1]
     for r in rows:
         idx, lp = targets.rows(slice(r, r + 1))
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), (seam_inputs(adapter, seams) if seams else nullcontext()) as store:
             logits = model(input_ids=calib[r:r + 1].to(device), use_cache=False).logits
             loss = topk_kl_sum(logits, idx[..., :k], lp[..., :k]) / count
+            seam = seam_loss_sum(store, {j: targets.hidden[j][r:r + 1] for j in seams}) / len(rows) if seams \
+                else None
         if grad:
-            loss.backward()
+            (loss if seam is None else loss + seam_weight * seam).backward()
         total += float(loss.detach())
-    return total
+        seam_total += 0.0 if seam is None else float(seam.detach())
+    return total, seam_total
 
 
 def heal(model: nn.Module, calib: torch.Tensor, teacher: Any = None, train: str | None = None,
@@ -159,13 +181,18 @@ def heal(model: nn.Module, calib: torch.Tensor, teacher: Any = None, train: str 
     check_heal(model, opts)
     if opts.train in ("compensation", "norms+compensation"):
         compensation_trainable(get_adapter(model), False)  # refuses a model with no removal site
+    seams = check_seams(get_adapter(model)) if opts.seam_mse > 0 else []
+    if isinstance(teacher, TeacherTargets):
+        _check_seam_targets(teacher, seams, calib, get_adapter(model).config.hidden_size)
     n_hold = max(1, int(round(opts.holdout * calib.shape[0])))
     if n_hold >= calib.shape[0]:
         n_hold = calib.shape[0] - 1
     train_rows, hold_rows = list(range(calib.shape[0] - n_hold)), list(range(calib.shape[0] - n_hold, calib.shape[0]))
     start = time.perf_counter()
     if isinstance(teacher, nn.Module):
-        teacher = teacher_targets(teacher, calib, opts.top_k)
+        teacher = teacher_targets(teacher, calib, opts.top_k, hidden_at=seams)
+    # only the seams' states enter the loss (the caller's targets are not changed)
+    teacher = TeacherTargets(teacher.indices, teacher.logprobs, {j: teacher.hidden[j] for j in seams})
     teacher_seconds = time.perf_counter() - start
     k = opts.top_k
     gen = torch.Generator().manual_seed(opts.seed)
@@ -189,7 +216,7 @@ def heal(model: nn.Module, calib: torch.Tensor, teacher: Any = None, train: str 
         finally:
             for p in plan.params:
                 p.grad = None
-    report.holdout_kl_final = _kl(model, calib, teacher, hold_rows, k, grad=False)
+    report.holdout_kl_final = _kl(model, calib, teacher, hold_rows, k, grad=False)[0]
     report.teacher_seconds = teacher_seconds
     report.seconds = time.perf_counter() - start
     log.info("%s", report.summary())
@@ -214,8 +241,15 @@ def _train(model: nn.Module, calib: torch.Tensor, teacher: TeacherTargets, plan:
     for p in plan.params:
         p.requires_grad_(True)
     k = opts.top_k
-    best = _kl(model, calib, teacher, hold_rows, k, grad=False)  # unhealed; hooks not needed (identity)
-    held = [{"step": 0, "kl": best}]
+    w = opts.seam_mse
+
+    def check(step: int) -> float:
+        kl, seam = _kl(model, calib, teacher, hold_rows, k, grad=False, seam_weight=w)
+        held.append({"step": step, "kl": kl} | ({"seam": seam} if w > 0 else {}))
+        return kl
+
+    held: list[dict[str, float]] = []
+    best = check(0)  # unhealed; hooks not needed (identity)
     best_params, best_step = [p.detach().clone() for p in plan.params], 0
     opt = torch.optim.Adam(plan.params, lr=opts.learning_rate)
     order: list[int] = []
@@ -232,13 +266,13 @@ def _train(model: nn.Module, calib: torch.Tensor, teacher: TeacherTargets, plan:
                     order = [train_rows[i] for i in torch.randperm(len(train_rows), generator=gen).tolist()]
                 rows.append(order.pop())
             opt.zero_grad(set_to_none=True)
-            loss = _kl(model, calib, teacher, rows, k, grad=True)
+            kl, seam = _kl(model, calib, teacher, rows, k, grad=True, seam_weight=w)
+            loss = kl + w * seam
             opt.step()
             curve.append(loss)
             bar.set_postfix(loss=f"{loss:.4f}")
             if step % every == 0 or step == opts.steps:
-                kl = _kl(model, calib, teacher, hold_rows, k, grad=False)
-                held.append({"step": step, "kl": kl})
+                kl = check(step)
                 if kl < best:
                     best, best_step = kl, step
                     best_params = [p.detach().clone() for p in plan.params]

@@ -8,7 +8,7 @@ from typing import Any
 
 from gradmap.core.errors import GradmapError
 
-__all__ = ["HEAL_MODES", "HEAL_ROWS", "HealOptions", "heal_options"]
+__all__ = ["HEAL_MODES", "HEAL_ROWS", "HealOptions", "heal_options", "check_before_pruning"]
 
 # what trains (gradmap/healing/trainables.py, gradmap/healing/lora.py)
 HEAL_MODES = ("compensation", "norms+compensation", "lora", "partial")
@@ -35,6 +35,9 @@ class HealOptions:
     the end) and the best state is kept (early stopping; the unhealed model if no step helped).
     `partial_layers`: the last k kept layers trained by `partial`. `lora_rank`, `lora_alpha`:
     the LoRA adapters of `lora`. `seed` seeds the row order and the LoRA initialisation.
+    `seam_mse`: weight of the hidden-state loss at the seams added to the KL (gradmap/healing/seams.py;
+    0, the default: off). It needs the dense model's states at the seams, so `gradmap.heal` with
+    the dense model (or targets computed with `hidden_at=`) or `gradmap heal`, not `fast_prune`.
     """
 
     train: str = "norms+compensation"
@@ -48,6 +51,7 @@ class HealOptions:
     lora_rank: int = 8
     lora_alpha: float = 16.0
     seed: int = 0
+    seam_mse: float = 0.0
 
     def __post_init__(self) -> None:
         if self.train not in HEAL_MODES:
@@ -66,6 +70,10 @@ class HealOptions:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
                 raise GradmapError(f"heal option {name} must be a positive finite number, got {value!r}")
+        if isinstance(self.seam_mse, bool) or not isinstance(self.seam_mse, (int, float)) \
+                or not (math.isfinite(self.seam_mse) and self.seam_mse >= 0):
+            raise GradmapError(f"heal option seam_mse must be a finite number >= 0 (0: no seam loss), got "
+                               f"{self.seam_mse!r}")
         if isinstance(self.holdout, bool) or not isinstance(self.holdout, (int, float)) or not 0 < self.holdout < 1:
             raise GradmapError(f"heal option holdout must be a fraction in (0, 1), got {self.holdout!r}")
 
@@ -102,3 +110,12 @@ def heal_options(spec: Any = None, **overrides: Any) -> HealOptions:
     if unknown:
         raise GradmapError(f"unknown heal option {unknown[0]!r}; valid options: {', '.join(sorted(fields))}")
     return HealOptions(**base)
+
+
+def check_before_pruning(opts: HealOptions) -> None:
+    """Refuse what a heal planned before pruning cannot do (fast_prune, prune --heal, compare +heal cache
+    the teacher's log-probs before the removed layers are known)."""
+    if opts.seam_mse > 0:
+        raise GradmapError("heal option seam_mse needs the dense model's hidden states where layers were removed, "
+                           "known only after pruning; prune first, then heal with gradmap.heal(model, rows, "
+                           "teacher=dense, seam_mse=...) or `gradmap heal --heal-option seam_mse=...`")

@@ -15,12 +15,16 @@ negative, zero when the student matches the teacher, and at most the full-vocabu
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from gradmap.core.adapter import get_adapter
 from gradmap.core.errors import GradmapError
+from gradmap.healing.seams import seam_inputs
 from gradmap.runtime.placement import model_device
 
 __all__ = ["TeacherTargets", "teacher_targets", "topk_kl_sum"]
@@ -30,11 +34,14 @@ __all__ = ["TeacherTargets", "teacher_targets", "topk_kl_sum"]
 class TeacherTargets:
     """The teacher's top-K next-token log-probs of each calibration row (on the host).
 
-    `indices` (N, L, K) int64 token ids, `logprobs` (N, L, K) fp32 full-vocabulary log-probs.
+    `indices` (N, L, K) int64 token ids, `logprobs` (N, L, K) fp32 full-vocabulary log-probs;
+    `hidden` (optional, for the seam loss of gradmap/healing/seams.py): ORIGINAL layer index j ->
+    the residual stream entering the teacher's layer j, (N, L, hidden) bf16.
     """
 
     indices: torch.Tensor
     logprobs: torch.Tensor
+    hidden: dict[int, torch.Tensor] = field(default_factory=dict)
 
     @property
     def k(self) -> int:
@@ -44,16 +51,20 @@ class TeacherTargets:
         return self.indices[rows], self.logprobs[rows]
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"indices": self.indices, "logprobs": self.logprobs}
+        return {"indices": self.indices, "logprobs": self.logprobs} | {f"hidden.{j}": h for j, h in self.hidden.items()}
 
     @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor]) -> "TeacherTargets":
-        return cls(indices=state["indices"], logprobs=state["logprobs"])
+        hidden = {int(k.removeprefix("hidden.")): v for k, v in state.items() if k.startswith("hidden.")}
+        return cls(indices=state["indices"], logprobs=state["logprobs"], hidden=hidden)
 
 
 @torch.no_grad()
-def teacher_targets(model: nn.Module, calib: torch.Tensor, k: int = 128, batch_rows: int = 1) -> TeacherTargets:
-    """Top-`k` next-token log-probs of `model` (the dense teacher) on every position of `calib`.
+def teacher_targets(model: nn.Module, calib: torch.Tensor, k: int = 128, batch_rows: int = 1,
+                    hidden_at: Sequence[int] = ()) -> TeacherTargets:
+    """Top-`k` next-token log-probs of `model` (the dense teacher) on every position of `calib`, and
+    the residual stream entering each of its layers of ORIGINAL index in `hidden_at` (the seams of
+    the pruned student, `gradmap.healing.seams.seam_layers`).
 
     One forward per `batch_rows` rows; the model's own forward gives the logits (family details
     such as Gemma's soft-capping apply); log-softmax in fp32. The model is left in its mode.
@@ -69,17 +80,23 @@ def teacher_targets(model: nn.Module, calib: torch.Tensor, k: int = 128, batch_r
     was_training = model.training
     model.eval()
     idx, lp = [], []
+    hidden: dict[int, list[torch.Tensor]] = {j: [] for j in hidden_at}
+    seams = (lambda: seam_inputs(get_adapter(model), list(hidden_at))) if hidden_at else nullcontext
     try:
         for start in range(0, calib.shape[0], batch_rows):
             ids = calib[start:start + batch_rows].to(device)
-            logits = model(input_ids=ids, use_cache=False).logits
+            with seams() as store:
+                logits = model(input_ids=ids, use_cache=False).logits
+            for j in hidden:
+                hidden[j].append(store[j].to(torch.bfloat16).cpu())
             logp = torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
             top = logp.topk(k, dim=-1)
             idx.append(top.indices.cpu())
             lp.append(top.values.float().cpu())
     finally:
         model.train(was_training)
-    return TeacherTargets(indices=torch.cat(idx), logprobs=torch.cat(lp))
+    return TeacherTargets(indices=torch.cat(idx), logprobs=torch.cat(lp),
+                          hidden={j: torch.cat(h) for j, h in hidden.items()})
 
 
 def topk_kl_sum(logits: torch.Tensor, indices: torch.Tensor, teacher_logprobs: torch.Tensor) -> torch.Tensor:

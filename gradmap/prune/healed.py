@@ -31,12 +31,14 @@ def pruned_then_healed(prune: Callable[..., PruneResult], model: nn.Module, cali
     """`fast_prune(..., heal=...)` (`prune` is fast_prune): options checked first, teacher targets on the
     dense model, prune, heal."""
     from gradmap.healing import check_heal, heal_options, teacher_targets
+    from gradmap.healing.options import check_before_pruning
     from gradmap.healing import heal as heal_fn
 
     if prune_kwargs.get("offload"):
         raise GradmapError(f"heal= cannot run with offload={prune_kwargs['offload']!r} yet (healing trains in memory); heal "
                            "the saved pruned model with gradmap.heal on a device it fits")
     opts = heal_options(heal)
+    check_before_pruning(opts)
     check_heal(model, opts, n_layers_after=get_adapter(model).num_layers - n_prune)
     calib = check_calibration(model, calib)
     data = calib if heal_data is None else check_calibration(model, heal_data)
