@@ -16,8 +16,15 @@ Design.
 - XᵀY uses the same tile kernel over the full (d, d_y) tile grid.
 - Products of bf16/fp16 values are exact in fp32 and the dot accumulates in
   fp32; fp32 inputs use IEEE (not TF32) dots to meet the fp32 tolerance.
+- Accumulation bias (issue 27's first H200 run): with one MMA accumulator over
+  all T rows, XᵀX's diagonal (T positive squares) came out low by a relative
+  5.9e-5 at T = 16384 and 1.28e-3 at T = 262144, linear in T: the tensor cores'
+  internal adds do not round to nearest, so a same-sign sum drifts. Off-diagonal
+  sums (random signs) passed. Each PROMOTE x BLOCK_K rows now go into a fresh
+  accumulator that is added to the total with ordinary fp32 adds, bounding the
+  drift by the chunk, not by T (PROMOTE from bench/gram_precision.py).
 
-GPU notes (issue 18; unmeasured until `.ci/gpu` runs on a GPU):
+GPU notes (issue 18; measured on an H200 in issue 27, bench/RESULTS.md "GPU: first run"):
 - Dispatch sends only bf16/fp16 here (`gradmap.ops.backend`). fp32 dots are FMA
   (input_precision="ieee", no tensor cores) and would lose to cuBLAS, so fp32
   stays on torch with TF32 off (item 6); the fp32 config below is kept for direct
@@ -63,11 +70,31 @@ from .utils import cdiv, check_inputs, device_table, empty, interpreting, on_dev
 __all__ = ["accumulate_moments", "gram_update", "column_stats_update", "column_stats_grid"]
 
 
+@triton.jit
+def _gram_step(a_ptr, b_ptr, k0, T, offs_k, offs_m64, offs_n64, m_mask, n_mask,
+               stride_at, stride_ad, stride_bt, stride_bd, acc, col_sum, diag,
+               STATS: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr):
+    """acc += A[k0:k0+BLOCK_K]ᵀ B[k0:k0+BLOCK_K] (rows past T masked); Σa too on diagonal tiles."""
+    rows = (k0 + offs_k).to(tl.int64)
+    k_mask = rows < T
+    a = tl.load(a_ptr + rows[:, None] * stride_at + offs_m64[None, :] * stride_ad,
+                mask=k_mask[:, None] & m_mask[None, :], other=0.0)
+    b = tl.load(b_ptr + rows[:, None] * stride_bt + offs_n64[None, :] * stride_bd,
+                mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+    if STATS:
+        if diag:
+            col_sum += tl.sum(a.to(tl.float32), axis=0)
+    if UPCAST:
+        a = a.to(tl.float32)
+        b = b.to(tl.float32)
+    return tl.dot(tl.trans(a), b, acc, input_precision=PRECISION), col_sum
+
+
 @triton.jit(do_not_specialize=["T"])
 def _tile_gram_kernel(a_ptr, b_ptr, c_ptr, sum_ptr, sq_ptr, tile_i_ptr, tile_j_ptr,
                       T, DA, DB, stride_at, stride_ad, stride_bt, stride_bd, stride_cm, stride_cn,
                       SYMMETRIC: tl.constexpr, STATS: tl.constexpr, UPCAST: tl.constexpr,
-                      PRECISION: tl.constexpr,
+                      PRECISION: tl.constexpr, PROMOTE: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid = tl.program_id(0)
     ti = tl.load(tile_i_ptr + pid)
@@ -82,20 +109,23 @@ def _tile_gram_kernel(a_ptr, b_ptr, c_ptr, sum_ptr, sq_ptr, tile_i_ptr, tile_j_p
     diag = ti == tj
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     col_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    for k0 in range(0, T, BLOCK_K):
-        rows = (k0 + offs_k).to(tl.int64)
-        k_mask = rows < T
-        a = tl.load(a_ptr + rows[:, None] * stride_at + offs_m64[None, :] * stride_ad,
-                    mask=k_mask[:, None] & m_mask[None, :], other=0.0)
-        b = tl.load(b_ptr + rows[:, None] * stride_bt + offs_n64[None, :] * stride_bd,
-                    mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        if STATS:
-            if diag:
-                col_sum += tl.sum(a.to(tl.float32), axis=0)
-        if UPCAST:
-            a = a.to(tl.float32)
-            b = b.to(tl.float32)
-        acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
+    if PROMOTE == 0:
+        # one accumulator over all T rows: fp32 IEEE dots (FMA, round-to-nearest), and the bias
+        # measurement for bf16/fp16 (bench/gram_precision.py)
+        for k0 in range(0, T, BLOCK_K):
+            acc, col_sum = _gram_step(a_ptr, b_ptr, k0, T, offs_k, offs_m64, offs_n64, m_mask, n_mask,
+                                      stride_at, stride_ad, stride_bt, stride_bd, acc, col_sum, diag,
+                                      STATS, UPCAST, PRECISION)
+    else:
+        # a fresh tensor-core accumulator per PROMOTE x BLOCK_K rows, added to `acc` with
+        # round-to-nearest fp32 adds: Hopper's MMA accumulation is biased (see Design)
+        for c0 in range(0, T, BLOCK_K * PROMOTE):
+            part = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k0 in range(c0, c0 + BLOCK_K * PROMOTE, BLOCK_K):
+                part, col_sum = _gram_step(a_ptr, b_ptr, k0, T, offs_k, offs_m64, offs_n64, m_mask, n_mask,
+                                           stride_at, stride_ad, stride_bt, stride_bd, part, col_sum, diag,
+                                           STATS, UPCAST, PRECISION)
+            acc += part
     c_mask = m_mask[:, None] & n_mask[None, :]
     c_ptrs = c_ptr + offs_m64[:, None] * stride_cm + offs_n64[None, :] * stride_cn
     if SYMMETRIC:
@@ -158,13 +188,13 @@ def _shared_memory(device: torch.device) -> int:
 
 def _gram_config(dtype: torch.dtype, device: torch.device) -> dict:
     if interpreting():
-        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1)
+        return dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, PROMOTE=2, num_warps=1)  # T > 32 crosses a chunk
     if dtype == torch.float32:
         # IEEE fp32 dots run on CUDA cores: smaller tiles keep the accumulator in registers
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=4, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, PROMOTE=0, num_warps=4, num_stages=3)
     if _shared_memory(device) < BIG_TILE_SMEM:  # L4, A10, RTX 4090, A100: ~64 KiB config
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, num_warps=4, num_stages=3)
-    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, PROMOTE=8, num_warps=4, num_stages=3)
+    return dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, PROMOTE=8, num_warps=8, num_stages=3)
 
 
 def _tiles(n_i: int, n_j: int, upper: bool, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,7 +30,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--mode", default="norms+compensation",
                    help="what trains: norms+compensation (default), compensation, lora or partial")
     p.add_argument("--heal-option", action="append", default=[], metavar="KEY=VALUE",
-                   help="healing option, repeatable (e.g. steps=320, lr=3e-4, top_k=128, seed=0)")
+                   help="healing option, repeatable (e.g. steps=320, lr=3e-4, top_k=128, seed=0, seam_mse=1.0)")
     p.add_argument("--heal-data", default="c4", metavar="SOURCE",
                    help="healing text: c4 (default), wikitext2, a .jsonl/.txt path, or 'self' (the dense "
                         "model continues the first 16 tokens of each c4 row)")
