@@ -18,9 +18,9 @@ Design.
   fp32; fp32 inputs use IEEE (not TF32) dots to meet the fp32 tolerance.
 - Accumulation bias (issue 27's first H200 run): with one MMA accumulator over
   all T rows, XᵀX's diagonal (T positive squares) came out low by a relative
-  5.9e-5 at T = 16384 and 1.28e-3 at T = 262144, linear in T: the tensor cores'
-  internal adds do not round to nearest, so a same-sign sum drifts. Off-diagonal
-  sums (random signs) passed. Each PROMOTE x BLOCK_K rows now go into a fresh
+  5.9e-5 at T = 16384 and 1.28e-3 at T = 262144, linear in T: a bias, which fits
+  tensor-core accumulation that does not round to nearest (a same-sign sum
+  drifts); only the diagonal failed the checks. Each PROMOTE x BLOCK_K rows now go into a fresh
   accumulator that is added to the total with ordinary fp32 adds, bounding the
   drift by the chunk, not by T (PROMOTE from bench/gram_precision.py).
 
@@ -211,11 +211,14 @@ def _check_acc(name: str, t: torch.Tensor, shape: tuple, device: torch.device) -
 
 
 def gram_update(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None,
-                sum_a: torch.Tensor | None = None, sq_a: torch.Tensor | None = None) -> None:
+                sum_a: torch.Tensor | None = None, sq_a: torch.Tensor | None = None,
+                promote: int | None = None) -> None:
     """C += AᵀB in place (fp32); with b=None, C += AᵀA keeping C symmetric.
 
     With b=None, `sum_a`/`sq_a` (both or neither) also receive Σa and Σa² per
-    column. a [T, DA], b [T, DB], c fp32 [DA, DB].
+    column. a [T, DA], b [T, DB], c fp32 [DA, DB]. `promote`: rows per fresh accumulator, in
+    units of the tile's BLOCK_K (0 = one accumulator over all T rows; None = the tuned default, see
+    Design); for measuring the accumulation bias (bench/gram_precision.py).
     """
     device = check_inputs("gram_update", a=a, b=b)
     if a.dim() != 2 or (b is not None and (b.dim() != 2 or b.shape[0] != a.shape[0])):
@@ -235,7 +238,11 @@ def gram_update(c: torch.Tensor, a: torch.Tensor, b: torch.Tensor | None = None,
         return
     if a.dtype != b_.dtype:
         raise GradmapError(f"gram_update: a is {a.dtype} but b is {b_.dtype}; cast one so both match")
+    if promote is not None and (not isinstance(promote, int) or promote < 0):
+        raise GradmapError(f"gram_update: promote must be an int >= 0 (0 = one accumulator), got {promote!r}")
     cfg = _gram_config(a.dtype, device)
+    if promote is not None:
+        cfg["PROMOTE"] = promote
     n_i, n_j = cdiv(DA, cfg["BLOCK_M"]), cdiv(DB, cfg["BLOCK_N"])
     ti, tj = _tiles(n_i, n_j, symmetric, device)
     dummy = c  # never touched when STATS is False

@@ -237,12 +237,12 @@ def record(kind: str, platform: str | None = None) -> None:
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not args or args[0] != "record":
-        sys.exit("usage: python tests/golden.py record [--platform NAME] [tiny|smollm2 ...]")
-    platform = None
-    if len(args) > 2 and args[1] == "--platform":
-        platform, args = args[2], args[2:]
+    import argparse
+    ap = argparse.ArgumentParser(description="rewrite golden records (only for an intended, explained change)")
+    ap.add_argument("action", choices=["record"])
+    ap.add_argument("kinds", nargs="*", choices=["tiny", "smollm2"], default=["tiny", "smollm2"])
+    ap.add_argument("--platform", help="write <kind>.<platform>.json beside the original (see Platforms)")
+    args = ap.parse_args()
     import conftest  # noqa: F401  the test session's thread settings: fp32 sums depend on the thread count
-    for kind in args[1:] or ("tiny", "smollm2"):
-        record(kind, platform)
+    for kind in args.kinds:
+        record(kind, args.platform)

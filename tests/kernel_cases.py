@@ -221,6 +221,20 @@ def test_moments_column_stats_row_splits(T, d):
     assert torch.equal(again.sum_x, m.sum_x) and torch.equal(again.sq_x, m.sq_x), "not deterministic"
 
 
+@pytest.mark.parametrize("promote", [0, 1, 3, 100], ids=lambda p: f"promote{p}")
+def test_moments_gram_promote_chunks(promote):
+    """Every chunking of the rows into fresh accumulators (0 = one) sums the same XᵀX, Σx, Σx²."""
+    x = randn(77, 40, dtype=torch.bfloat16, seed=30)  # 77 rows: a partial last tile in every chunking
+    c, s, q = torch.zeros(40, 40), torch.zeros(40), torch.zeros(40)
+    KERNELS.moments.gram_update(c, x, None, s, q, promote=promote)
+    xd = x.double()
+    assert_close_to(c, xd.T @ xd, xd.abs().T @ xd.abs(), 1e-5, f"XᵀX promote={promote}")
+    assert_close_to(s, xd.sum(0), xd.abs().sum(0), 1e-5, f"Σx promote={promote}")
+    assert_close_to(q, xd.square().sum(0), xd.square().sum(0), 1e-5, f"Σx² promote={promote}")
+    with pytest.raises(GradmapError, match="promote must be an int >= 0"):
+        KERNELS.moments.gram_update(c, x, promote=-1)
+
+
 # ----------------------------------------------------------------------------- launcher checks
 
 def test_launchers_reject_bad_input():
